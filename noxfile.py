@@ -1,0 +1,92 @@
+"""Every job of the monorepo, one nox session each.
+
+On a CPU machine each session builds its own virtualenv (torch's CPU build and triton >= 3.9, whose
+interpreter runs the kernels on the CPU). On an offline GPU machine that already has torch and triton,
+run the same sessions without building anything:
+
+    nox --no-venv -s tests          # uses the python on PATH; packages/core/src is put on PYTHONPATH
+
+Extra arguments after `--` go to the underlying command (pytest, the fuzzer, the benchmark).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+CORE = ROOT / "packages" / "core"
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+# torch 2.13.0 resolves to a CPU wheel on our CPU machines; triton >= 3.9 is the first interpreter that
+# works with numpy >= 2.4.
+CPU_STACK = ["torch==2.13.0", "triton>=3.9"]
+TEST_DEPS = ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "numpy>=1.26", "scipy>=1.11"]
+
+
+def _passthrough(session: nox.Session) -> bool:
+    """True under `--no-venv`: use the interpreter on PATH as it is, install nothing."""
+    return session.venv_backend == "none"
+
+
+def _prepare(session: nox.Session, *extra: str) -> dict[str, str]:
+    """Install the stack (unless passthrough) and return the environment for session.run."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    if _passthrough(session):
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT), str(CORE / "src"), os.environ.get("PYTHONPATH", "")) if p
+        )
+    else:
+        session.install(*CPU_STACK, *TEST_DEPS, *extra)
+        session.install("-e", str(CORE))
+        env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The core test suite: interpreted on CPU, compiled on a GPU (chosen by packages/core/tests/conftest.py)."""
+    env = _prepare(session)
+    args = session.posargs or ["-n", "auto", "-q"]
+    session.run("python", "-m", "pytest", str(CORE / "tests"), *args, env=env)
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """Hypothesis fuzzer vs the float64 reference. Profile: `-- --profile nightly` or FUZZ_PROFILE."""
+    env = _prepare(session)
+    session.run("python", "-m", "pytest", str(ROOT / "fuzz"), *session.posargs, env=env)
+
+
+@nox.session
+def numerics(session: nox.Session) -> None:
+    """The numerics lab: experiments, tables, plots and docs/numerics.md."""
+    env = _prepare(session, "matplotlib>=3.8")
+    session.run("python", "-m", "numerics", *session.posargs, env=env)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """GPU benchmark vs SDPA FLASH/CUDNN/EFFICIENT and FlexAttention; writes docs/benchmarks.md."""
+    env = _prepare(session, "matplotlib>=3.8")
+    session.run("python", str(CORE / "benchmarks" / "bench.py"), *session.posargs, env=env)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Compute attention on a default problem, check it against float64, print error and time."""
+    env = _prepare(session)
+    session.run("python", str(CORE / "demo.py"), *session.posargs, env=env)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check + ruff format --check over the whole repository."""
+    if not _passthrough(session):
+        session.install("ruff>=0.6")
+    session.run("ruff", "check", str(ROOT))
+    session.run("ruff", "format", "--check", str(ROOT))

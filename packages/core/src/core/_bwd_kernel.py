@@ -1,0 +1,311 @@
+"""The backward kernels, FlashAttention-2 style and free of atomics.
+
+Three launches:
+1. `backward_preprocess_kernel`: Delta_i = sum_d dO_id * O_id - dLSE_i, one float per query row.
+2. `backward_dkdv_kernel`: one program owns BLOCK_N keys of one key/value head and streams every query
+   row (of every query head in its GQA group) that can see them, accumulating dK and dV in registers.
+3. `backward_dq_kernel`: one program owns BLOCK_M query rows and streams the keys they see, accumulating dQ.
+
+Every gradient element is summed by exactly one program in a fixed order, so results are bitwise
+identical from run to run (no atomics, unlike FlashAttention-2's dQ and cuDNN).
+
+Probabilities are recomputed as P = exp2(S * qk_scale - LSE * log2(e)) from the forward's saved LSE:
+no division, and no N x N buffer. A row that saw no key has LSE = -inf; it is read as +inf so its P is
+exp2(-inf) = 0 and all its gradients are 0. Rows past Nq are read with LSE = +inf for the same reason,
+and keys past Nk are loaded as zeros, so neither needs a mask in the dot products: only the causal
+diagonal does.
+
+dS here is the gradient with respect to the *scaled* scores, dS = P * (dP - Delta), so dQ and dK pick
+up the factor sm_scale once at the end.
+"""
+
+import triton
+import triton.language as tl
+
+from core._fwd_kernel import _load_tile
+
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit(do_not_specialize=["n_queries"])
+def backward_preprocess_kernel(
+    Out, dOut, dLse, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    n_q_heads, n_queries,
+    HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Delta[b, h, i] = sum_d dOut * Out - dLse (float32).
+
+    Out, dOut (B, Hq, Nq, HEAD_DIM), any strides. dLse, Delta (B, Hq, Nq) float32, contiguous; dLse is
+    only read when HAS_DLSE. The -dLse term is the gradient of the LSE output: dL/dS_ij gains
+    dLse_i * P_ij, which is folded into Delta. Grid: (cdiv(Nq, BLOCK_M), Hq, B).
+    """
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < n_queries)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(
+        Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+        + rows.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od,
+        mask=mask, other=0.0,
+    )  # fmt: skip
+    do = tl.load(
+        dOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+        + rows.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        mask=mask, other=0.0,
+    )  # fmt: skip
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    row_offsets = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
+    if HAS_DLSE:
+        delta -= tl.load(dLse + row_offsets, mask=rows < n_queries, other=0.0)
+    tl.store(Delta + row_offsets, delta, mask=rows < n_queries)
+
+
+@triton.jit
+def _load_row_stats(Lse, Delta, row_offsets, row_ok):
+    """LSE in base 2 (+inf for rows past Nq or that saw no key, so their P is 0) and Delta."""
+    lse = tl.load(Lse + row_offsets, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    delta = tl.load(Delta + row_offsets, mask=row_ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _dkdv_from_query_blocks(
+    dk, dv, k, v, q_ptrs, do_ptrs, Lse, Delta, stat_offset, stride_qm, stride_dom,
+    row_start, row_end, keys, n_queries, diagonal, qk_scale, d_ok,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Add the contributions of query rows [row_start, row_end) to one tile's dK and dV.
+
+    Works on transposed tiles (keys along the rows) so that dK and dV come out of plain dots.
+    q_ptrs points at Q^T (BLOCK_D, BLOCK_M) and do_ptrs at dO (BLOCK_M, BLOCK_D), both at row_start.
+    MASKED applies the causal rule (the diagonal blocks); other blocks are fully visible.
+    """
+    offs_m = tl.arange(0, BLOCK_M)
+    for block_start in range(row_start, row_end, BLOCK_M):
+        rows = block_start + offs_m
+        row_ok = rows < n_queries
+        qT = _load_tile(q_ptrs, d_ok, row_ok, EVEN_D, False)
+        do = _load_tile(do_ptrs, row_ok, d_ok, False, EVEN_D)
+        lse2, delta = _load_row_stats(Lse, Delta, stat_offset + rows, row_ok)
+        pT = tl.math.exp2(tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
+        if MASKED:
+            pT = tl.where(keys[:, None] <= rows[None, :] + diagonal, pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+        q_ptrs += BLOCK_M * stride_qm
+        do_ptrs += BLOCK_M * stride_dom
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["n_queries", "n_keys"])
+def backward_dkdv_kernel(
+    Q, K, V, dOut, Lse, Delta, dK, dV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    n_q_heads, kv_group, n_queries, n_keys, sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dK, dV for BLOCK_N keys of one key/value head.
+
+    Q, dOut (B, Hq, Nq, HEAD_DIM); K, V, dK, dV (B, Hkv, Nk, HEAD_DIM); any strides, 64-bit offsets.
+    Lse, Delta (B, Hq, Nq) float32 contiguous. The program sums over the kv_group = Hq // Hkv query
+    heads that share this key/value head itself, so GQA needs neither atomics nor a reduction pass.
+    Grid: (cdiv(Nk, BLOCK_N), Hkv, B).
+    """
+    kv_head = tl.program_id(1)
+    batch = tl.program_id(2)
+    start_n = tl.program_id(0) * BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    keys = start_n + offs_n
+    key_ok = keys < n_keys
+    d_ok = offs_d < HEAD_DIM
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    kv_row = start_n.to(tl.int64)
+    k = _load_tile(
+        K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh + kv_row * stride_kn
+        + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        key_ok, d_ok, False, EVEN_D,
+    )  # fmt: skip
+    v = _load_tile(
+        V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh + kv_row * stride_vn
+        + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        key_ok, d_ok, False, EVEN_D,
+    )  # fmt: skip
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Query i sees key j iff j <= i + diagonal. Rows below `row_start` see none of this tile's keys;
+    # rows from `unmasked_start` on see all of them; the rows between straddle the diagonal.
+    diagonal = n_keys - n_queries
+    if CAUSAL:
+        row_start = (tl.maximum(start_n - diagonal, 0) // BLOCK_M) * BLOCK_M
+        unmasked_start = tl.maximum(
+            row_start, tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diagonal, 0), BLOCK_M) * BLOCK_M
+        )
+        unmasked_start = tl.minimum(unmasked_start, tl.cdiv(n_queries, BLOCK_M) * BLOCK_M)
+    else:
+        row_start = 0
+        unmasked_start = 0
+
+    offs_m = tl.arange(0, BLOCK_M)
+    for group_member in range(0, kv_group):
+        head = kv_head * kv_group + group_member
+        q_ptrs = (
+            Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+            + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm
+        )  # fmt: skip
+        do_ptrs = (
+            dOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+            + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+        )  # fmt: skip
+        stat_offset = (batch.to(tl.int64) * n_q_heads + head) * n_queries
+        if CAUSAL:
+            dk, dv = _dkdv_from_query_blocks(
+                dk, dv, k, v,
+                q_ptrs + row_start.to(tl.int64) * stride_qm, do_ptrs + row_start.to(tl.int64) * stride_dom,
+                Lse, Delta, stat_offset, stride_qm, stride_dom, row_start, unmasked_start, keys, n_queries,
+                diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION,
+            )  # fmt: skip
+            q_ptrs += unmasked_start.to(tl.int64) * stride_qm
+            do_ptrs += unmasked_start.to(tl.int64) * stride_dom
+        dk, dv = _dkdv_from_query_blocks(
+            dk, dv, k, v, q_ptrs, do_ptrs, Lse, Delta, stat_offset, stride_qm, stride_dom,
+            unmasked_start, n_queries, keys, n_queries, diagonal, qk_scale, d_ok,
+            False, EVEN_D, BLOCK_M, DOT_PRECISION,
+        )  # fmt: skip
+
+    dk_ptrs = (
+        dK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh + kv_row * stride_dkn
+        + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    )  # fmt: skip
+    dv_ptrs = (
+        dV + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh + kv_row * stride_dvn
+        + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    )  # fmt: skip
+    store_mask = key_ok[:, None] & d_ok[None, :]
+    tl.store(dk_ptrs, (dk * sm_scale).to(dK.dtype.element_ty), mask=store_mask)
+    tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _dq_from_key_blocks(
+    dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
+    key_start, key_end, rows, n_keys, diagonal, qk_scale, d_ok,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Add the contributions of keys [key_start, key_end) to one query tile's dQ.
+
+    k_ptrs/v_ptrs point at K^T/V^T tiles (BLOCK_D, BLOCK_N) starting at key_start. Keys past Nk load
+    as zeros and so add nothing; MASKED applies the causal rule on the diagonal blocks.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    for block_start in range(key_start, key_end, BLOCK_N):
+        cols = block_start + offs_n
+        col_ok = cols < n_keys
+        kT = _load_tile(k_ptrs, d_ok, col_ok, EVEN_D, False)
+        vT = _load_tile(v_ptrs, d_ok, col_ok, EVEN_D, False)
+        p = tl.math.exp2(tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
+        if MASKED:
+            p = tl.where(cols[None, :] <= rows[:, None] + diagonal, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return dq
+
+
+@triton.jit(do_not_specialize=["n_queries", "n_keys"])
+def backward_dq_kernel(
+    Q, K, V, dOut, Lse, Delta, dQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    n_q_heads, kv_group, n_queries, n_keys, sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dQ for BLOCK_M query rows of one query head.
+
+    Q, dOut, dQ (B, Hq, Nq, HEAD_DIM); K, V (B, Hkv, Nk, HEAD_DIM); any strides, 64-bit offsets.
+    Lse, Delta (B, Hq, Nq) float32 contiguous. Grid: (cdiv(Nq, BLOCK_M), Hq, B), causal tiles that see
+    the most keys launched first.
+    """
+    block_m_index = tl.program_id(0)
+    if CAUSAL:
+        block_m_index = tl.num_programs(0) - 1 - block_m_index
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    kv_head = head // kv_group
+    start_m = block_m_index * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
+    row_ok = rows < n_queries
+    d_ok = offs_d < HEAD_DIM
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    q_row = start_m.to(tl.int64)
+    q = _load_tile(
+        Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + q_row * stride_qm
+        + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        row_ok, d_ok, False, EVEN_D,
+    )  # fmt: skip
+    do = _load_tile(
+        dOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + q_row * stride_dom
+        + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        row_ok, d_ok, False, EVEN_D,
+    )  # fmt: skip
+    lse2, delta = _load_row_stats(Lse, Delta, (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows, row_ok)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    k_ptrs = (
+        K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
+    )  # fmt: skip
+    v_ptrs = (
+        V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+        + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn
+    )  # fmt: skip
+    diagonal = n_keys - n_queries
+    if CAUSAL:
+        unmasked_end = tl.minimum((tl.maximum(start_m + diagonal + 1, 0) // BLOCK_N) * BLOCK_N, n_keys)
+        key_end = tl.minimum(n_keys, tl.maximum(start_m + BLOCK_M + diagonal, 0))
+    else:
+        unmasked_end = n_keys
+        key_end = n_keys
+    dq = _dq_from_key_blocks(
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, unmasked_end, rows, n_keys,
+        diagonal, qk_scale, d_ok, False, EVEN_D, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    if CAUSAL:
+        dq = _dq_from_key_blocks(
+            dq, q, do, lse2, delta,
+            k_ptrs + unmasked_end.to(tl.int64) * stride_kn, v_ptrs + unmasked_end.to(tl.int64) * stride_vn,
+            stride_kn, stride_vn, unmasked_end, key_end, rows, n_keys,
+            diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_N, DOT_PRECISION,
+        )  # fmt: skip
+
+    dq_ptrs = (
+        dQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + q_row * stride_dqm
+        + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    )  # fmt: skip
+    tl.store(dq_ptrs, (dq * sm_scale).to(dQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])

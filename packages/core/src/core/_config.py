@@ -1,0 +1,66 @@
+"""Tile shapes and launch parameters for the kernels, chosen per problem.
+
+One small table instead of autotuning at call time: a lookup costs nanoseconds, keeps the call
+capturable in a CUDA graph, and makes every run reproducible. The interpreter gets 16 x 16 tiles so that
+even the small CPU test shapes cross several block boundaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """BLOCK_M query rows x BLOCK_N keys per tile; num_warps/num_stages as in triton.Config."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+INTERPRETER = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim the tiles use: a power of two >= 16 (tl.dot's minimum); the rest is masked."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def forward_config(block_d: int, dtype: torch.dtype, interpreted: bool) -> KernelConfig:
+    if interpreted:
+        return INTERPRETER
+    if dtype == torch.float32:  # full-precision fp32 dots: no tensor cores, keep tiles small
+        return KernelConfig(64, 32, num_warps=4, num_stages=2) if block_d <= 128 else KernelConfig(32, 32, 4, 1)
+    if block_d <= 64:
+        return KernelConfig(128, 64, num_warps=4, num_stages=3)
+    if block_d <= 128:
+        return KernelConfig(128, 64, num_warps=8, num_stages=3)
+    return KernelConfig(64, 64, num_warps=4, num_stages=2)
+
+
+def backward_configs(block_d: int, dtype: torch.dtype, interpreted: bool) -> tuple[KernelConfig, KernelConfig]:
+    """(config of the dK/dV kernel, config of the dQ kernel).
+
+    The dK/dV kernel holds BLOCK_N keys and streams queries; the dQ kernel holds BLOCK_M queries and
+    streams keys, so each wants its resident side long and its streamed side short.
+    """
+    if interpreted:
+        return INTERPRETER, INTERPRETER
+    if dtype == torch.float32:
+        small = KernelConfig(32, 32, num_warps=4, num_stages=1)
+        return small, small
+    if block_d <= 64:
+        return KernelConfig(32, 128, 4, 3), KernelConfig(128, 32, 4, 3)
+    if block_d <= 128:
+        return KernelConfig(32, 64, 4, 2), KernelConfig(64, 32, 4, 2)
+    return KernelConfig(16, 64, 4, 1), KernelConfig(64, 16, 4, 1)
+
+
+def preprocess_block_m(interpreted: bool) -> int:
+    """Query rows per program of the Delta = rowsum(dO * O) pass (memory-bound; wide rows are fine)."""
+    return INTERPRETER.block_m if interpreted else 64
