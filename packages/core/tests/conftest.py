@@ -1,0 +1,38 @@
+"""One suite, two targets (as JAX Pallas tests run the same properties compiled and interpreted).
+
+Without a CUDA device the kernels run under Triton's CPU interpreter at small shapes; with one they are
+compiled and the shape lists grow (N up to 4096, D up to 256). TRITON_INTERPRET must be set before core
+(and so its @triton.jit kernels) is imported, which is why it happens here, at collection time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import core  # noqa: E402  (must follow the TRITON_INTERPRET decision)
+import core._launch  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def pytest_report_header(config):
+    target = f"compiled on {torch.cuda.get_device_name()}" if ON_GPU else "Triton interpreter on CPU"
+    return f"core kernels: {target}"
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every kernel output starts as NaN, so an element the kernel forgot to write fails the test."""
+    allocate = core._launch.new_buffer
+
+    def poisoned(like, shape=None):
+        return allocate(like, shape).fill_(float("nan"))
+
+    monkeypatch.setattr(core._launch, "new_buffer", poisoned)

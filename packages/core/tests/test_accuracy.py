@@ -1,0 +1,65 @@
+"""Output, LSE and all three gradients against float64, judged by core.tolerance's one policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .conftest import ON_GPU
+from .helpers import DTYPES, assert_all_within_tolerance, compare_with_reference, make_qkv
+
+# (B, Hq, Hkv, Nq, Nk, D): odd lengths around the tile sizes, Nq < Nk and Nq > Nk, every listed head dim.
+if ON_GPU:
+    SHAPES = [
+        (2, 4, 4, 1024, 1024, 64),
+        (1, 8, 2, 4096, 4096, 128),
+        (2, 2, 2, 1000, 1000, 256),
+        (1, 4, 1, 129, 4000, 80),
+        (1, 4, 4, 3000, 100, 40),
+        (3, 2, 2, 1, 2047, 128),
+        (1, 2, 2, 4096, 1, 16),
+        (2, 6, 3, 777, 1025, 96),
+        (1, 3, 3, 2049, 2048, 111),
+    ]
+else:
+    SHAPES = [
+        (1, 2, 2, 17, 17, 40),
+        (2, 2, 1, 33, 64, 64),
+        (1, 2, 2, 100, 20, 16),
+        (1, 1, 1, 1, 37, 80),
+        (1, 2, 2, 40, 1, 128),
+        (1, 1, 1, 24, 31, 256),
+    ]
+
+
+def shape_id(shape):
+    b, hq, hkv, nq, nk, d = shape
+    return f"B{b}-H{hq}/{hkv}-Nq{nq}-Nk{nk}-D{d}"
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_forward_and_backward_within_policy(shape, dtype, causal):
+    q, k, v = make_qkv(*shape, dtype, seed=hash((shape, causal)) % 2**31)
+    assert_all_within_tolerance(compare_with_reference(q, k, v, causal=causal))
+
+
+@pytest.mark.parametrize("head_dim", [1, 7, 16, 40, 64, 80, 96, 111, 128, 200, 256])
+def test_every_head_dim(head_dim):
+    n = 300 if ON_GPU else 20
+    q, k, v = make_qkv(1, 2, 1, n, n + 3, head_dim, torch.float16, seed=head_dim)
+    assert_all_within_tolerance(compare_with_reference(q, k, v, causal=True))
+
+
+@pytest.mark.parametrize("n_queries", [1, 2, 15, 16, 17, 33, 100, 129])
+def test_odd_lengths_square_causal(n_queries):
+    n = n_queries * (8 if ON_GPU else 1) + (1 if ON_GPU else 0)
+    q, k, v = make_qkv(1, 1, 1, n, n, 64, torch.bfloat16, seed=n)
+    assert_all_within_tolerance(compare_with_reference(q, k, v, causal=True))
+
+
+@pytest.mark.parametrize("sm_scale", [0.0, 0.05, 1.0, -0.3])
+def test_explicit_softmax_scale(sm_scale):
+    q, k, v = make_qkv(1, 2, 2, 40, 50, 32, torch.float16, seed=7)
+    assert_all_within_tolerance(compare_with_reference(q, k, v, causal=True, sm_scale=sm_scale))

@@ -1,0 +1,37 @@
+"""The interpreter's bf16 dot workaround (triton-lang/triton#11584) and nothing else of it leaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import core
+
+from .conftest import ON_GPU
+
+pytestmark = pytest.mark.skipif(ON_GPU, reason="interpreter-only behaviour")
+
+
+@triton.jit
+def _dot_kernel(A, B, C, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    rm, rn, rk = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(A + rm[:, None] * K + rk[None, :])
+    b = tl.load(B + rk[:, None] * N + rn[None, :])
+    tl.store(C + rm[:, None] * N + rn[None, :], tl.dot(a, b))
+
+
+def test_patched_bf16_dot_multiplies_values_not_bit_patterns():
+    core._runtime.patch_interpreter_bf16_dot()
+    gen = torch.Generator().manual_seed(31)
+    a = torch.randn(16, 32, generator=gen).bfloat16()
+    b = torch.randn(32, 16, generator=gen).bfloat16()
+    c = torch.empty(16, 16)
+    _dot_kernel[(1,)](a, b, c, 16, 16, 32)
+    # bf16 products are exact in fp32, so the only difference from float64 is fp32 summation.
+    torch.testing.assert_close(c.double(), a.double() @ b.double(), rtol=1e-6, atol=1e-5)
+
+
+def test_kernels_are_interpreted_on_cpu():
+    assert core.is_interpreted()

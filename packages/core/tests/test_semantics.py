@@ -1,0 +1,114 @@
+"""What the numbers mean: masking convention, rows without keys, GQA, LSE and its gradient."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import core
+
+from .conftest import DEVICE, ON_GPU
+from .helpers import leaf_copy, make_qkv
+
+
+def test_reference_matches_torch_sdpa_in_float64():
+    """The ground truth itself is checked: for Nq == Nk both mask conventions coincide."""
+    q, k, v = make_qkv(2, 3, 3, 19, 19, 24, torch.float64, seed=1, requires_grad=False)
+    for causal in (False, True):
+        expected = torch.nn.functional.scaled_dot_product_attention(q.cpu(), k.cpu(), v.cpu(), is_causal=causal)
+        got = core.attention_reference(q, k, v, causal=causal).cpu()
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_causal_mask_is_bottom_right_aligned():
+    """Query i sees key j iff j <= i + Nk - Nq: a 2-query, 5-key problem by hand."""
+    mask = core.reference.visible_keys_mask(2, 5, causal=True)
+    assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+    mask = core.reference.visible_keys_mask(4, 2, causal=True)
+    assert mask.tolist() == [[False, False], [False, False], [True, False], [True, True]]
+
+
+def test_causal_kernel_matches_explicit_bottom_right_mask():
+    q, k, v = make_qkv(1, 2, 2, 23, 41, 32, torch.float32, seed=3, requires_grad=False)
+    mask = core.reference.visible_keys_mask(23, 41, causal=True, device=DEVICE)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    torch.testing.assert_close(core.attention(q, k, v, causal=True).double(), expected, rtol=0, atol=2e-6)
+
+
+def test_rows_that_see_no_key_give_zero_output_minus_inf_lse_and_zero_grads():
+    n_queries, n_keys = (300, 100) if ON_GPU else (40, 9)
+    q, k, v = make_qkv(1, 2, 2, n_queries, n_keys, 32, torch.float16, seed=5)
+    out, lse = core.attention(q, k, v, causal=True, return_lse=True)
+    empty = n_queries - n_keys  # rows 0 .. Nq-Nk-1 see nothing
+    assert torch.all(out[:, :, :empty] == 0)
+    assert torch.all(lse[:, :, :empty] == float("-inf"))
+    assert torch.isfinite(out).all() and torch.isfinite(lse[:, :, empty:]).all()
+    (out.float().sum() + lse[:, :, empty:].sum()).backward()
+    assert torch.all(q.grad[:, :, :empty] == 0)
+    for g in (q.grad, k.grad, v.grad):
+        assert torch.isfinite(g).all()
+
+
+def test_gqa_equals_attention_with_repeated_kv():
+    q, k, v = make_qkv(2, 6, 2, 33, 47, 64, torch.float16, seed=9)
+    out = core.attention(q, k, v, causal=True)
+    k_rep, v_rep = (leaf_copy(t.repeat_interleave(3, dim=1)) for t in (k, v))
+    q2 = leaf_copy(q)
+    out_rep = core.attention(q2, k_rep, v_rep, causal=True)
+    assert torch.equal(out, out_rep)  # same programs, same keys, same order: bitwise equal
+    dout = torch.randn_like(out)
+    (out * dout).sum().backward()
+    (out_rep * dout).sum().backward()
+    assert torch.equal(q.grad, q2.grad)
+    # the grouped dK/dV is the sum over each group's query heads of the repeated one (fp32 sums of
+    # fp16 values can round differently, so this one is a close comparison)
+    torch.testing.assert_close(k.grad.float(), k_rep.grad.float().unflatten(1, (2, 3)).sum(2), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(v.grad.float(), v_rep.grad.float().unflatten(1, (2, 3)).sum(2), rtol=2e-3, atol=2e-3)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v = make_qkv(1, 1, 1, 20, 20, 48, torch.float32, seed=11, requires_grad=False)
+    default = core.attention(q, k, v)
+    explicit = core.attention(q, k, v, sm_scale=1 / math.sqrt(48))
+    assert torch.equal(default, explicit)
+
+
+def test_lse_gradient_and_lse_only_use():
+    """d(LSE)/dS = P: the kernel folds dLSE into Delta; using only the LSE works too."""
+    q, k, v = make_qkv(1, 2, 2, 29, 37, 32, torch.float32, seed=13)
+    q64, k64, v64 = (leaf_copy(t, torch.float64) for t in (q, k, v))
+    _, lse = core.attention(q, k, v, causal=True, return_lse=True)
+    _, lse64 = core.attention_reference(q64, k64, v64, causal=True, return_lse=True)
+    weights = torch.randn(lse.shape, dtype=torch.float64).to(lse.device)
+    (lse * weights.float()).sum().backward()
+    (lse64 * weights).sum().backward()
+    for got, expected in ((q.grad, q64.grad), (k.grad, k64.grad)):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    assert torch.all(v.grad == 0)  # the LSE does not depend on v
+
+
+def test_backward_is_bitwise_deterministic():
+    shape = (2, 4, 2, 1500, 1500, 128) if ON_GPU else (1, 2, 1, 50, 50, 64)
+    q, k, v = make_qkv(*shape, torch.bfloat16, seed=17)
+    dout = torch.randn(q.shape, dtype=q.dtype, device=q.device)
+
+    def grads():
+        for t in (q, k, v):
+            t.grad = None
+        core.attention(q, k, v, causal=True).backward(dout)
+        return [t.grad.clone() for t in (q, k, v)]
+
+    first = grads()
+    for _ in range(3 if ON_GPU else 1):
+        assert all(torch.equal(a, b) for a, b in zip(first, grads()))
+
+
+def test_double_backward_is_refused_clearly():
+    q, k, v = make_qkv(1, 1, 1, 8, 8, 16, torch.float32, seed=19)
+    out = core.attention(q, k, v)
+    dout = torch.randn_like(out, requires_grad=True)
+    (grad_q,) = torch.autograd.grad(out, q, dout, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_q.sum().backward()
