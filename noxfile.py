@@ -49,7 +49,7 @@ def _prepare(session: nox.Session, *extra: str) -> dict[str, str]:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The core test suite: interpreted on CPU, compiled on a GPU (chosen by packages/core/tests/conftest.py)."""
+    """The core test suite: interpreted on CPU, compiled on a GPU (the tests' conftest.py decides)."""
     env = _prepare(session)
     args = session.posargs or ["-n", "auto", "-q"]
     session.run("python", "-m", "pytest", str(CORE / "tests"), *args, env=env)

@@ -22,7 +22,9 @@ import core  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     default = (4, 16, 4096, 128) if ON_GPU else (1, 2, 128, 64)
     parser.add_argument("--shape", type=int, nargs=4, default=default, metavar=("B", "H", "N", "D"))
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="bfloat16")

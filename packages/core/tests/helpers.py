@@ -58,7 +58,9 @@ def compare_with_reference(q, k, v, *, causal, sm_scale=None, grads=True, seed=0
             (out * dout.to(out.dtype)).sum().backward()
         return out.detach(), lse.detach(), [t.grad for t in (qq, kk, vv)] if grads else []
 
-    kernel = run(lambda a, b, c: core.attention(a, b, c, causal=causal, sm_scale=sm_scale, return_lse=True), None)
+    kernel = run(
+        lambda a, b, c: core.attention(a, b, c, causal=causal, sm_scale=sm_scale, return_lse=True), None
+    )
     truth = run(
         lambda a, b, c: core.attention_reference(a, b, c, causal=causal, sm_scale=sm_scale, return_lse=True),
         torch.float64,

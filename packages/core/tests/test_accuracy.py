@@ -29,6 +29,7 @@ else:
         (1, 1, 1, 1, 37, 80),
         (1, 2, 2, 40, 1, 128),
         (1, 1, 1, 24, 31, 256),
+        (1, 2, 2, 400, 1, 16),  # one key, many queries: P must come back as exactly 1, unbiased
     ]
 
 

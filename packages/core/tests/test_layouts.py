@@ -56,13 +56,17 @@ def test_output_and_grads_follow_input_layout():
 
 
 def test_broadcast_gradient_with_zero_strides():
-    """out.sum().backward() hands the kernel an expanded dO whose strides are all 0."""
+    """out.sum().backward() hands the kernel an expanded dO whose strides are all 0.
+
+    Compiled kernels specialise on stride properties, so the expanded and the dense dO may take
+    differently vectorised code with a different summation order: equal to float32 rounding, not bitwise.
+    """
     q, k, v = make_qkv(*SHAPE, torch.float32, seed=27)
     q2, k2, v2 = (leaf_copy(t) for t in (q, k, v))
     core.attention(q, k, v).sum().backward()
     core.attention(q2, k2, v2).backward(torch.ones(q.shape, device=q.device))
     for a, b in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_storage_offset_and_transposed_head_dim_free_layouts():

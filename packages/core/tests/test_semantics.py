@@ -17,7 +17,9 @@ def test_reference_matches_torch_sdpa_in_float64():
     """The ground truth itself is checked: for Nq == Nk both mask conventions coincide."""
     q, k, v = make_qkv(2, 3, 3, 19, 19, 24, torch.float64, seed=1, requires_grad=False)
     for causal in (False, True):
-        expected = torch.nn.functional.scaled_dot_product_attention(q.cpu(), k.cpu(), v.cpu(), is_causal=causal)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q.cpu(), k.cpu(), v.cpu(), is_causal=causal
+        )
         got = core.attention_reference(q, k, v, causal=causal).cpu()
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
@@ -33,7 +35,9 @@ def test_causal_mask_is_bottom_right_aligned():
 def test_causal_kernel_matches_explicit_bottom_right_mask():
     q, k, v = make_qkv(1, 2, 2, 23, 41, 32, torch.float32, seed=3, requires_grad=False)
     mask = core.reference.visible_keys_mask(23, 41, causal=True, device=DEVICE)
-    expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask
+    )
     torch.testing.assert_close(core.attention(q, k, v, causal=True).double(), expected, rtol=0, atol=2e-6)
 
 
@@ -64,8 +68,12 @@ def test_gqa_equals_attention_with_repeated_kv():
     assert torch.equal(q.grad, q2.grad)
     # the grouped dK/dV is the sum over each group's query heads of the repeated one (fp32 sums of
     # fp16 values can round differently, so this one is a close comparison)
-    torch.testing.assert_close(k.grad.float(), k_rep.grad.float().unflatten(1, (2, 3)).sum(2), rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(v.grad.float(), v_rep.grad.float().unflatten(1, (2, 3)).sum(2), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(
+        k.grad.float(), k_rep.grad.float().unflatten(1, (2, 3)).sum(2), rtol=2e-3, atol=2e-3
+    )
+    torch.testing.assert_close(
+        v.grad.float(), v_rep.grad.float().unflatten(1, (2, 3)).sum(2), rtol=2e-3, atol=2e-3
+    )
 
 
 def test_default_scale_is_inverse_sqrt_head_dim():

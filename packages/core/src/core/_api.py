@@ -41,5 +41,5 @@ def attention(
     interpreted = is_interpreted()
     validate_attention_inputs(q, k, v, causal, sm_scale, return_lse, interpreted)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    out, lse = FlashAttentionFunction.apply(q, k, v, causal, scale)
-    return (out, lse) if return_lse else out
+    out, lse2 = FlashAttentionFunction.apply(q, k, v, causal, scale)
+    return (out, lse2 * math.log(2.0)) if return_lse else out

@@ -9,7 +9,7 @@ Three launches:
 Every gradient element is summed by exactly one program in a fixed order, so results are bitwise
 identical from run to run (no atomics, unlike FlashAttention-2's dQ and cuDNN).
 
-Probabilities are recomputed as P = exp2(S * qk_scale - LSE * log2(e)) from the forward's saved LSE:
+Probabilities are recomputed as P = exp2(S * qk_scale - LSE2) from the forward's saved base-2 LSE:
 no division, and no N x N buffer. A row that saw no key has LSE = -inf; it is read as +inf so its P is
 exp2(-inf) = 0 and all its gradients are 0. Rows past Nq are read with LSE = +inf for the same reason,
 and keys past Nk are loaded as zeros, so neither needs a mask in the dot products: only the causal
@@ -22,9 +22,9 @@ up the factor sm_scale once at the end.
 import triton
 import triton.language as tl
 
-from core._fwd_kernel import _load_tile
+from core._fwd_kernel import _accumulate_dot, _exp2, _load_tile
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit(do_not_specialize=["n_queries"])
@@ -35,11 +35,11 @@ def backward_preprocess_kernel(
     n_q_heads, n_queries,
     HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Delta[b, h, i] = sum_d dOut * Out - dLse (float32).
+    """Delta[b, h, i] = sum_d dOut * Out - dLse2 * log2(e) (float32).
 
     Out, dOut (B, Hq, Nq, HEAD_DIM), any strides. dLse, Delta (B, Hq, Nq) float32, contiguous; dLse is
-    only read when HAS_DLSE. The -dLse term is the gradient of the LSE output: dL/dS_ij gains
-    dLse_i * P_ij, which is folded into Delta. Grid: (cdiv(Nq, BLOCK_M), Hq, B).
+    the gradient of the base-2 LSE and only read when HAS_DLSE. Since d(LSE2)/dS_ij = log2(e) * P_ij
+    (S the naturally scaled scores), the LSE's gradient folds into Delta. Grid: (cdiv(Nq, BLOCK_M), Hq, B).
     """
     head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -59,24 +59,25 @@ def backward_preprocess_kernel(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     row_offsets = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
     if HAS_DLSE:
-        delta -= tl.load(dLse + row_offsets, mask=rows < n_queries, other=0.0)
+        delta -= tl.load(dLse + row_offsets, mask=rows < n_queries, other=0.0) * LOG2E
     tl.store(Delta + row_offsets, delta, mask=rows < n_queries)
 
 
 @triton.jit
 def _load_row_stats(Lse, Delta, row_offsets, row_ok):
-    """LSE in base 2 (+inf for rows past Nq or that saw no key, so their P is 0) and Delta."""
-    lse = tl.load(Lse + row_offsets, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    """The base-2 LSE (+inf for rows past Nq or that saw no key, so their P is 0) and Delta."""
+    lse2 = tl.load(Lse + row_offsets, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
     delta = tl.load(Delta + row_offsets, mask=row_ok, other=0.0)
     return lse2, delta
 
 
 @triton.jit
 def _dkdv_from_query_blocks(
-    dk, dv, k, v, q_ptrs, do_ptrs, Lse, Delta, stat_offset, stride_qm, stride_dom,
+    dk, dv, dk_comp, dv_comp, k, v, q_ptrs, do_ptrs, Lse, Delta, stat_offset, stride_qm, stride_dom,
     row_start, row_end, keys, n_queries, diagonal, qk_scale, d_ok,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PRECISE_EXP2: tl.constexpr, COMPENSATE: tl.constexpr,
 ):  # fmt: skip
     """Add the contributions of query rows [row_start, row_end) to one tile's dK and dV.
 
@@ -91,16 +92,16 @@ def _dkdv_from_query_blocks(
         qT = _load_tile(q_ptrs, d_ok, row_ok, EVEN_D, False)
         do = _load_tile(do_ptrs, row_ok, d_ok, False, EVEN_D)
         lse2, delta = _load_row_stats(Lse, Delta, stat_offset + rows, row_ok)
-        pT = tl.math.exp2(tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
+        pT = _exp2(tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale - lse2[None, :], PRECISE_EXP2)
         if MASKED:
             pT = tl.where(keys[:, None] <= rows[None, :] + diagonal, pT, 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dv, dv_comp = _accumulate_dot(dv, dv_comp, pT.to(do.dtype), do, DOT_PRECISION, COMPENSATE)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+        dk, dk_comp = _accumulate_dot(dk, dk_comp, dsT.to(qT.dtype), tl.trans(qT), DOT_PRECISION, COMPENSATE)
         q_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
-    return dk, dv
+    return dk, dv, dk_comp, dv_comp
 
 
 @triton.jit(do_not_specialize=["n_queries", "n_keys"])
@@ -115,7 +116,7 @@ def backward_dkdv_kernel(
     n_q_heads, kv_group, n_queries, n_keys, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PRECISE_EXP2: tl.constexpr,
 ):  # fmt: skip
     """dK, dV for BLOCK_N keys of one key/value head.
 
@@ -147,6 +148,9 @@ def backward_dkdv_kernel(
     )  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk_comp = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv_comp = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    COMPENSATE: tl.constexpr = Q.dtype.element_ty == tl.float32
 
     # Query i sees key j iff j <= i + diagonal. Rows below `row_start` see none of this tile's keys;
     # rows from `unmasked_start` on see all of them; the rows between straddle the diagonal.
@@ -174,18 +178,18 @@ def backward_dkdv_kernel(
         )  # fmt: skip
         stat_offset = (batch.to(tl.int64) * n_q_heads + head) * n_queries
         if CAUSAL:
-            dk, dv = _dkdv_from_query_blocks(
-                dk, dv, k, v,
+            dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
+                dk, dv, dk_comp, dv_comp, k, v,
                 q_ptrs + row_start.to(tl.int64) * stride_qm, do_ptrs + row_start.to(tl.int64) * stride_dom,
                 Lse, Delta, stat_offset, stride_qm, stride_dom, row_start, unmasked_start, keys, n_queries,
-                diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION,
+                diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, PRECISE_EXP2, COMPENSATE,
             )  # fmt: skip
             q_ptrs += unmasked_start.to(tl.int64) * stride_qm
             do_ptrs += unmasked_start.to(tl.int64) * stride_dom
-        dk, dv = _dkdv_from_query_blocks(
-            dk, dv, k, v, q_ptrs, do_ptrs, Lse, Delta, stat_offset, stride_qm, stride_dom,
+        dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
+            dk, dv, dk_comp, dv_comp, k, v, q_ptrs, do_ptrs, Lse, Delta, stat_offset, stride_qm, stride_dom,
             unmasked_start, n_queries, keys, n_queries, diagonal, qk_scale, d_ok,
-            False, EVEN_D, BLOCK_M, DOT_PRECISION,
+            False, EVEN_D, BLOCK_M, DOT_PRECISION, PRECISE_EXP2, COMPENSATE,
         )  # fmt: skip
 
     dk_ptrs = (
@@ -203,9 +207,10 @@ def backward_dkdv_kernel(
 
 @triton.jit
 def _dq_from_key_blocks(
-    dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
+    dq, dq_comp, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
     key_start, key_end, rows, n_keys, diagonal, qk_scale, d_ok,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PRECISE_EXP2: tl.constexpr, COMPENSATE: tl.constexpr,
 ):  # fmt: skip
     """Add the contributions of keys [key_start, key_end) to one query tile's dQ.
 
@@ -218,15 +223,15 @@ def _dq_from_key_blocks(
         col_ok = cols < n_keys
         kT = _load_tile(k_ptrs, d_ok, col_ok, EVEN_D, False)
         vT = _load_tile(v_ptrs, d_ok, col_ok, EVEN_D, False)
-        p = tl.math.exp2(tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
+        p = _exp2(tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale - lse2[:, None], PRECISE_EXP2)
         if MASKED:
             p = tl.where(cols[None, :] <= rows[:, None] + diagonal, p, 0.0)
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+        dq, dq_comp = _accumulate_dot(dq, dq_comp, ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, COMPENSATE)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
-    return dq
+    return dq, dq_comp
 
 
 @triton.jit(do_not_specialize=["n_queries", "n_keys"])
@@ -240,7 +245,7 @@ def backward_dq_kernel(
     n_q_heads, kv_group, n_queries, n_keys, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PRECISE_EXP2: tl.constexpr,
 ):  # fmt: skip
     """dQ for BLOCK_M query rows of one query head.
 
@@ -274,8 +279,12 @@ def backward_dq_kernel(
         + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
         row_ok, d_ok, False, EVEN_D,
     )  # fmt: skip
-    lse2, delta = _load_row_stats(Lse, Delta, (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows, row_ok)
+    lse2, delta = _load_row_stats(
+        Lse, Delta, (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows, row_ok
+    )
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq_comp = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    COMPENSATE: tl.constexpr = Q.dtype.element_ty == tl.float32
 
     k_ptrs = (
         K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
@@ -292,16 +301,16 @@ def backward_dq_kernel(
     else:
         unmasked_end = n_keys
         key_end = n_keys
-    dq = _dq_from_key_blocks(
-        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, unmasked_end, rows, n_keys,
-        diagonal, qk_scale, d_ok, False, EVEN_D, BLOCK_N, DOT_PRECISION,
+    dq, dq_comp = _dq_from_key_blocks(
+        dq, dq_comp, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, unmasked_end, rows, n_keys,
+        diagonal, qk_scale, d_ok, False, EVEN_D, BLOCK_N, DOT_PRECISION, PRECISE_EXP2, COMPENSATE,
     )  # fmt: skip
     if CAUSAL:
-        dq = _dq_from_key_blocks(
-            dq, q, do, lse2, delta,
+        dq, dq_comp = _dq_from_key_blocks(
+            dq, dq_comp, q, do, lse2, delta,
             k_ptrs + unmasked_end.to(tl.int64) * stride_kn, v_ptrs + unmasked_end.to(tl.int64) * stride_vn,
             stride_kn, stride_vn, unmasked_end, key_end, rows, n_keys,
-            diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_N, DOT_PRECISION,
+            diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_N, DOT_PRECISION, PRECISE_EXP2, COMPENSATE,
         )  # fmt: skip
 
     dq_ptrs = (

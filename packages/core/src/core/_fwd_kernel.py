@@ -2,13 +2,47 @@
 keys that those rows may see, keeping a running max and sum so the N x N score matrix never exists.
 
 Scores are kept in base 2: the softmax scale is folded into `qk_scale = sm_scale * log2(e)` so that
-each probability costs one exp2 instead of a multiply and an exp.
+each probability costs one exp2 instead of a multiply and an exp. The saved log-sum-exp stays in base 2
+too (LSE2 = m + log2(l)): the backward recomputes P = exp2(S * qk_scale - LSE2) from exactly the numbers
+the forward used, with no ln(2) round trip (which, in float32, biased P by a few ulps in every row).
 """
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-LN2: tl.constexpr = 0.6931471805599453
+
+@triton.jit
+def _exp2(x, PRECISE: tl.constexpr):
+    """exp2 by the fast hardware approximation, or (PRECISE, float32 inputs) by libdevice's exp2f.
+
+    The approximation's few-ulp error vanishes under fp16/bf16 rounding of P but not in float32,
+    where it would make the kernel several times less accurate than float32 eager attention.
+    """
+    if PRECISE:
+        return libdevice.exp2(x)
+    else:
+        return tl.math.exp2(x)
+
+
+@triton.jit
+def _accumulate_dot(acc, comp, a, b, DOT_PRECISION: tl.constexpr, COMPENSATE: tl.constexpr):
+    """(acc, comp) after adding a @ b to the running sum acc.
+
+    fp16/bf16 operands accumulate straight into acc on the tensor cores (comp is unused and unchanged).
+    float32 operands (COMPENSATE) take full-precision FMA dots, and the compiler folds `acc + a @ b`
+    into one dot that continues acc's FMA chain: every product of a whole attention row or column would
+    then be summed sequentially, with an error growing like N (18x float32 eager attention's at 4096
+    rows, measured on an H100). Kahan summation of the per-block dots, with comp carrying the rounding
+    error of acc, keeps the error at the level of one block.
+    """
+    if COMPENSATE:
+        y = tl.dot(a, b, input_precision=DOT_PRECISION) - comp
+        total = acc + y
+        comp = (total - acc) - y
+        return total, comp
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION), comp
 
 
 @triton.jit
@@ -26,12 +60,12 @@ def _load_tile(ptrs, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.cons
 
 @triton.jit
 def _attend_to_key_blocks(
-    acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
+    acc, comp, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
     key_start, key_end, rows, n_keys, diagonal, qk_scale, d_ok,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, PRECISE_EXP2: tl.constexpr, COMPENSATE: tl.constexpr,
 ):  # fmt: skip
-    """Fold keys [key_start, key_end) into the running (acc, m_i, l_i) of one query tile.
+    """Fold keys [key_start, key_end) into the running (acc, comp, m_i, l_i) of one query tile.
 
     k_ptrs/v_ptrs point at the tile of keys starting at key_start.
 
@@ -58,16 +92,18 @@ def _attend_to_key_blocks(
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new_safe = m_new
-        p = tl.math.exp2(scores - m_new_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_new_safe)
+        p = _exp2(scores - m_new_safe[:, None], PRECISE_EXP2)
+        alpha = _exp2(m_i - m_new_safe, PRECISE_EXP2)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_ptrs, col_ok, d_ok, not MASKED, EVEN_D)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        if COMPENSATE:
+            comp = comp * alpha[:, None]
+        acc, comp = _accumulate_dot(acc, comp, p.to(v.dtype), v, DOT_PRECISION, COMPENSATE)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
-    return acc, m_i, l_i
+    return acc, comp, m_i, l_i
 
 
 @triton.jit(do_not_specialize=["n_queries", "n_keys"])
@@ -80,7 +116,7 @@ def attention_forward_kernel(
     n_q_heads, kv_group, n_queries, n_keys, qk_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PRECISE_EXP2: tl.constexpr,
 ):  # fmt: skip
     """Out = softmax(Q K^T * sm_scale + mask) V and its log-sum-exp, for one BLOCK_M x HEAD_DIM tile.
 
@@ -89,7 +125,8 @@ def attention_forward_kernel(
       K   (B, Hkv, Nk, HEAD_DIM)  strides stride_k{b,h,n,d}
       V   (B, Hkv, Nk, HEAD_DIM)  strides stride_v{b,h,n,d}
       Out (B, Hq, Nq, HEAD_DIM)   strides stride_o{b,h,m,d}
-      Lse (B, Hq, Nq) float32, contiguous; natural log, -inf for rows that see no key
+      Lse (B, Hq, Nq) float32, contiguous; base-2 log-sum-exp of the base-2 scores S * qk_scale,
+          -inf for rows that see no key
     kv_group = Hq // Hkv: query head h reads key/value head h // kv_group (GQA/MQA, no copies).
     qk_scale = sm_scale * log2(e). Grid: (cdiv(Nq, BLOCK_M), Hq, B).
     """
@@ -127,6 +164,8 @@ def attention_forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    comp = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    COMPENSATE: tl.constexpr = Q.dtype.element_ty == tl.float32
 
     # Query i sees key j iff j <= i + diagonal (bottom-right aligned causal mask).
     diagonal = n_keys - n_queries
@@ -134,32 +173,35 @@ def attention_forward_kernel(
     if CAUSAL:
         # Keys below `unmasked_end` are visible to every row of this tile; keys up to `key_end` are
         # visible to some of them and go through the masked path.
-        unmasked_end = tl.minimum((tl.maximum(start_m + diagonal + 1, 0) // BLOCK_N) * BLOCK_N, whole_blocks_end)
+        unmasked_end = tl.minimum(
+            (tl.maximum(start_m + diagonal + 1, 0) // BLOCK_N) * BLOCK_N, whole_blocks_end
+        )
         key_end = tl.minimum(n_keys, tl.maximum(start_m + BLOCK_M + diagonal, 0))
     else:
         unmasked_end = whole_blocks_end
         key_end = n_keys
-    acc, m_i, l_i = _attend_to_key_blocks(
-        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, unmasked_end, rows, n_keys, diagonal,
-        qk_scale, d_ok, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION,
+    acc, comp, m_i, l_i = _attend_to_key_blocks(
+        acc, comp, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, unmasked_end, rows, n_keys, diagonal,
+        qk_scale, d_ok, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, PRECISE_EXP2, COMPENSATE,
     )  # fmt: skip
     k_ptrs += unmasked_end.to(tl.int64) * stride_kn
     v_ptrs += unmasked_end.to(tl.int64) * stride_vn
-    acc, m_i, l_i = _attend_to_key_blocks(
-        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, unmasked_end, key_end, rows, n_keys, diagonal,
-        qk_scale, d_ok, True, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION,
+    acc, comp, m_i, l_i = _attend_to_key_blocks(
+        acc, comp, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, unmasked_end, key_end, rows, n_keys,
+        diagonal, qk_scale, d_ok, True, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, PRECISE_EXP2, COMPENSATE,
     )  # fmt: skip
 
     # l_i >= 1 for every row that saw a key (its max contributes exp2(0)); rows that saw none output
-    # 0 and LSE -inf rather than 0/0.
+    # 0 and LSE -inf rather than 0/0. One correctly rounded division per output element costs nothing
+    # next to the loop and saves float32 outputs the approximate divide's extra ulps.
     sees_a_key = l_i > 0.0
     l_safe = tl.where(sees_a_key, l_i, 1.0)
-    out = tl.where(sees_a_key[:, None], acc / l_safe[:, None], 0.0)
-    lse = tl.where(sees_a_key, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    out = tl.where(sees_a_key[:, None], tl.math.div_rn(acc, l_safe[:, None]), 0.0)
+    lse = tl.where(sees_a_key, m_i + tl.math.log2(l_safe), float("-inf"))
 
     o_ptrs = (
-        Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + start_m.to(tl.int64) * stride_om
-        + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+        Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+        + start_m.to(tl.int64) * stride_om + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     )  # fmt: skip
     if EVEN_D:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])

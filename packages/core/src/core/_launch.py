@@ -29,10 +29,13 @@ def new_buffer(like: torch.Tensor, shape: tuple[int, ...] | None = None) -> torc
     return torch.empty(shape, dtype=torch.float32, device=like.device)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs get full-precision fp32 dots ("ieee"), not TF32: float32 users asked for float32.
-    # The setting is ignored for fp16/bf16, whose dots are exact products summed in fp32.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision_flags(dtype: torch.dtype, interpreted: bool) -> dict:
+    """float32 inputs get float32 arithmetic throughout: full-precision dots ("ieee", not TF32) and
+    libdevice's exp2 instead of the hardware approximation. fp16/bf16 ignore DOT_PRECISION (their dots
+    are exact products summed in fp32) and keep the fast exp2. The interpreter's exp2 is numpy's, which
+    is already precise (and it has no libdevice)."""
+    full_fp32 = dtype == torch.float32
+    return dict(DOT_PRECISION="ieee" if full_fp32 else "tf32", PRECISE_EXP2=full_fp32 and not interpreted)
 
 
 def _prepare_launch(q: torch.Tensor):
@@ -43,7 +46,8 @@ def _prepare_launch(q: torch.Tensor):
 
 
 def attention_forward(q, k, v, causal: bool, sm_scale: float, config: _config.KernelConfig | None = None):
-    """Returns (out, lse): out like q, lse (B, Hq, Nq) float32 contiguous."""
+    """Returns (out, lse2): out like q; lse2 (B, Hq, Nq) float32 contiguous, the log-sum-exp in base 2
+    of the base-2 scores S * sm_scale * log2(e) (natural LSE = lse2 * ln 2)."""
     batch, q_heads, n_queries, head_dim = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     interpreted, block_d = _prepare_launch(q)
@@ -57,38 +61,38 @@ def attention_forward(q, k, v, causal: bool, sm_scale: float, config: _config.Ke
         q_heads, q_heads // kv_heads, n_queries, n_keys, sm_scale * LOG2E,
         HEAD_DIM=head_dim, CAUSAL=causal,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
-        DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **_precision_flags(q.dtype, interpreted),
     )  # fmt: skip
     return out, lse
 
 
-def attention_backward(dout, dlse, q, k, v, out, lse, causal: bool, sm_scale: float):
-    """Returns (dq, dk, dv), each laid out like its input. dlse may be None (LSE unused)."""
+def attention_backward(dout, dlse2, q, k, v, out, lse2, causal: bool, sm_scale: float):
+    """Returns (dq, dk, dv), each laid out like its input. lse2 is attention_forward's base-2 LSE and
+    dlse2 its gradient, or None when the LSE was not used."""
     batch, q_heads, n_queries, head_dim = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     interpreted, block_d = _prepare_launch(q)
     dkdv_config, dq_config = _config.backward_configs(block_d, q.dtype, interpreted)
 
-    delta = new_buffer(q, lse.shape)
+    delta = new_buffer(q, lse2.shape)
     rows_per_program = _config.preprocess_block_m(interpreted)
     backward_preprocess_kernel[(triton.cdiv(n_queries, rows_per_program), q_heads, batch)](
-        out, dout, dlse if dlse is not None else lse, delta,
+        out, dout, dlse2 if dlse2 is not None else lse2, delta,
         *out.stride(), *dout.stride(), q_heads, n_queries,
-        HEAD_DIM=head_dim, HAS_DLSE=dlse is not None, BLOCK_M=rows_per_program, BLOCK_D=block_d,
+        HEAD_DIM=head_dim, HAS_DLSE=dlse2 is not None, BLOCK_M=rows_per_program, BLOCK_D=block_d,
     )  # fmt: skip
 
     dq, dk, dv = new_buffer(q), new_buffer(k), new_buffer(v)
-    common = dict(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype))
+    common = dict(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_D=block_d, **_precision_flags(q.dtype, interpreted))
     backward_dkdv_kernel[(triton.cdiv(n_keys, dkdv_config.block_n), kv_heads, batch)](
-        q, k, v, dout, lse, delta, dk, dv,
+        q, k, v, dout, lse2, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         q_heads, q_heads // kv_heads, n_queries, n_keys, sm_scale, sm_scale * LOG2E,
         BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n,
         num_warps=dkdv_config.num_warps, num_stages=dkdv_config.num_stages, **common,
     )  # fmt: skip
     backward_dq_kernel[(triton.cdiv(n_queries, dq_config.block_m), q_heads, batch)](
-        q, k, v, dout, lse, delta, dq,
+        q, k, v, dout, lse2, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         q_heads, q_heads // kv_heads, n_queries, n_keys, sm_scale, sm_scale * LOG2E,
         BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n,

@@ -58,13 +58,17 @@ def _validate_devices(q, k, v, interpreted: bool) -> None:
             "q, k and v are CPU tensors but core's kernels were compiled for the GPU. To run on the CPU "
             "(slowly, for testing), set TRITON_INTERPRET=1 in the environment before importing core."
         )
-    raise ValueError(f"unsupported device {q.device}; core.attention runs on CUDA (or CPU with TRITON_INTERPRET=1)")
+    raise ValueError(
+        f"unsupported device {q.device}; core.attention runs on CUDA (or CPU with TRITON_INTERPRET=1)"
+    )
 
 
 def _validate_shapes(q, k, v) -> None:
     batch, q_heads, n_queries, head_dim = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, Hkv, Nk, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape (B, Hkv, Nk, D), got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     k_batch, kv_heads, n_keys, k_head_dim = k.shape
     if k_batch != batch:
         raise ValueError(f"batch size differs: q has {batch}, k and v have {k_batch}")
@@ -75,7 +79,9 @@ def _validate_shapes(q, k, v) -> None:
         if size == 0:
             raise ValueError(f"{what} is 0; every dimension of q, k and v must be >= 1")
     if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {head_dim} is larger than the supported maximum {MAX_HEAD_DIM} (1..256 accepted)")
+        raise ValueError(
+            f"head dim {head_dim} is larger than the supported maximum {MAX_HEAD_DIM} (1..256 accepted)"
+        )
     if q_heads % kv_heads != 0:
         raise ValueError(
             f"q has {q_heads} heads, which is not a multiple of k/v's {kv_heads} heads; "
