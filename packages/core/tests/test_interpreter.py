@@ -23,7 +23,7 @@ def _dot_kernel(A, B, C, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
 
 
 def test_patched_bf16_dot_multiplies_values_not_bit_patterns():
-    core._runtime.patch_interpreter_bf16_dot()
+    core._runtime.patch_interpreter_bf16()
     gen = torch.Generator().manual_seed(31)
     a = torch.randn(16, 32, generator=gen).bfloat16()
     b = torch.randn(32, 16, generator=gen).bfloat16()
@@ -35,3 +35,18 @@ def test_patched_bf16_dot_multiplies_values_not_bit_patterns():
 
 def test_kernels_are_interpreted_on_cpu():
     assert core.is_interpreted()
+
+
+@triton.jit
+def _cast_kernel(X, Y, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(Y + offsets, tl.load(X + offsets).to(tl.bfloat16))
+
+
+def test_patched_float32_to_bf16_cast_rounds_to_nearest_even():
+    core._runtime.patch_interpreter_bf16()
+    gen = torch.Generator().manual_seed(37)
+    x = torch.cat([torch.randn(1022, generator=gen) * 100, torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8])])
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    _cast_kernel[(1,)](x, y, x.numel())
+    assert torch.equal(y, x.bfloat16())  # torch's cast rounds to nearest even, like the GPU

@@ -12,7 +12,7 @@ import triton
 from core import _config
 from core._bwd_kernel import backward_dkdv_kernel, backward_dq_kernel, backward_preprocess_kernel
 from core._fwd_kernel import attention_forward_kernel
-from core._runtime import is_interpreted, patch_interpreter_bf16_dot
+from core._runtime import is_interpreted, patch_interpreter_bf16
 
 LOG2E = math.log2(math.e)
 
@@ -41,7 +41,7 @@ def _precision_flags(dtype: torch.dtype, interpreted: bool) -> dict:
 def _prepare_launch(q: torch.Tensor):
     interpreted = is_interpreted()
     if interpreted and q.dtype == torch.bfloat16:
-        patch_interpreter_bf16_dot()
+        patch_interpreter_bf16()
     return interpreted, _config.padded_head_dim(q.shape[-1])
 
 

@@ -1,0 +1,371 @@
+"""A numpy emulator of the kernel's arithmetic, with the format of every quantity selectable.
+
+The kernel (packages/core) computes, for each tile of BLOCK_M query rows, an online softmax over key
+blocks of BLOCK_N keys visited in ascending order:
+
+    s     = dot(q, k^T) * (sm_scale * log2 e)       fp32 dot of fp16/bf16 inputs, scale folded into base 2
+    m_new = max(m, rowmax(s))                       running max
+    alpha = exp2(m - m_new)                         rescale factor of everything summed so far
+    p     = exp2(s - m_new)                         fp32
+    l     = l * alpha + rowsum(p)                   running sum, of the *unrounded* p
+    acc   = acc * alpha + dot(p.to(dtype), v)       fp32 accumulator; P is rounded before the dot
+                                                    (fp32 inputs: Kahan-summed, see `kahan`)
+    out   = (acc / l).to(dtype),   lse2 = m + log2 l   (saved for the backward; lse = lse2 * ln 2)
+
+`Arithmetic` names the format each of these is stored in (numerics.formats), so one function covers the
+kernel itself (the defaults), the same algorithm with low-precision running statistics, the fp32-inside
+floor (P never rounded) and the remedies the lab measures (a compensated P.V, a row sum of the rounded P,
+a shifted row max). A quantity is rounded to its format each time it is written; the arithmetic producing
+it runs in `wide` (fp32, as on the GPU; fp64 takes rounding out entirely to check the algorithm).
+
+Bit-exactness with the Triton interpreter rests on doing the same numpy operations on the same tile
+shapes: the interpreter runs `tl.dot` as one `np.matmul` per (BLOCK_M x D) @ (D x BLOCK_N) tile, and a
+BLAS matmul's summation order depends on the tile shape. So query rows are emulated as a stack of
+BLOCK_M-row tiles (numpy's stacked matmul makes the same per-tile BLAS call). On a GPU the tensor-core
+summation order, `ex2.approx` and fused multiply-adds differ, so there the emulator agrees to a few ulp.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from numerics.formats import FORMATS, Format
+
+__all__ = ["KERNEL", "Arithmetic", "Backward", "Forward", "backward", "forward"]
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+# Qiu & Yao's test for "several logits tie the row max": another logit within this distance (natural log
+# units) of the block max.
+TIE_DISTANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """The format each quantity is stored in ("input" = the dtype of q, k, v), and the algorithm's knobs."""
+
+    wide: str = "fp32"  # the arithmetic itself: fp32 as on the GPU, fp64 to isolate the algorithm
+    scores: str = "fp32"  # s after the QK^T dot and the scale
+    m: str = "fp32"  # running max
+    l: str = "fp32"  # running sum
+    alpha: str = "fp32"  # rescale factor
+    p: str = "fp32"  # exp(s - m) as computed
+    p_cast: str = "input"  # P as it enters the P.V dot (and P^T in the dV dot of the backward)
+    acc: str = "fp32"  # output accumulator (and dq/dk/dv accumulators)
+    out: str = "input"  # the stored output and gradients
+    ds_cast: str = "input"  # dS as it enters the dq and dk dots (backward only)
+    exp: str = "exp2"  # "exp2": scale folded into a base-2 exponent; "exp": natural exponent
+    block_m: int = 32
+    block_n: int = 32
+    row_sum: str = "p"  # "p": l sums the unrounded p (the kernel); "p_cast": the rounded P fed to P.V
+    kahan: bool = False  # Kahan-sum the per-block dots into acc (the kernel does for fp32 inputs)
+    pv_split: bool = False  # compensated P.V: P = hi + lo, both in the P.V dtype, two dots into acc
+    tie_shift: bool = False  # Qiu & Yao: move the block max off the ties so that no p is exactly 1
+
+    def fmt(self, quantity: str, input_format: str) -> Format:
+        name = getattr(self, quantity)
+        return FORMATS[input_format if name == "input" else name]
+
+    def with_(self, **changes) -> Arithmetic:
+        return replace(self, **changes)
+
+
+KERNEL = Arithmetic()
+
+
+@dataclass
+class Forward:
+    out: np.ndarray  # (..., Nq, D), values in the `out` format
+    lse: np.ndarray  # (..., Nq), natural log as core.attention returns it, -inf for rows that see no key
+    lse2: np.ndarray  # the base-2 LSE of the base-2 scores, the statistic the kernel saves for the backward
+
+
+@dataclass
+class Backward:
+    dq: np.ndarray
+    dk: np.ndarray
+    dv: np.ndarray
+
+
+def _carrier(arith: Arithmetic):
+    return np.float64 if arith.wide == "fp64" else np.float32
+
+
+def _pad_head_dim(x: np.ndarray) -> np.ndarray:
+    """Zero-pad D to the kernel's tile width (a power of two >= 16): sums over the padded width round
+    differently from sums over D, so the emulator sums over the same zeros the kernel does."""
+    d = x.shape[-1]
+    width = max(16, 1 << (d - 1).bit_length())
+    return x if width == d else np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - d)])
+
+
+def _tiles(x: np.ndarray, block: int) -> np.ndarray:
+    """(..., N, D) -> (..., ceil(N / block), block, D), zero-padded as the kernel's masked loads are."""
+    n = x.shape[-2]
+    padded = -(-n // block) * block
+    if padded != n:
+        pad = [(0, 0)] * x.ndim
+        pad[-2] = (0, padded - n)
+        x = np.pad(x, pad)
+    return x.reshape(*x.shape[:-2], padded // block, block, x.shape[-1])
+
+
+def _key_end(n_tiles: int, block: int, n_q: int, n_k: int, causal: bool) -> np.ndarray:
+    """Per query tile, where the kernel's loop over keys ends: at Nk, or with `causal` after the last key
+    the tile's last row may see (bottom-right aligned)."""
+    if not causal:
+        return np.full(n_tiles, n_k)
+    return np.minimum(n_k, np.maximum(np.arange(n_tiles) * block + block + (n_k - n_q), 0))
+
+
+def _tile_index(n_tiles: int, block: int) -> np.ndarray:
+    """The sequence index of each row of stacked tiles, shaped (n_tiles, block, 1)."""
+    return (np.arange(n_tiles)[:, None] * block + np.arange(block)[None, :])[..., None]
+
+
+def _visible(rows: np.ndarray, cols: np.ndarray, n_q: int, n_k: int, causal: bool) -> np.ndarray:
+    """Which (query, key) pairs count: real queries and keys, with `causal` the bottom-right triangle."""
+    keep = (rows < n_q) & (cols < n_k)
+    if causal:
+        keep = keep & (cols <= rows + (n_k - n_q))
+    return keep
+
+
+def _expand_heads(q: np.ndarray, *kv: np.ndarray) -> list[np.ndarray]:
+    """GQA/MQA: query head h reads key/value head h // group, as in core.attention_reference."""
+    group = q.shape[-3] // kv[0].shape[-3]
+    return [np.repeat(x, group, axis=-3) if group > 1 else x for x in kv]
+
+
+def forward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    input_format: str,
+    arith: Arithmetic = KERNEL,
+    *,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    key_order: np.ndarray | None = None,
+) -> Forward:
+    """Emulate the forward pass on q (..., Hq, Nq, D), k/v (..., Hkv, Nk, D) holding `input_format` values.
+
+    `key_order` is the order in which keys are visited (a permutation of range(Nk)); the kernel visits
+    them in index order, so the kernel sees the same arithmetic when given k[order] and v[order].
+    """
+    if key_order is not None:
+        if causal:
+            raise ValueError("a key order other than the index order has no causal meaning")
+        k, v = k[..., key_order, :], v[..., key_order, :]
+    k, v = _expand_heads(q, k, v)
+    wide = _carrier(arith)
+    fmt = {
+        name: arith.fmt(name, input_format)
+        for name in ("scores", "m", "l", "alpha", "p", "p_cast", "acc", "out")
+    }
+    n_q, d = q.shape[-2:]
+    n_k, d_v = v.shape[-2:]  # the value head dim may differ from the key one (the kernel's may not)
+    bm, bn = arith.block_m, arith.block_n
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    base2 = arith.exp == "exp2"
+    exp = np.exp2 if base2 else np.exp
+    # The kernel multiplies the fp32 dot by one fp32 constant: sm_scale * log2(e), rounded once.
+    score_scale = wide(scale * LOG2E if base2 else scale)
+    tie_distance = TIE_DISTANCE * (LOG2E if base2 else 1.0)
+
+    q_tiles = _tiles(_pad_head_dim(q.astype(wide)), bm)  # (..., nM, BM, D)
+    k, v = _pad_head_dim(k.astype(wide)), _pad_head_dim(v.astype(wide))
+    rows = _tile_index(q_tiles.shape[-3], bm)  # (nM, BM, 1)
+    shape = q_tiles.shape[:-1]  # (..., nM, BM)
+    m = np.full(shape, -np.inf, dtype=wide)
+    l = np.zeros(shape, dtype=wide)
+    acc = np.zeros((*shape, v.shape[-1]), dtype=wide)
+    comp = np.zeros_like(acc)  # Kahan's running rounding error of acc
+    key_end = _key_end(q_tiles.shape[-3], bm, n_q, n_k, causal)
+
+    for start in range(0, n_k, bn):
+        # A causal query tile stops at the last key block its rows can see; later blocks must leave its
+        # state untouched (masking alone would not: a Kahan step folds comp into acc even for P = 0).
+        active = (start < key_end)[:, None]  # (nM, 1)
+        cols = start + np.arange(bn)
+        kb = _block(k, start, bn)  # (..., BN, D)
+        vb = _block(v, start, bn)
+        s = np.matmul(q_tiles, np.swapaxes(kb, -1, -2)[..., None, :, :])
+        s = fmt["scores"].round(s * score_scale)
+        s = np.where(_visible(rows, cols, n_q, n_k, causal), s, -np.inf)
+
+        block_max = s.max(axis=-1)
+        if arith.tie_shift:
+            block_max = _shift_off_ties(s, block_max, tie_distance)
+        m_new = fmt["m"].round(np.maximum(m, block_max))
+        # A row that has seen no visible key yet keeps m = -inf; exponentiate against 0 so that its p and
+        # alpha are 0 rather than NaN (it has nothing to rescale).
+        m_ref = np.where(np.isneginf(m_new), wide(0), m_new)
+        alpha = fmt["alpha"].round(exp(m - m_ref))
+        p = fmt["p"].round(exp(s - m_ref[..., None]))
+
+        pv_fmt = fmt["p_cast"]
+        if arith.pv_split:
+            p_hi = pv_fmt.round(p)
+            p_lo = pv_fmt.round(p - p_hi)
+            p_in_dot = p_hi + p_lo
+        else:
+            p_in_dot = pv_fmt.round(p)
+        summed = p_in_dot if arith.row_sum == "p_cast" else p
+        l_new = fmt["l"].round(l * alpha + summed.sum(axis=-1))
+        acc_new = acc * alpha[..., None]
+        comp_new = comp * alpha[..., None] if arith.kahan else comp
+        for p_part in (p_hi, p_lo) if arith.pv_split else (p_in_dot,):
+            acc_new, comp_new = _accumulate(
+                acc_new, comp_new, np.matmul(p_part, vb[..., None, :, :]), arith.kahan
+            )
+        m, l = np.where(active, m_new, m), np.where(active, l_new, l)
+        acc = np.where(active[..., None], fmt["acc"].round(acc_new), acc)
+        comp = np.where(active[..., None], comp_new, comp)
+
+    seen = l > 0
+    out = fmt["out"].round(np.where(seen[..., None], acc / np.where(seen, l, 1)[..., None], 0))
+    with np.errstate(divide="ignore"):
+        if base2:  # the kernel stores m + log2(l); core.attention multiplies by ln 2 in fp32
+            lse2 = np.where(seen, m + np.log2(l), -np.inf)
+            lse = lse2 * wide(LN2)
+        else:
+            lse = np.where(seen, m + np.log(l), -np.inf)
+            lse2 = lse * wide(LOG2E)
+    per_row = [_untile(x[..., None], n_q)[..., 0] for x in (lse, lse2)]
+    return Forward(_untile(out, n_q)[..., :d_v], *per_row)
+
+
+def _accumulate(acc: np.ndarray, comp: np.ndarray, product: np.ndarray, kahan: bool):
+    """acc + product (a dot with an accumulator, as the interpreter computes it), or with `kahan` Kahan's
+    compensated sum, comp carrying the rounding error of acc: the kernel's order of operations for fp32."""
+    if not kahan:
+        return product + acc, comp
+    y = product - comp
+    total = acc + y
+    return total, (total - acc) - y
+
+
+def _block(x: np.ndarray, start: int, size: int) -> np.ndarray:
+    """Rows start..start+size of (..., N, D), zero-padded past N (the kernel's masked load)."""
+    block = x[..., start : start + size, :]
+    if block.shape[-2] < size:
+        pad = [(0, 0)] * x.ndim
+        pad[-2] = (0, size - block.shape[-2])
+        block = np.pad(block, pad)
+    return block
+
+
+def _untile(x: np.ndarray, n: int) -> np.ndarray:
+    """(..., nT, T, D) -> (..., n, D), dropping the padded rows."""
+    return x.reshape(*x.shape[:-3], -1, x.shape[-1])[..., :n, :]
+
+
+def _shift_off_ties(s: np.ndarray, block_max: np.ndarray, distance: float) -> np.ndarray:
+    """Qiu & Yao's fix: where another logit lies within `distance` of the block max, subtract a larger
+    value (2 max for a positive max, 0 for a negative one) so that no exponential is exactly 1."""
+    tied = np.isfinite(block_max) & ((s >= (block_max - distance)[..., None]).sum(axis=-1) > 1)
+    shifted = np.where(block_max > 0, 2 * block_max, np.where(block_max < 0, 0, block_max))
+    return np.where(tied, shifted, block_max).astype(s.dtype)
+
+
+def backward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    dout: np.ndarray,
+    lse2: np.ndarray,
+    input_format: str,
+    arith: Arithmetic = KERNEL,
+    *,
+    causal: bool = False,
+    sm_scale: float | None = None,
+) -> Backward:
+    """Emulate the FA2-style backward: P recomputed division-free as exp2(s - lse2), two atomic-free passes.
+
+    `lse2` is the forward's base-2 LSE (Forward.lse2), which the kernel saves as it is.
+
+    delta = rowsum(dO * O) in fp32, then
+    dK/dV pass, each BLOCK_N key tile summing over the query blocks in ascending order, on transposed
+    tiles as the kernel does (a BLAS call's rounding depends on which operand is which):
+        pT = exp2(dot(k, qT) * qk_scale - lse2);  dv += dot(pT.to(dtype), dO)
+        dsT = pT * (dot(v, dO^T) - delta);         dk += dot(dsT.to(dtype), q)
+    dQ pass, each BLOCK_M query tile summing over the key blocks in ascending order:
+        p = exp2(dot(q, kT) * qk_scale - lse2);  ds = p * (dot(dO, vT) - delta);  dq += dot(ds.to(dtype), k)
+    dk and dq are scaled by sm_scale once at the end. Only MHA is emulated (Hq == Hkv): GQA sums dk/dv
+    over a head group, an order the lab does not study.
+    """
+    wide = _carrier(arith)
+    fmt = {name: arith.fmt(name, input_format) for name in ("scores", "p", "p_cast", "ds_cast", "acc", "out")}
+    n_q, d = q.shape[-2:]
+    n_k = k.shape[-2]
+    bm, bn = arith.block_m, arith.block_n
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    score_scale = wide(scale * LOG2E)
+    q, k, v, out, dout = (_pad_head_dim(x.astype(wide)) for x in (q, k, v, out, dout))
+    delta = (dout * out).sum(axis=-1)
+    # A row that sees no key (LSE -inf) has every score masked, so its p is 0 whatever lse2 says.
+    lse2 = np.where(np.isfinite(lse2), lse2, 0).astype(wide)
+
+    def probabilities(scores, query_index, key_index, lse2_of_queries):
+        s = fmt["scores"].round(scores * score_scale)
+        s = np.where(_visible(query_index, key_index, n_q, n_k, causal), s, -np.inf)
+        return fmt["p"].round(np.exp2(s - lse2_of_queries))
+
+    # dK/dV: key tiles stacked (..., nN, BN, D), query blocks visited in order. Tiles are (keys x queries).
+    k_tiles, v_tiles = _tiles(k, bn), _tiles(v, bn)
+    key_index = (np.arange(k_tiles.shape[-3])[:, None] * bn + np.arange(bn)[None, :])[
+        ..., None
+    ]  # (nN, BN, 1)
+    dk, dk_comp, dv, dv_comp = (np.zeros(k_tiles.shape, dtype=wide) for _ in range(4))
+    # A causal key tile starts at the first query block that can see any of its keys.
+    tile_starts = np.arange(k_tiles.shape[-3]) * bn
+    row_start = (
+        (np.maximum(tile_starts - (n_k - n_q), 0) // bm) * bm if causal else np.zeros_like(tile_starts)
+    )
+    for start in range(0, n_q, bm):
+        active = (start >= row_start)[:, None, None]  # (nN, 1, 1)
+        query_index = start + np.arange(bm)  # (BM,): along the columns of the transposed tiles
+        q_blk = _block(q, start, bm)[..., None, :, :]  # (..., 1, BM, D)
+        do_blk = _block(dout, start, bm)[..., None, :, :]
+        lse2_blk = _block(lse2[..., None], start, bm)[..., None, None, :, 0]  # (..., 1, 1, BM)
+        delta_blk = _block(delta[..., None], start, bm)[..., None, None, :, 0]
+        p_t = probabilities(np.matmul(k_tiles, np.swapaxes(q_blk, -1, -2)), query_index, key_index, lse2_blk)
+        ds_t = p_t * (np.matmul(v_tiles, np.swapaxes(do_blk, -1, -2)) - delta_blk)
+        dv_new, dv_comp_new = _accumulate(
+            dv, dv_comp, np.matmul(fmt["p_cast"].round(p_t), do_blk), arith.kahan
+        )
+        dk_new, dk_comp_new = _accumulate(
+            dk, dk_comp, np.matmul(fmt["ds_cast"].round(ds_t), q_blk), arith.kahan
+        )
+        dv, dv_comp = np.where(active, fmt["acc"].round(dv_new), dv), np.where(active, dv_comp_new, dv_comp)
+        dk, dk_comp = np.where(active, fmt["acc"].round(dk_new), dk), np.where(active, dk_comp_new, dk_comp)
+    dk = fmt["out"].round(dk * wide(scale))
+    dv = fmt["out"].round(dv)
+
+    # dQ: query tiles stacked (..., nM, BM, D), key blocks visited in order.
+    q_tiles, do_tiles = _tiles(q, bm), _tiles(dout, bm)
+    query_index = (np.arange(q_tiles.shape[-3])[:, None] * bm + np.arange(bm)[None, :])[
+        ..., None
+    ]  # (nM, BM, 1)
+    lse2_tiles = _tiles(lse2[..., None], bm)  # (..., nM, BM, 1)
+    delta_tiles = _tiles(delta[..., None], bm)
+    dq, dq_comp = np.zeros(q_tiles.shape, dtype=wide), np.zeros(q_tiles.shape, dtype=wide)
+    key_end = _key_end(q_tiles.shape[-3], bm, n_q, n_k, causal)
+    for start in range(0, n_k, bn):
+        active = (start < key_end)[:, None, None]  # (nM, 1, 1)
+        key_index = start + np.arange(bn)
+        k_blk = _block(k, start, bn)[..., None, :, :]  # (..., 1, BN, D)
+        v_blk = _block(v, start, bn)[..., None, :, :]
+        p = probabilities(np.matmul(q_tiles, np.swapaxes(k_blk, -1, -2)), query_index, key_index, lse2_tiles)
+        ds = p * (np.matmul(do_tiles, np.swapaxes(v_blk, -1, -2)) - delta_tiles)
+        dq_new, dq_comp_new = _accumulate(
+            dq, dq_comp, np.matmul(fmt["ds_cast"].round(ds), k_blk), arith.kahan
+        )
+        dq, dq_comp = np.where(active, fmt["acc"].round(dq_new), dq), np.where(active, dq_comp_new, dq_comp)
+    dq = fmt["out"].round(dq * wide(scale))
+    return Backward(_untile(dq, n_q)[..., :d], _untile(dk, n_k)[..., :d], _untile(dv, n_k)[..., :d])
