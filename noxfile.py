@@ -25,7 +25,14 @@ nox.options.reuse_existing_virtualenvs = True
 # torch 2.13.0 resolves to a CPU wheel on our CPU machines; triton >= 3.9 is the first interpreter that
 # works with numpy >= 2.4.
 CPU_STACK = ["torch==2.13.0", "triton>=3.9"]
-TEST_DEPS = ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "numpy>=1.26", "scipy>=1.11"]
+TEST_DEPS = [
+    "pytest>=8",
+    "pytest-xdist>=3.5",
+    "hypothesis>=6.100",
+    "numpy>=1.26",
+    "scipy>=1.11",
+    "matplotlib>=3.8",
+]
 
 
 def _passthrough(session: nox.Session) -> bool:
@@ -49,10 +56,12 @@ def _prepare(session: nox.Session, *extra: str) -> dict[str, str]:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The core test suite: interpreted on CPU, compiled on a GPU (the tests' conftest.py decides)."""
+    """The core suite (interpreted on CPU, compiled on a GPU: the tests' conftest.py decides), plus the
+    benchmark harness's and the numerics emulator's own CPU tests."""
     env = _prepare(session)
     args = session.posargs or ["-n", "auto", "-q"]
-    session.run("python", "-m", "pytest", str(CORE / "tests"), *args, env=env)
+    suites = [CORE / "tests", CORE / "benchmarks" / "test_bench_harness.py", ROOT / "numerics" / "test_emulator.py"]
+    session.run("python", "-m", "pytest", *map(str, suites), *args, env=env)
 
 
 @nox.session
@@ -65,14 +74,14 @@ def fuzz(session: nox.Session) -> None:
 @nox.session
 def numerics(session: nox.Session) -> None:
     """The numerics lab: experiments, tables, plots and docs/numerics.md."""
-    env = _prepare(session, "matplotlib>=3.8")
+    env = _prepare(session)
     session.run("python", "-m", "numerics", *session.posargs, env=env)
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
     """GPU benchmark vs SDPA FLASH/CUDNN/EFFICIENT and FlexAttention; writes docs/benchmarks.md."""
-    env = _prepare(session, "matplotlib>=3.8")
+    env = _prepare(session)
     session.run("python", str(CORE / "benchmarks" / "bench.py"), *session.posargs, env=env)
 
 

@@ -95,7 +95,9 @@ def measure_host_overhead(attention, device: str, calls: int, repeats: int) -> d
         "dtype": "fp16",
         "target_us": HOST_TARGET_US,
         "core": guarded(lambda: per_call(lambda: attention(q, k, v, causal=True))),
-        "core_requires_grad": guarded(lambda: per_call(lambda: attention(q_grad, k_grad, v_grad, causal=True))),
+        "core_requires_grad": guarded(
+            lambda: per_call(lambda: attention(q_grad, k_grad, v_grad, causal=True))
+        ),
         "sdpa": guarded(lambda: per_call(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))),
     }
 
