@@ -40,7 +40,7 @@ def _passthrough(session: nox.Session) -> bool:
     return session.venv_backend == "none"
 
 
-def _prepare(session: nox.Session, *extra: str) -> dict[str, str]:
+def _prepare(session: nox.Session) -> dict[str, str]:
     """Install the stack (unless passthrough) and return the environment for session.run."""
     env = {"PYTHONUNBUFFERED": "1"}
     if _passthrough(session):
@@ -48,7 +48,7 @@ def _prepare(session: nox.Session, *extra: str) -> dict[str, str]:
             p for p in (str(ROOT), str(CORE / "src"), os.environ.get("PYTHONPATH", "")) if p
         )
     else:
-        session.install(*CPU_STACK, *TEST_DEPS, *extra)
+        session.install(*CPU_STACK, *TEST_DEPS)
         session.install("-e", str(CORE))
         env["PYTHONPATH"] = str(ROOT)
     return env
@@ -60,7 +60,11 @@ def tests(session: nox.Session) -> None:
     benchmark harness's and the numerics emulator's own CPU tests."""
     env = _prepare(session)
     args = session.posargs or ["-n", "auto", "-q"]
-    suites = [CORE / "tests", CORE / "benchmarks" / "test_bench_harness.py", ROOT / "numerics" / "test_emulator.py"]
+    suites = [
+        CORE / "tests",
+        CORE / "benchmarks" / "test_bench_harness.py",
+        ROOT / "numerics" / "test_emulator.py",
+    ]
     session.run("python", "-m", "pytest", *map(str, suites), *args, env=env)
 
 
