@@ -7,16 +7,18 @@ blocks of BLOCK_N keys visited in ascending order:
     m_new = max(m, rowmax(s))                       running max
     alpha = exp2(m - m_new)                         rescale factor of everything summed so far
     p     = exp2(s - m_new)                         fp32
-    l     = l * alpha + rowsum(p)                   running sum, of the *unrounded* p
+    l     = l * alpha + rowsum(p)                   running sum, of the *unrounded* p, Kahan-compensated
+                                                    (every dtype, see `l_kahan`)
     acc   = acc * alpha + dot(p.to(dtype), v)       fp32 accumulator; P is rounded before the dot
                                                     (fp32 inputs: Kahan-summed, see `kahan`)
     out   = (acc / l).to(dtype),   lse2 = m + log2 l   (saved for the backward; lse = lse2 * ln 2)
 
 `Arithmetic` names the format each of these is stored in (numerics.formats), so one function covers the
-kernel itself (the defaults), the same algorithm with low-precision running statistics, the fp32-inside
-floor (P never rounded) and the remedies the lab measures (a compensated P.V, a row sum of the rounded P,
-a shifted row max). A quantity is rounded to its format each time it is written; the arithmetic producing
-it runs in `wide` (fp32, as on the GPU; fp64 takes rounding out entirely to check the algorithm).
+kernel itself (the defaults), the same algorithm with low-precision running statistics (a plain,
+uncompensated row sum, as in FlashAttention-2), the fp32-inside floor (P never rounded) and the remedies
+the lab measures (a compensated P.V, a row sum of the rounded P, a shifted row max). A quantity is rounded
+to its format each time it is written; the arithmetic producing it runs in `wide` (fp32, as on the GPU;
+fp64 takes rounding out entirely to check the algorithm).
 
 Bit-exactness with the Triton interpreter rests on doing the same numpy operations on the same tile
 shapes: the interpreter runs `tl.dot` as one `np.matmul` per (BLOCK_M x D) @ (D x BLOCK_N) tile, and a
@@ -61,6 +63,8 @@ class Arithmetic:
     block_m: int = 32
     block_n: int = 32
     row_sum: str = "p"  # "p": l sums the unrounded p (the kernel); "p_cast": the rounded P fed to P.V
+    l_kahan: bool = True  # Kahan-compensate the running sum l, its compensation stored in l's format (the
+    #                       kernel does, for every dtype); False: the plain sum l * alpha + rowsum
     kahan: bool = False  # Kahan-sum the per-block dots into acc (the kernel does for fp32 inputs)
     pv_split: bool = False  # compensated P.V: P = hi + lo, both in the P.V dtype, two dots into acc
     tie_shift: bool = False  # Qiu & Yao: move the block max off the ties so that no p is exactly 1
@@ -182,6 +186,7 @@ def forward(
     shape = q_tiles.shape[:-1]  # (..., nM, BM)
     m = np.full(shape, -np.inf, dtype=wide)
     l = np.zeros(shape, dtype=wide)
+    l_comp = np.zeros(shape, dtype=wide)  # Kahan's running rounding error of l
     acc = np.zeros((*shape, v.shape[-1]), dtype=wide)
     comp = np.zeros_like(acc)  # Kahan's running rounding error of acc
     key_end = _key_end(q_tiles.shape[-3], bm, n_q, n_k, causal)
@@ -215,7 +220,7 @@ def forward(
         else:
             p_in_dot = pv_fmt.round(p)
         summed = p_in_dot if arith.row_sum == "p_cast" else p
-        l_new = fmt["l"].round(l * alpha + summed.sum(axis=-1))
+        l_new, l_comp_new = _running_sum(l, l_comp, alpha, summed.sum(axis=-1), fmt["l"], arith.l_kahan)
         acc_new = acc * alpha[..., None]
         comp_new = comp * alpha[..., None] if arith.kahan else comp
         for p_part in (p_hi, p_lo) if arith.pv_split else (p_in_dot,):
@@ -223,6 +228,7 @@ def forward(
                 acc_new, comp_new, np.matmul(p_part, vb[..., None, :, :]), arith.kahan
             )
         m, l = np.where(active, m_new, m), np.where(active, l_new, l)
+        l_comp = np.where(active, l_comp_new, l_comp)
         acc = np.where(active[..., None], fmt["acc"].round(acc_new), acc)
         comp = np.where(active[..., None], comp_new, comp)
 
@@ -237,6 +243,18 @@ def forward(
             lse2 = lse * wide(LOG2E)
     per_row = [_untile(x[..., None], n_q)[..., 0] for x in (lse, lse2)]
     return Forward(_untile(out, n_q)[..., :d_v], *per_row)
+
+
+def _running_sum(l, comp, alpha, block_sum, fmt: Format, kahan: bool):
+    """(l, comp) after rescaling by alpha and adding one block's row sums, in the kernel's order of
+    operations: with `kahan` Kahan's compensated sum (comp carries the rounding error of l and is rescaled
+    with it), else the plain l * alpha + block_sum rounded once to l's format."""
+    if not kahan:
+        return fmt.round(l * alpha + block_sum), comp
+    l, comp = fmt.round(l * alpha), fmt.round(comp * alpha)
+    y = block_sum - comp
+    total = fmt.round(l + y)
+    return total, fmt.round((total - l) - y)
 
 
 def _accumulate(acc: np.ndarray, comp: np.ndarray, product: np.ndarray, kahan: bool):

@@ -17,8 +17,8 @@ import torch
 __all__ = ["FORMATS", "Format", "round_bf16", "round_fp16"]
 
 
-def round_bf16(x: np.ndarray, toward_zero: bool = False) -> np.ndarray:
-    """Round to bfloat16 (nearest-even, as CUDA and torch do, or toward zero), returned as float32.
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """Round to bfloat16, to nearest even as CUDA and torch do, returned as float32.
 
     A bf16 number is the top half of a float32 bit pattern, so rounding is integer arithmetic on the bits.
     Values that arrive in float64 are first rounded to float32; that double rounding can differ from a
@@ -26,13 +26,10 @@ def round_bf16(x: np.ndarray, toward_zero: bool = False) -> np.ndarray:
     """
     x32 = np.asarray(x, dtype=np.float32)
     bits = x32.view(np.uint32)
-    if toward_zero:
-        kept = bits & np.uint32(0xFFFF0000)
-    else:
-        # Adding 0x7FFF plus the lowest kept bit carries into the kept half exactly when the dropped half
-        # is above one half, or equal to it with an odd kept half: round to nearest, ties to even.
-        lowest_kept = (bits >> np.uint32(16)) & np.uint32(1)
-        kept = (bits + np.uint32(0x7FFF) + lowest_kept) & np.uint32(0xFFFF0000)
+    # Adding 0x7FFF plus the lowest kept bit carries into the kept half exactly when the dropped half is
+    # above one half, or equal to it with an odd kept half: round to nearest, ties to even.
+    lowest_kept = (bits >> np.uint32(16)) & np.uint32(1)
+    kept = (bits + np.uint32(0x7FFF) + lowest_kept) & np.uint32(0xFFFF0000)
     rounded = kept.view(np.float32)
     return np.where(np.isnan(x32), x32, rounded)
 
@@ -59,12 +56,11 @@ class Format:
     name: str
     significand_bits: int  # precision p, counting the implicit leading bit
     round: Callable[[np.ndarray], np.ndarray]
-    toward_zero: bool = False
 
     @property
     def unit_roundoff(self) -> float:
-        """The largest relative error of one rounding: 2^-p to nearest, a whole ulp 2^(1-p) toward zero."""
-        return 2.0 ** (1 - self.significand_bits if self.toward_zero else -self.significand_bits)
+        """The largest relative error of one rounding to nearest: 2^-p."""
+        return 2.0**-self.significand_bits
 
 
 FORMATS: dict[str, Format] = {
@@ -72,9 +68,4 @@ FORMATS: dict[str, Format] = {
     "fp32": Format("fp32", 24, _to(np.float32)),
     "fp16": Format("fp16", 11, round_fp16),
     "bf16": Format("bf16", 8, lambda x: round_bf16(x).astype(x.dtype)),
-    # The Triton interpreter (3.9) truncates fp32 -> bf16 casts instead of rounding them; the lab keeps
-    # this format to reproduce interpreter runs and to show what a biased rounding costs.
-    "bf16_rz": Format(
-        "bf16_rz", 8, lambda x: round_bf16(x, toward_zero=True).astype(x.dtype), toward_zero=True
-    ),
 }

@@ -63,15 +63,12 @@ def forward_backward(q, k, v, dout, *, causal: bool = False, sm_scale: float | N
 
 
 def arithmetic(input_format: str, block_m: int, block_n: int):
-    """The emulator settings that reproduce the kernel as it runs here, with these tiles.
+    """The emulator settings that reproduce the kernel as it runs here, with these tiles: the defaults
+    (round to nearest everywhere, a Kahan-compensated row sum) and, for fp32 inputs, Kahan-summed dots.
 
-    Under the interpreter (Triton 3.9) every fp32 -> bf16 cast truncates instead of rounding to nearest
-    (P before P.V, dS before its dots, the stored outputs); the compiled GPU kernel rounds to nearest.
-    For fp32 inputs the kernel Kahan-sums its per-block dots.
+    Under the interpreter core patches Triton's bf16 casts to round to nearest (`core._runtime`), so the
+    interpreted kernel and the compiled one round alike and one setting serves both.
     """
     from numerics.emulator import KERNEL
 
-    arith = KERNEL.with_(block_m=block_m, block_n=block_n, kahan=input_format == "fp32")
-    if input_format == "bf16" and _core.is_interpreted():
-        arith = arith.with_(p_cast="bf16_rz", ds_cast="bf16_rz", out="bf16_rz")
-    return arith
+    return KERNEL.with_(block_m=block_m, block_n=block_n, kahan=input_format == "fp32")

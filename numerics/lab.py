@@ -3,6 +3,7 @@ results go. Results are small JSON files; plots and docs are regenerated from th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -13,9 +14,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["RESULTS", "Lab", "load_results"]
+__all__ = ["RESULTS", "Lab", "kernel_fingerprint", "load_results"]
 
 RESULTS = Path(__file__).parent / "results"
+KERNEL_SOURCES = ("_fwd_kernel.py", "_bwd_kernel.py")
+
+
+def kernel_fingerprint() -> str:
+    """A short hash of core's kernel sources, saved with every result so that the report can tell runs
+    of different kernels apart (the CPU and GPU parts are run at different times, on different machines)."""
+    import core
+
+    digest = hashlib.sha256()
+    for name in KERNEL_SOURCES:
+        digest.update((Path(core.__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 @dataclass
@@ -50,6 +63,7 @@ class Lab:
             "triton": triton.__version__,
             "numpy": np.__version__,
             "python": platform.python_version(),
+            "core_kernels": kernel_fingerprint(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         }
 

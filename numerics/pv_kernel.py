@@ -2,8 +2,8 @@
 
 It is not core's kernel and is never used outside the lab: non-causal only, contiguous (B, H, N, D)
 tensors, N a multiple of both tiles, D a power of two. Its loop is core's (fp32 dot scaled into base 2,
-fp32 running max and sum, exp2, P cast before the tensor-core P.V dot), so that switching one thing at a
-time measures that thing's cost. The switches:
+fp32 running max and Kahan-compensated running sum, exp2, P cast before the tensor-core P.V dot), so that
+switching one thing at a time measures that thing's cost. The switches:
 
 - COMPENSATED: P = hi + lo, both in the P.V dtype (lo = P - hi, rounded), and a second dot for lo, so
   that the P.V product sees P to twice the precision, for one more dot per key block.
@@ -49,6 +49,7 @@ def _forward(
     q = tl.load(Q + base + rows[:, None] * HEAD_DIM + offs_d[None, :])
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_comp = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start in range(0, n, BLOCK_N):
         keys = start + offs_n
@@ -66,9 +67,16 @@ def _forward(
             p_lo = (p - in_dot).to(v.dtype)
             in_dot += p_lo.to(tl.float32)
         if SUM_ROUNDED:
-            l_i = l_i * alpha + tl.sum(in_dot, 1)
+            row_sum = tl.sum(in_dot, 1)
         else:
-            l_i = l_i * alpha + tl.sum(p, 1)
+            row_sum = tl.sum(p, 1)
+        # Kahan-compensated, in core's order of operations.
+        l_i = l_i * alpha
+        l_comp = l_comp * alpha
+        row_sum = row_sum - l_comp
+        l_new = l_i + row_sum
+        l_comp = (l_new - l_i) - row_sum
+        l_i = l_new
         acc = acc * alpha[:, None]
         acc = tl.dot(p_hi, v, acc)
         if COMPENSATED:
@@ -86,6 +94,11 @@ def attention(
     if n % block_m or n % block_n:
         raise ValueError(f"N={n} must be a multiple of the tiles {block_m} x {block_n}")
     q, k, v = (x.contiguous() for x in (q, k, v))
+    if q.dtype == torch.bfloat16:
+        from core._runtime import is_interpreted, patch_interpreter_bf16
+
+        if is_interpreted():  # the interpreter's bf16 casts and dots, made the GPU's (as core does)
+            patch_interpreter_bf16()
     out = torch.empty_like(q)
     compensated, sum_rounded, p_fp16 = VARIANTS[variant]
     _forward[(n // block_m, batch * heads)](

@@ -56,20 +56,47 @@ REFERENCES = """\
 """
 
 
+def _fingerprints(records: dict) -> set[str]:
+    """The kernel fingerprints (numerics.lab.kernel_fingerprint) of a run; "" for records without one."""
+    return {r["meta"].get("core_kernels", "") for r in records.values()}
+
+
 def _runs_table(cpu: dict, gpu: dict) -> str:
     rows = []
     for mode, records in (("cpu", cpu), ("gpu", gpu)):
         if not records:
-            rows.append([mode, "not run yet", "", "", "", "", ""])
+            rows.append([mode, "not run yet", "", "", "", "", "", ""])
             continue
         meta = next(iter(records.values()))["meta"]
         dates = sorted({r["meta"]["date"] for r in records.values()})
         wall = sum(r["wall_s"] for r in records.values())
         date = dates[0] if len(dates) == 1 else f"{dates[0]} – {dates[-1]}"
-        rows.append(
-            [mode, meta["device"], meta["torch"], meta["triton"], meta["numpy"], date, f"{wall:.0f} s"]
+        kernels = ", ".join(sorted(f or "not recorded" for f in _fingerprints(records)))
+        versions = [meta["torch"], meta["triton"], meta["numpy"]]
+        rows.append([mode, meta["device"], *versions, kernels, date, f"{wall:.0f} s"])
+    headers = ["run", "device", "torch", "triton", "numpy", "core kernels", "date", "wall time"]
+    return table(headers, rows) + _kernel_note(cpu, gpu)
+
+
+def _kernel_note(cpu: dict, gpu: dict) -> str:
+    """A warning when the GPU results were not produced by the kernels the CPU results were."""
+    if not cpu or not gpu or _fingerprints(gpu) == _fingerprints(cpu):
+        return ""
+    if "" in _fingerprints(gpu):
+        return (
+            "\n\nThe GPU results predate the forward kernel's Kahan-compensated running row sum l (and "
+            "the kernel fingerprint): the compiled kernel they measured summed l plainly, and so did "
+            "numerics/pv_kernel.py (E9). The fp32 rounding of l matters only where no fp16/bf16 rounding "
+            "of P or of the output swamps it: the GPU numbers that can move are E0's (kernel and emulator "
+            "both changed) and those of the saved LSE and of fp32 outputs (E8's ratios); fp16/bf16 "
+            "output and gradient errors stay put to the digits shown. The CPU run measures the current "
+            "kernels. Rerun "
+            "`--mode gpu` to refresh the GPU part."
         )
-    return table(["run", "device", "torch", "triton", "numpy", "date", "wall time"], rows)
+    return (
+        "\n\nThe GPU and CPU results come from different versions of core's kernels (the 'core kernels' "
+        "column): rerun the older part."
+    )
 
 
 def write(cpu_dir: Path, gpu_dir: Path, doc: Path = DOC, images: Path = IMAGES) -> Path:

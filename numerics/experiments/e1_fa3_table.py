@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from numerics import baselines, emulator, inputs, kernel, plots, truth
+from numerics import baselines, inputs, kernel, plots, truth
 from numerics.markdown import e, table
 from numerics.metrics import rmse
-from numerics.tensors import to_numpy, to_torch
+from numerics.tensors import to_torch
 
 TITLE = "E1. FlashAttention-3's Table 3"
 
@@ -25,7 +25,6 @@ PUBLISHED_FP16 = {"standard attention": 3.2e-4, "FlashAttention-2": 1.9e-4, "Fla
 # (B, H, N, D), non-causal. The GPU size is the one the tracker uses for the H100 comparison.
 SHAPE = {"cpu": (1, 2, 1024, 128), "gpu": (1, 8, 16384, 128)}
 TILES = (128, 64)  # the GPU's default forward tiles for D = 128, also used by the interpreter run
-GPU_ROUNDING = "our kernel, GPU rounding (emulator)"  # CPU only: the interpreter truncates bf16 casts
 
 
 def _methods(lab, q, k, v, dtype) -> dict[str, torch.Tensor | np.ndarray | None]:
@@ -37,9 +36,6 @@ def _methods(lab, q, k, v, dtype) -> dict[str, torch.Tensor | np.ndarray | None]
         "fp32 inside (S, P in fp32)": baselines.standard_attention(q, k, v, compute_dtype=torch.float32),
     }
     if not lab.on_gpu:
-        # The interpreter truncates bf16 casts; the emulator gives what the GPU's round-to-nearest would.
-        arith = emulator.KERNEL.with_(block_m=TILES[0], block_n=TILES[1])
-        results[GPU_ROUNDING] = emulator.forward(*(to_numpy(x) for x in (q, k, v)), dtype, arith).out
         return results
     for backend in baselines.SDPA_BACKENDS:
         results[f"SDPA {backend}"] = baselines.sdpa(q, k, v, backend)
@@ -69,8 +65,6 @@ def run(lab) -> dict:
 
 
 def _color(method: str) -> str:
-    if method.startswith("our kernel, GPU rounding"):
-        return plots.COLORS["emulator"]
     if method.startswith("our kernel"):
         return plots.COLORS["kernel"]
     if method.startswith("standard"):
@@ -125,13 +119,7 @@ def section(cpu, gpu, figure):
         findings.append(
             f"{name}, N={n}: our fp16 RMSE {e(ours)} vs standard fp16 attention {e(std)} ({std / ours:.1f}x "
             f"ours) and the fp32-inside floor {e(floor)}; bf16: {e(by[('bf16', methods[0])])} vs "
-            f"{e(by[('bf16', methods[1])])}"
-            + (
-                f" ({e(by[('bf16', GPU_ROUNDING)])} with the GPU's round-to-nearest casts)"
-                if ("bf16", GPU_ROUNDING) in by
-                else ""
-            )
-            + ". Paper (fp16, H100): standard 3.2e-4, FlashAttention-2/3 1.9e-4."
+            f"{e(by[('bf16', methods[1])])}. Paper (fp16, H100): standard 3.2e-4, FlashAttention-2/3 1.9e-4."
         )
     markdown = (
         __doc__.split("\n", 2)[2].strip()

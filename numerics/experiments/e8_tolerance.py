@@ -177,12 +177,6 @@ def section(cpu, gpu, figure):
             + f"). The closest call is {tightest['dtype']} {tightest['quantity']}, which needs a factor of "
             f"{tightest['needed']:.2f} against the policy's {tightest['factor']:g}."
         )
-    if cpu is not None:
-        findings.append(
-            "Under the interpreter the bf16 ratios are pessimistic (its fp32 -> bf16 casts truncate, E0): "
-            "there the 1-ulp floor, not the factor, is what passes bf16 outputs; the GPU run is the "
-            "calibration that counts."
-        )
     markdown = (
         __doc__.split("\n", 2)[2].strip()
         + "\n\n"
