@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU pipeline that CI runs and that anyone can run locally:
-#   lint -> core test suite (Triton interpreter) -> fuzzer `ci` profile.
+#   lint -> test suite (core under the Triton interpreter, bench harness, numerics emulator).
+# The fuzzer's `ci` profile joins this pipeline when its CPU budget is met (issue 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,5 +11,4 @@ python3 -m nox --version
 start=$(date +%s)
 python3 -m nox -s lint
 python3 -m nox -s tests
-python3 -m nox -s fuzz -- --profile ci
-echo "ci: lint, tests and fuzz(ci) passed in $(( $(date +%s) - start )) s"
+echo "ci: lint and tests passed in $(( $(date +%s) - start )) s"
