@@ -84,14 +84,11 @@ def _kernel_note(cpu: dict, gpu: dict) -> str:
         return ""
     if "" in _fingerprints(gpu):
         return (
-            "\n\nThe GPU results predate the forward kernel's Kahan-compensated running row sum l (and "
-            "the kernel fingerprint): the compiled kernel they measured summed l plainly, and so did "
-            "numerics/pv_kernel.py (E9). The fp32 rounding of l matters only where no fp16/bf16 rounding "
-            "of P or of the output swamps it: the GPU numbers that can move are E0's (kernel and emulator "
-            "both changed) and those of the saved LSE and of fp32 outputs (E8's ratios); fp16/bf16 "
-            "output and gradient errors stay put to the digits shown. The CPU run measures the current "
-            "kernels. Rerun "
-            "`--mode gpu` to refresh the GPU part."
+            "\n\nThe GPU run (no kernel fingerprint recorded) measured core's current kernels, with the "
+            "Kahan-compensated running row sum l, but compared them with the emulator and "
+            "numerics/pv_kernel.py (E9) of the time, which still summed l plainly. The GPU numbers this "
+            "touches are E0's agreement (emulator and kernel differed in l's rounding) and E9's pv_kernel "
+            "variants; E1-E8 measure core itself. Rerun `--mode gpu` to refresh the GPU part."
         )
     return (
         "\n\nThe GPU and CPU results come from different versions of core's kernels (the 'core kernels' "

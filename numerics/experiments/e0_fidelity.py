@@ -153,8 +153,8 @@ def section(cpu, gpu, figure):
                 + (
                     ""
                     if "core_kernels" in record["meta"]
-                    else " (This GPU run predates the forward kernel's compensated row sum: it compared the "
-                    "kernel of the time with the emulator of the time, both summing l plainly.)"
+                    else " (This GPU run compared the kernel, which compensates its row sum l, with an "
+                    "emulator of the time that summed l plainly; the CPU run shows the current pair agree.)"
                 ),
             )
         elif worst["identical"] == 1.0:
