@@ -1,0 +1,271 @@
+"""One fuzz example as plain data, and how it becomes tensors.
+
+A `Case` is everything an example varies: the `Problem` (shapes, dtype, mask, scale), the memory
+`Layout` of each input, the `Values` in them and the `Upstream` gradient that the backward pass receives.
+Cases are frozen dataclasses whose repr is valid Python, so a falsifying example printed by hypothesis
+can be pasted into an `@example(...)` as it is. Building tensors from a case is deterministic: the same
+case gives the same bits on the same device (values come from a torch.Generator seeded by the case).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+DISTRIBUTIONS = ("normal", "uniform", "outliers", "huge_logits", "tiny_logits", "ties")
+NONFINITE = "nonfinite"  # opt-in: normal values with a few inf/-inf/NaN entries
+
+FP16_MAX = torch.finfo(torch.float16).max  # 65504
+FP16_TINY = torch.finfo(torch.float16).tiny  # 6.1e-5, the smallest normal float16
+
+
+@dataclass(frozen=True)
+class Problem:
+    batch: int = 1
+    q_heads: int = 1
+    kv_heads: int = 1
+    n_queries: int = 16
+    n_keys: int = 16
+    head_dim: int = 16
+    dtype: torch.dtype = torch.float16
+    causal: bool = True
+    sm_scale: float | None = None
+
+    @property
+    def q_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.q_heads, self.n_queries, self.head_dim)
+
+    @property
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.kv_heads, self.n_keys, self.head_dim)
+
+    @property
+    def lse_shape(self) -> tuple[int, int, int]:
+        return (self.batch, self.q_heads, self.n_queries)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim) if self.sm_scale is None else self.sm_scale
+
+    @property
+    def empty_rows(self) -> int:
+        """How many leading query rows see no key (bottom-right causal mask with Nq > Nk)."""
+        return max(self.n_queries - self.n_keys, 0) if self.causal else 0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a tensor's elements sit inside a larger storage whose every other element is a NaN canary.
+
+    order: the dims from outermost to innermost in memory; () is the natural order (contiguous), and
+        (0, 2, 1, 3) is the BSHD layout read through a transpose.
+    steps: a positive slice step per dim (the view takes every steps[d]-th element); () means all 1.
+    pads: canary elements added to each dim's extent in storage (gaps between rows, heads, ...).
+    offset: canary elements before the view (its storage offset).
+    broadcast: dims read with stride 0, as after expand(): every index along them is the same memory.
+    """
+
+    order: tuple[int, ...] = ()
+    steps: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    offset: int = 0
+    broadcast: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Values:
+    """What the inputs hold. `level` scales the largest logit of huge_logits / tiny_logits (see below)."""
+
+    distribution: str = "normal"
+    seed: int = 0
+    level: float = 1.0
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The gradient handed to the backward pass, as a training loop would produce it.
+
+    out, lse: "dense" (loss = (out * w).sum(): a random tensor, laid out by out_layout / lse_layout),
+    "sum" (loss = out.sum(): autograd hands over a stride-0 expanded tensor of ones), "unused" (returned
+    but not in the loss: the backward gets None). lse may also be "absent" (return_lse=False).
+    """
+
+    out: str = "dense"
+    lse: str = "absent"
+    out_layout: Layout = Layout()
+    lse_layout: Layout = Layout()
+
+    @property
+    def return_lse(self) -> bool:
+        return self.lse != "absent"
+
+
+@dataclass(frozen=True)
+class Case:
+    problem: Problem = Problem()
+    layouts: tuple[Layout, Layout, Layout] = (Layout(), Layout(), Layout())  # q, k, v
+    values: Values = Values()
+    upstream: Upstream = Upstream()
+
+
+# --- Placing a tensor in canary-filled storage ---------------------------------------------------------
+
+
+@dataclass
+class Placed:
+    """A view into NaN-filled storage, and the means to check that nobody wrote to that storage."""
+
+    tensor: torch.Tensor
+    storage: torch.Tensor
+    snapshot: torch.Tensor  # the storage's bits right after placement
+
+    def untouched(self) -> bool:
+        return torch.equal(bits(self.storage), bits(self.snapshot))
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The same memory read as integers: bitwise comparisons that see NaN payloads and signed zeros."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def place(values: torch.Tensor, layout: Layout) -> Placed:
+    """Copy `values` into a view with `layout`; every storage element outside the view is NaN.
+
+    An out-of-view read then shows up as NaN in a result that should be finite, and an out-of-view
+    write as a changed canary.
+    """
+    rank = values.dim()
+    order = layout.order or tuple(range(rank))
+    steps = layout.steps or (1,) * rank
+    pads = layout.pads or (0,) * rank
+    sizes = tuple(values.shape)
+    extents = [1 if d in layout.broadcast else sizes[d] * steps[d] + pads[d] for d in range(rank)]
+    dense_strides = [0] * rank
+    stride = 1
+    for d in reversed(order):
+        dense_strides[d] = stride
+        stride *= extents[d]
+    strides = tuple(0 if d in layout.broadcast else dense_strides[d] * steps[d] for d in range(rank))
+
+    storage = torch.full((layout.offset + stride,), float("nan"), dtype=values.dtype, device=values.device)
+    # Broadcast dims hold one copy in memory: write index 0 along them, the view repeats it.
+    stored = values
+    for d in layout.broadcast:
+        stored = stored.narrow(d, 0, 1)
+    storage.as_strided(tuple(stored.shape), strides, layout.offset).copy_(stored)
+    view = storage.as_strided(sizes, strides, layout.offset)
+    return Placed(tensor=view, storage=storage, snapshot=storage.clone())
+
+
+# --- Values --------------------------------------------------------------------------------------------
+
+
+def _scores_max(q: torch.Tensor, k: torch.Tensor, scale: float) -> float:
+    """max |q k^T * scale| over every (query, key) pair, in float64, with k shared across GQA groups."""
+    k = k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return (q.double() @ k.transpose(-2, -1)).abs().max().item() * abs(scale)
+
+
+def _with_largest_logit(q, k, problem: Problem, target: float):
+    """Scale q and k by one common factor so that the largest |logit| is `target`.
+
+    The factor stops where q or k would reach a quarter of float16's largest value, whatever the dtype:
+    the logits go to extremes, the inputs stay ones that every dtype (and a model) can hold. With a tiny
+    sm_scale the target is then out of reach and the logits stay smaller.
+    """
+    largest = _scores_max(q, k, problem.scale)
+    if largest == 0.0:  # sm_scale == 0: every logit is 0 whatever the inputs
+        return q, k
+    factor = math.sqrt(target / largest)
+    factor = min(factor, FP16_MAX / 4 / max(q.abs().max().item(), k.abs().max().item(), 1e-30))
+    return q * factor, k * factor
+
+
+def _with_nonfinite_entries(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A copy of `t` with 1 to 3 entries set to inf, -inf or NaN."""
+    t = t.clone()
+    flat = t.view(-1)
+    count = int(torch.randint(1, 4, (), generator=g, device=t.device))
+    where = torch.randint(0, flat.numel(), (count,), generator=g, device=t.device)
+    kinds = torch.tensor([float("inf"), float("-inf"), float("nan")], device=t.device)
+    flat[where] = kinds[torch.randint(0, 3, (count,), generator=g, device=t.device)]
+    return t
+
+
+def make_values(problem: Problem, values: Values, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense q, k, v in the problem's dtype, drawn from `values.distribution`."""
+    g = torch.Generator(device).manual_seed(values.seed)
+
+    def normal(shape):
+        return torch.randn(shape, generator=g, device=device)
+
+    if values.distribution == "uniform":
+        shapes = (problem.q_shape, problem.kv_shape, problem.kv_shape)
+        q, k, v = (torch.rand(s, generator=g, device=device) * 2 - 1 for s in shapes)
+    else:
+        q, k, v = normal(problem.q_shape), normal(problem.kv_shape), normal(problem.kv_shape)
+
+    if values.distribution == "outliers":
+        # FlashAttention-3's stress test: N(0, 1), plus N(0, 10^2) on one entry in a thousand.
+        def with_outliers(t):
+            rare = torch.rand(t.shape, generator=g, device=device) < 1e-3
+            return t + 10.0 * normal(t.shape) * rare
+
+        q, k, v = with_outliers(q), with_outliers(k), with_outliers(v)
+    elif values.distribution == "huge_logits":
+        # The largest logit at level x float16's largest value: the eager fp16 reference overflows
+        # once level > 1, the kernel (fp32 logits) must not.
+        q, k = _with_largest_logit(q, k, problem, values.level * FP16_MAX)
+    elif values.distribution == "tiny_logits":
+        # Every logit near float16's smallest normal: the eager reference's fp16 scores lose precision
+        # or flush to zero, and the softmax is almost exactly uniform.
+        q, k = _with_largest_logit(q, k, problem, values.level * FP16_TINY)
+    elif values.distribution == "ties":
+        # Keys 2i and 2i+1 are equal, so every row's maximum is shared by two keys; every third query
+        # row is zero, so all its logits tie (exactly 0).
+        k[:, :, 1::2] = k[:, :, 0 : k.shape[2] - 1 : 2]
+        q[:, :, ::3] = 0.0
+    elif values.distribution == NONFINITE:
+        q, k, v = (_with_nonfinite_entries(t, g) for t in (q, k, v))
+    return q.to(problem.dtype), k.to(problem.dtype), v.to(problem.dtype)
+
+
+# --- A case as tensors ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    dout: torch.Tensor | None  # None: the output takes no part in the loss
+    dlse: torch.Tensor | None  # None: the LSE takes no part in the loss (or is not returned)
+    placed: list[Placed]
+
+    def canaries_untouched(self) -> bool:
+        return all(p.untouched() for p in self.placed)
+
+
+def _upstream_gradient(kind: str, shape, dtype, layout: Layout, g: torch.Generator, device, placed: list):
+    if kind == "sum":
+        return torch.ones((), dtype=dtype, device=device).expand(shape)
+    if kind == "dense":
+        p = place(torch.randn(shape, generator=g, device=device).to(dtype), layout)
+        placed.append(p)
+        return p.tensor
+    return None
+
+
+def build(case: Case, device) -> Inputs:
+    """The inputs of `case` on `device`: q, k, v as leaves that require grad, in their layouts."""
+    problem = case.problem
+    dense = make_values(problem, case.values, device)
+    placed = [place(t, layout) for t, layout in zip(dense, case.layouts, strict=True)]
+    q, k, v = (p.tensor.requires_grad_() for p in placed)
+    g = torch.Generator(device).manual_seed(case.values.seed + 1)
+    up = case.upstream
+    dout = _upstream_gradient(up.out, problem.q_shape, problem.dtype, up.out_layout, g, device, placed)
+    dlse = _upstream_gradient(up.lse, problem.lse_shape, torch.float32, up.lse_layout, g, device, placed)
+    return Inputs(q, k, v, dout, dlse, placed)

@@ -1,0 +1,226 @@
+"""The fuzzer's profiles: how many examples, how large, how reproducible.
+
+A profile is two things that must change together: the hypothesis settings (every field written out, so
+that nothing depends on hypothesis' defaults of the day) and the limits of the problems the strategies
+draw. Choose one with `--profile NAME` or FUZZ_PROFILE=NAME; docs/fuzzing.md says which to use when.
+
+Example budgets are per property test (hypothesis counts examples per test function); the tables below
+are the whole budget of a run, and `fuzz/conftest.py` prints what actually ran.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hypothesis import Phase, Verbosity, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+from fuzz import sharding
+from fuzz.cases import Layout
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The largest problem a profile draws.
+
+    The interpreter runs a 16 x 16 tile in numpy, so CPU profiles cap the work per example
+    (B * Hq * Nq * Nk * D) to keep an example near a second; GPU profiles cap the scores the float64
+    reference materialises (B * Hq * Nq * Nk) to keep it within memory with several workers per GPU.
+    """
+
+    max_batch: int
+    max_kv_heads: int
+    max_group: int  # Hq // Hkv
+    max_seq: int
+    max_head_dim: int
+    max_scores: int  # B * Hq * Nq * Nk
+    max_work: int  # B * Hq * Nq * Nk * D
+    # Menus instead of the full ranges, for time-boxed GPU runs. Triton compiles the four kernels (seconds
+    # each) once per head dim, dtype and mask, and again for every new pattern of which strides are 1 or
+    # multiples of 16 and which pointers are 16-byte aligned: freely drawn layouts make almost every
+    # example a new compilation. The nightly run leaves both menus unset and draws everything.
+    head_dims: Mapping[torch.dtype, tuple[int, ...]] | None = None  # per dtype
+    layouts: tuple[Layout, ...] | None = None  # for q, k, v and dO; the dLSE is then contiguous
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    needs_gpu: bool
+    limits: Limits
+    examples: dict[str, int]  # examples per property (over all its kernel families), by test name
+    settings: settings
+
+    @property
+    def total_examples(self) -> int:
+        return sum(self.examples.values())
+
+
+def _database(name: str) -> DirectoryBasedExampleDatabase:
+    """A directory database under .hypothesis/ (git-ignored), or FUZZ_DATABASE when set."""
+    return DirectoryBasedExampleDatabase(
+        os.environ.get("FUZZ_DATABASE", REPO / ".hypothesis" / f"fuzz-{name}")
+    )
+
+
+def _settings(*, derandomize: bool, database, shrink: bool, explain: bool, multiple_bugs: bool) -> settings:
+    phases = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target]
+    if shrink:
+        phases.append(Phase.shrink)
+    if explain:  # re-runs the failing example many times: affordable only where examples are cheap
+        phases.append(Phase.explain)
+    return settings(
+        max_examples=100,  # overridden per test from Profile.examples
+        derandomize=derandomize,
+        database=database,
+        verbosity=Verbosity.normal,
+        phases=phases,
+        stateful_step_count=50,  # no stateful tests; written out so that every field is explicit
+        report_multiple_bugs=multiple_bugs,
+        # Interpreted kernels take seconds and GPU examples may include a Triton compile: a deadline
+        # would only measure the machine. Hangs in validation are caught by test_bad_inputs itself.
+        deadline=None,
+        # Session-scoped fixtures only (NaN-poisoned buffers), and generation is plain dataclasses, so
+        # no health check needs silencing.
+        suppress_health_check=[],
+        print_blob=True,  # every failure prints its @reproduce_failure blob
+        backend="hypothesis",
+    )
+
+
+CPU_SMALL = Limits(
+    max_batch=2,
+    max_kv_heads=2,
+    max_group=3,
+    max_seq=80,
+    max_head_dim=256,
+    max_scores=4 * 80 * 80,
+    max_work=2 * 64 * 64 * 64,
+)
+GPU_LARGE = Limits(
+    max_batch=4,
+    max_kv_heads=8,
+    max_group=8,
+    max_seq=4096,
+    max_head_dim=256,
+    max_scores=2**26,  # 512 MiB per float64 score matrix: a few GiB per worker for the reference
+    max_work=2**34,
+)
+# Every block-D tier of core/_config.py (64, 128, 256) and a masked head dim (80 in BLOCK_D 128) whose
+# strides still divide by 16; float32 (full-precision dots, no tensor cores, by far the slowest to
+# compile: 80 s per backward at D = 256) at 64 and 128 only. Contiguous and BSHD inputs; MHA, GQA and
+# MQA with at most 2 + 2 heads. A simulation of this profile's draws gives about 70 forward and 140
+# backward compilations against 860 and 520 unrestricted, at most ~5 CPU-minutes in any one family.
+GPU_SMOKE = Limits(
+    **{
+        **GPU_LARGE.__dict__,
+        "max_kv_heads": 2,
+        "max_group": 2,
+        "max_scores": 2**25,
+        "head_dims": {
+            torch.float16: (64, 80, 128, 256),
+            torch.bfloat16: (64, 80, 128, 256),
+            torch.float32: (64, 128),
+        },
+        "layouts": (Layout(), Layout(order=(0, 2, 1, 3))),
+    }
+)
+
+
+def _examples(forward, gradients, extreme_scales, invariants, bad_inputs, nonfinite) -> dict[str, int]:
+    """Examples per property test; `invariants` for each of the four bitwise properties."""
+    return {
+        "forward": forward,
+        "gradients": gradients,
+        "extreme_scales": extreme_scales,
+        **dict.fromkeys(("determinism", "gqa", "permutation", "linearity"), invariants),
+        "bad_inputs": bad_inputs,
+        "nonfinite": nonfinite,
+    }
+
+
+PROFILES = {
+    p.name: p
+    for p in (
+        # CPU interpreter, reproducible run to run: about 4 minutes with -n 2 when everything passes.
+        Profile(
+            name="ci",
+            needs_gpu=False,
+            limits=CPU_SMALL,
+            examples=_examples(130, 100, 30, 20, 300, 20),
+            settings=_settings(
+                derandomize=True, database=None, shrink=True, explain=False, multiple_bugs=False
+            ),
+        ),
+        # Local work on either machine: new examples each run, failures kept in .hypothesis/fuzz-dev.
+        Profile(
+            name="dev",
+            needs_gpu=False,
+            limits=CPU_SMALL,
+            examples=_examples(40, 30, 10, 6, 100, 10),
+            settings=_settings(
+                derandomize=False, database=_database("dev"), shrink=True, explain=True, multiple_bugs=True
+            ),
+        ),
+        # Time-boxed GPU smoke: 2,040 examples (2,140 with --nonfinite). No shrinking: a failure prints
+        # its blob at once, and the nightly run (same database directory if FUZZ_DATABASE is shared)
+        # shrinks it.
+        Profile(
+            name="gpu-2k",
+            needs_gpu=True,
+            limits=GPU_SMOKE,
+            examples=_examples(700, 400, 60, 95, 500, 100),
+            settings=_settings(
+                derandomize=False, database=_database("gpu"), shrink=False, explain=False, multiple_bugs=True
+            ),
+        ),
+        # GPU, everything: 13,300 examples, database kept between runs so every failure replays first.
+        Profile(
+            name="nightly",
+            needs_gpu=True,
+            limits=GPU_LARGE,
+            examples=_examples(4000, 3000, 300, 500, 4000, 500),
+            settings=_settings(
+                derandomize=False,
+                database=_database("nightly"),
+                shrink=True,
+                explain=True,
+                multiple_bugs=True,
+            ),
+        ),
+    )
+}
+
+DEFAULT = "dev"
+_active: Profile | None = None
+
+
+def activate(name: str) -> Profile:
+    """Load `name` as hypothesis' default settings and as the limits the strategies draw within."""
+    global _active
+    _active = PROFILES[name]
+    settings.register_profile(name, _active.settings)
+    settings.load_profile(name)
+    return _active
+
+
+def active() -> Profile:
+    if _active is None:
+        raise RuntimeError("no fuzz profile is active: run the fuzzer through pytest (fuzz/conftest.py)")
+    return _active
+
+
+def budget(test: str, sharded: bool = True) -> settings:
+    """The settings of one property test: the active profile with that test's example budget, split
+    evenly over the kernel families when the test runs once per family (fuzz/sharding.py)."""
+    examples = active().examples[test]
+    if sharded:
+        examples = math.ceil(examples / len(sharding.KERNELS))
+    return settings(active().settings, max_examples=examples)

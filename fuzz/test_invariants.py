@@ -1,0 +1,146 @@
+"""Properties that need no tolerance: what the kernel must reproduce bit for bit.
+
+Each one runs the kernel twice on inputs that differ in a way whose effect is known exactly (not at
+all, by a permutation, by an exact scale) and compares the two runs bitwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from fuzz import profiles, report, sharding
+from fuzz.cases import Inputs, build
+from fuzz.oracle import (
+    DEVICE,
+    Results,
+    all_finite,
+    check_within_policy,
+    run_eager,
+    run_kernel,
+    run_truth,
+    same_bits,
+)
+from fuzz.strategies import cases, permuted_cases, problems
+
+
+def assert_same_bits(first: Results, second: Results, what: str) -> None:
+    for (name, a), (_, b) in zip(first.items(), second.items(), strict=True):
+        assert same_bits(a, b), f"{name}: {what}"
+
+
+@sharding.per_kernel
+@profiles.budget("determinism")
+@given(case=cases())
+def test_repeated_runs_are_bitwise_identical(kernel, case):
+    """The backward has no atomics: every gradient element is summed by one program in a fixed order."""
+    assume(sharding.belongs(kernel, case))  # a pinned case runs in its own family only
+    report.count_example("determinism")
+    inputs = build(case, DEVICE)
+    assert_same_bits(run_kernel(case, inputs), run_kernel(case, inputs), "differs between two identical runs")
+
+
+@sharding.per_kernel
+@profiles.budget("gqa")
+@given(case=cases(problem=problems(min_group=2)))
+def test_gqa_equals_explicitly_repeated_kv(kernel, case):
+    """Grouped heads read k/v in place; repeating k/v per query head must change nothing observable.
+
+    out, lse and dq are computed from the same numbers in the same order either way: bitwise equal.
+    dk/dv of a group are summed in one float32 accumulator by the grouped kernel but rounded per copy
+    when repeated, so those are judged by the policy against the float64 reference run on repeated k/v
+    (whose gradients, summed over each group, are the GQA truth without any GQA code in the reference).
+    """
+    assume(sharding.belongs(kernel, case))  # a pinned case runs in its own family only
+    report.count_example("gqa")
+    problem = case.problem
+    group = problem.q_heads // problem.kv_heads
+    inputs = build(case, DEVICE)
+    grouped = run_kernel(case, inputs)
+
+    repeated_case = replace(case, problem=replace(problem, kv_heads=problem.q_heads))
+    k, v = (t.detach().repeat_interleave(group, dim=1).requires_grad_() for t in (inputs.k, inputs.v))
+    repeated_inputs = Inputs(inputs.q, k, v, inputs.dout, inputs.dlse, placed=[])
+    repeated = run_kernel(repeated_case, repeated_inputs)
+    for name in ("out", "lse", "dq"):
+        if getattr(grouped, name) is not None:
+            assert same_bits(getattr(grouped, name), getattr(repeated, name)), f"{name}: GQA != repeated k/v"
+
+    def per_group(results: Results) -> Results:
+        summed = (t.double().unflatten(1, (problem.kv_heads, group)).sum(2) for t in (results.dk, results.dv))
+        return replace(results, **dict(zip(("dk", "dv"), summed, strict=True)))
+
+    truth = per_group(run_truth(repeated_case, repeated_inputs))
+    eager = per_group(run_eager(repeated_case, repeated_inputs))
+    check_within_policy(case, grouped, truth, eager)
+
+
+def _permute(t: torch.Tensor | None, batch_order, head_order, requires_grad=False):
+    if t is None:
+        return None
+    moved = t.detach()[list(batch_order)][:, list(head_order)]
+    return moved.requires_grad_() if requires_grad else moved
+
+
+@sharding.per_kernel
+@profiles.budget("permutation")
+@given(args=permuted_cases())
+def test_batch_and_head_permutations_commute(kernel, args):
+    """Permuting batches, and key/value heads together with their groups of query heads, permutes every
+    output and gradient the same way, bit for bit (each (batch, head) is computed independently)."""
+    assume(sharding.belongs(kernel, args[0]))  # a pinned case runs in its own family only
+    report.count_example("permutation")
+    case, batch_order, kv_head_order = args
+    group = case.problem.q_heads // case.problem.kv_heads
+    q_head_order = [h * group + member for h in kv_head_order for member in range(group)]
+    inputs = build(case, DEVICE)
+    base = run_kernel(case, inputs)
+    permuted_inputs = Inputs(
+        _permute(inputs.q, batch_order, q_head_order, requires_grad=True),
+        _permute(inputs.k, batch_order, kv_head_order, requires_grad=True),
+        _permute(inputs.v, batch_order, kv_head_order, requires_grad=True),
+        _permute(inputs.dout, batch_order, q_head_order),
+        _permute(inputs.dlse, batch_order, q_head_order),
+        placed=[],
+    )
+    permuted = run_kernel(case, permuted_inputs)
+    for (name, a), (_, b) in zip(base.items(), permuted.items(), strict=True):
+        heads = kv_head_order if name in ("dk", "dv") else q_head_order
+        assert same_bits(_permute(a, batch_order, heads), b), (
+            f"{name}: permuting the inputs did not permute it"
+        )
+
+
+@sharding.per_kernel
+@profiles.budget("linearity")
+@given(case=cases(), power=st.integers(-3, 3), negate=st.booleans())
+def test_output_is_linear_in_v(kernel, case, power, negate):
+    """attention(q, k, a v) = a attention(q, k, v) for a = +-2^power, exactly: scaling by a power of two
+    commutes with every rounding except into or out of the subnormal range, so outputs are compared where
+    they are normal. lse and dv do not depend on v at all. With a = -1 and no LSE in the loss, dq and dk
+    flip sign exactly (negation commutes with all rounding, subnormals included)."""
+    assume(sharding.belongs(kernel, case))  # a pinned case runs in its own family only
+    report.count_example("linearity")
+    scale = (-1.0 if negate else 1.0) * 2.0**power
+    inputs = build(case, DEVICE)
+    v = inputs.v.detach()
+    scaled_v = v * scale
+    assume(all_finite(scaled_v) and same_bits(scaled_v / scale, v))  # the scaling itself is exact
+    base = run_kernel(case, inputs)
+    scaled = run_kernel(
+        case, Inputs(inputs.q, inputs.k, scaled_v.requires_grad_(), inputs.dout, inputs.dlse, [])
+    )
+
+    expected = base.out * scale
+    tiny = torch.finfo(expected.dtype).tiny
+    normal = (base.out.abs() >= tiny) & (expected.abs() >= tiny) & torch.isfinite(expected)
+    assert torch.equal(scaled.out[normal], expected[normal]), f"out(q, k, {scale} v) != {scale} out(q, k, v)"
+    if base.lse is not None:
+        assert same_bits(scaled.lse, base.lse), "lse changed with v"
+    assert same_bits(scaled.dv, base.dv), "dv changed with v"
+    if scale == -1.0 and inputs.dlse is None:
+        assert same_bits(scaled.dq, -base.dq), "dq(q, k, -v) != -dq(q, k, v)"
+        assert same_bits(scaled.dk, -base.dk), "dk(q, k, -v) != -dk(q, k, v)"
