@@ -135,7 +135,7 @@ CATALOGUE: dict[str, Breakage] = {
     "off_device": Breakage(
         frozenset("qkv"),
         ValueError,
-        r"device",
+        r"device|CPU tensors",
         tuple(
             f
             for d in _OTHER_DEVICES

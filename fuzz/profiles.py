@@ -64,7 +64,8 @@ class Profile:
 
 
 def _database(name: str) -> DirectoryBasedExampleDatabase:
-    """A directory database under .hypothesis/ (git-ignored), or FUZZ_DATABASE when set."""
+    """A directory database under .hypothesis/ (git-ignored), or FUZZ_DATABASE when set (several
+    profiles may share one: a failure saved by one replays first in the others)."""
     return DirectoryBasedExampleDatabase(
         os.environ.get("FUZZ_DATABASE", REPO / ".hypothesis" / f"fuzz-{name}")
     )
@@ -149,15 +150,20 @@ def _examples(forward, gradients, extreme_scales, invariants, bad_inputs, nonfin
 PROFILES = {
     p.name: p
     for p in (
-        # CPU interpreter, reproducible run to run: about 4 minutes with -n 2 when everything passes.
-        Profile(
-            name="ci",
-            needs_gpu=False,
-            limits=CPU_SMALL,
-            examples=_examples(130, 100, 30, 20, 300, 20),
-            settings=_settings(
-                derandomize=True, database=None, shrink=True, explain=False, multiple_bugs=False
-            ),
+        # CPU interpreter, the same examples every run: about 4 minutes with -n 2. No shrinking, so a
+        # red run is as quick as a green one (shrinking an interpreted failure takes up to 5 minutes per
+        # failing item): `ci-shrink` draws the very same examples and shrinks what fails.
+        *(
+            Profile(
+                name=name,
+                needs_gpu=False,
+                limits=CPU_SMALL,
+                examples=_examples(110, 85, 25, 18, 300, 20),
+                settings=_settings(
+                    derandomize=True, database=None, shrink=shrink, explain=False, multiple_bugs=False
+                ),
+            )
+            for name, shrink in (("ci", False), ("ci-shrink", True))
         ),
         # Local work on either machine: new examples each run, failures kept in .hypothesis/fuzz-dev.
         Profile(

@@ -8,13 +8,13 @@ import re
 import signal
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from triton.runtime.jit import KernelInterface
 
 import core
 from core import _launch
 from fuzz import profiles, report
-from fuzz.cases import Case, build
+from fuzz.cases import Case, Problem, build
 from fuzz.invalid_inputs import CATALOGUE
 from fuzz.oracle import DEVICE
 from fuzz.strategies import breakages, problems
@@ -61,6 +61,11 @@ def hang_guard(seconds: int):
 
 
 @profiles.budget("bad_inputs", sharded=False)
+# An int too large for a float escaped as OverflowError from the finiteness check.
+@example(problem=Problem(), broken=(("sm_scale_not_finite", 4),)).via("discovered failure")
+# Sparse and nested tensors reached the launcher (NotImplementedError / a misleading shape error).
+@example(problem=Problem(), broken=(("not_strided", 0),)).via("discovered failure")
+@example(problem=Problem(), broken=(("not_strided", 2),)).via("discovered failure")
 @given(problem=problems(limits=TINY), broken=breakages(CATALOGUE))
 def test_invalid_calls_raise_documented_errors(problem, broken):
     report.count_example("bad_inputs")

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from fuzz import profiles, report, sharding
-from fuzz.cases import Inputs, build
+from fuzz.cases import Case, Inputs, Problem, Upstream, build
 from fuzz.oracle import (
     DEVICE,
     Results,
@@ -45,6 +45,15 @@ def test_repeated_runs_are_bitwise_identical(kernel, case):
 
 @sharding.per_kernel
 @profiles.budget("gqa")
+# One key, float32: dq and dk should be exactly 0 (so is the eager reference's); the kernel's dP - Delta
+# leaves float32 cancellation noise, 2x the policy's floor.
+@example(
+    case=Case(
+        problem=Problem(q_heads=2, n_queries=1, n_keys=1, head_dim=87, dtype=torch.float32,
+                        sm_scale=0.21442250696755896),
+        upstream=Upstream(out="sum"),
+    )
+).via("discovered failure")  # fmt: skip
 @given(case=cases(problem=problems(min_group=2)))
 def test_gqa_equals_explicitly_repeated_kv(kernel, case):
     """Grouped heads read k/v in place; repeating k/v per query head must change nothing observable.
