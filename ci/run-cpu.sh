@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU pipeline that CI runs and that anyone can run locally:
-#   lint -> test suite (core under the Triton interpreter, bench harness, numerics emulator).
-# The fuzzer's `ci` profile joins this pipeline when its CPU budget is met (issue 3).
+#   lint -> test suite (core under the Triton interpreter, bench harness, numerics emulator)
+#   -> the fuzzer's `ci` profile (derandomized, a few minutes on 2 cores; docs/fuzzing.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,4 +11,5 @@ python3 -m nox --version
 start=$(date +%s)
 python3 -m nox -s lint
 python3 -m nox -s tests
-echo "ci: lint and tests passed in $(( $(date +%s) - start )) s"
+python3 -m nox -s fuzz -- --profile ci -n 2 -p no:cacheprovider
+echo "ci: lint, tests and fuzz passed in $(( $(date +%s) - start )) s"

@@ -218,6 +218,13 @@ CATALOGUE: dict[str, Breakage] = {
             for x in (float("nan"), float("inf"), -float("inf"), np.float32("inf"), 10**400)
         ),
     ),
+    # The kernels take the scale as a float32 with log2(e) folded in: beyond 2.36e38 it is inf.
+    "sm_scale_beyond_float32": Breakage(
+        frozenset({"sm_scale"}),
+        ValueError,
+        r"\|sm_scale\| must be at most",
+        tuple(_set("sm_scale", x) for x in (2.4e38, -2.4e38, 3.5e38, 1e300, np.float64(-1e39))),
+    ),
     # Sparse and nested tensors have no strides for the kernels to read.
     "not_strided": Breakage(
         frozenset("qkv"),

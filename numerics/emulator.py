@@ -1,7 +1,7 @@
 """A numpy emulator of the kernel's arithmetic, with the format of every quantity selectable.
 
 The kernel (packages/core) computes, for each tile of BLOCK_M query rows, an online softmax over key
-blocks of BLOCK_N keys visited in ascending order:
+blocks of BLOCK_N keys visited in ascending order. fp16/bf16 inputs work in base 2 (`exp="exp2"`):
 
     s     = dot(q, k^T) * (sm_scale * log2 e)       fp32 dot of fp16/bf16 inputs, scale folded into base 2
     m_new = max(m, rowmax(s))                       running max
@@ -10,8 +10,24 @@ blocks of BLOCK_N keys visited in ascending order:
     l     = l * alpha + rowsum(p)                   running sum, of the *unrounded* p, Kahan-compensated
                                                     (every dtype, see `l_kahan`)
     acc   = acc * alpha + dot(p.to(dtype), v)       fp32 accumulator; P is rounded before the dot
-                                                    (fp32 inputs: Kahan-summed, see `kahan`)
     out   = (acc / l).to(dtype),   lse2 = m + log2 l   (saved for the backward; lse = lse2 * ln 2)
+
+float32 inputs work in natural base (`exp="exp"`: s = dot(q, k^T) * sm_scale, p = exp(s - m_new), the
+saved LSE m + ln l is the natural one as it is), Kahan-sum the per-block dots into acc (`kahan`), carry
+every score and the running max in two parts (`two_part_scores`) and save the LSE's rounding error, which
+the backward subtracts (`two_part_lse`). With both two-part knobs, in float32 operations in this order:
+
+    raw    = dot(q, k^T);  s = raw * sm_scale;  s_low = fma(raw, sm_scale, -s)   (the scale's exact error)
+    m_new  = max(m, rowmax(s))                  (s masked to -inf first; s_low is not)
+    m_low' = rowmax(s_low where s == m_new);  m_low_new = max(m_low, m_low') if m == m_new else m_low'
+                                                (0 while m_new = -inf; m_low starts at 0)
+    p      = exp((s - m_new) + (s_low - m_low_new)),  alpha = exp((m - m_new) + (m_low - m_low_new))
+    lse    = m + (m_low + ln l),  lse_low = TwoSum's error of that last add
+    backward: P = exp(((s - lse) + s_low) - lse_low)
+
+The kernel's float32 score dots (forward q k^T, backward q k^T and k q^T; core._fwd_kernel's
+_head_dim_dot) are float64 dots of the float32 operands rounded once to float32: the exact sum rounded once,
+which is `_dot` itself, so no knob covers them.
 
 `Arithmetic` names the format each of these is stored in (numerics.formats), so one function covers the
 kernel itself (the defaults), the same algorithm with low-precision running statistics (a plain,
@@ -20,11 +36,13 @@ the lab measures (a compensated P.V, a row sum of the rounded P, a shifted row m
 to its format each time it is written; the arithmetic producing it runs in `wide` (fp32, as on the GPU;
 fp64 takes rounding out entirely to check the algorithm).
 
-Bit-exactness with the Triton interpreter rests on doing the same numpy operations on the same tile
-shapes: the interpreter runs `tl.dot` as one `np.matmul` per (BLOCK_M x D) @ (D x BLOCK_N) tile, and a
-BLAS matmul's summation order depends on the tile shape. So query rows are emulated as a stack of
-BLOCK_M-row tiles (numpy's stacked matmul makes the same per-tile BLAS call). On a GPU the tensor-core
-summation order, `ex2.approx` and fused multiply-adds differ, so there the emulator agrees to a few ulp.
+Bit-exactness with the Triton interpreter rests on doing the same float32 operations in the same order.
+Every `tl.dot` there (core._runtime.patch_interpreter) sums the exact products of its operands in float64
+and rounds once to float32, so its result does not depend on the tile shape or the summation order; the
+emulator computes each dot the same way (`_dot`; the float32 score dots, float64 dots rounded once, are
+the same), and the tiles only decide where the online softmax rescales and which keys a causal tile
+visits. On a GPU the tensor cores sum fp16/bf16 products in their own order in fp32, float32
+dots are FMA chains, and exp2 is `ex2.approx`, so there the emulator agrees to a few ulp.
 """
 
 from __future__ import annotations
@@ -59,13 +77,22 @@ class Arithmetic:
     acc: str = "fp32"  # output accumulator (and dq/dk/dv accumulators)
     out: str = "input"  # the stored output and gradients
     ds_cast: str = "input"  # dS as it enters the dq and dk dots (backward only)
-    exp: str = "exp2"  # "exp2": scale folded into a base-2 exponent; "exp": natural exponent
+    exp: str = "exp2"  # "exp2": scale folded into a base-2 exponent (fp16/bf16 kernel); "exp": natural
+    #                    exponent (fp32 kernel). The saved LSE and the backward's P are in the same base.
     block_m: int = 32
     block_n: int = 32
     row_sum: str = "p"  # "p": l sums the unrounded p (the kernel); "p_cast": the rounded P fed to P.V
     l_kahan: bool = True  # Kahan-compensate the running sum l, its compensation stored in l's format (the
     #                       kernel does, for every dtype); False: the plain sum l * alpha + rowsum
     kahan: bool = False  # Kahan-sum the per-block dots into acc (the kernel does for fp32 inputs)
+    two_part_lse: bool = False  # save the LSE's rounding error too (TwoSum of m + log l), which the backward
+    #                             subtracts after s - lse (the kernel does for fp32 inputs)
+    two_part_scores: bool = False  # keep each score's rounding error s_low = raw * qk_scale - s (the
+    #                                kernel's FMA) and the running max's low part m_low (s_low of the max
+    #                                score, the largest among ties); measure scores from the max as
+    #                                (s - m) + (s_low - m_low), save the LSE as m + (m_low + log l), and add
+    #                                s_low after s - lse in the backward's P (the kernel does for fp32
+    #                                inputs). Needs m to hold every score exactly and no tie_shift.
     pv_split: bool = False  # compensated P.V: P = hi + lo, both in the P.V dtype, two dots into acc
     tie_shift: bool = False  # Qiu & Yao: move the block max off the ties so that no p is exactly 1
 
@@ -84,7 +111,8 @@ KERNEL = Arithmetic()
 class Forward:
     out: np.ndarray  # (..., Nq, D), values in the `out` format
     lse: np.ndarray  # (..., Nq), natural log as core.attention returns it, -inf for rows that see no key
-    lse2: np.ndarray  # the base-2 LSE of the base-2 scores, the statistic the kernel saves for the backward
+    saved_lse: np.ndarray  # the LSE in the exponent's base (base 2 with exp2), which the kernel saves
+    lse_low: np.ndarray | None  # with `two_part_lse`, saved_lse's rounding error (0 where no key), else None
 
 
 @dataclass
@@ -98,12 +126,13 @@ def _carrier(arith: Arithmetic):
     return np.float64 if arith.wide == "fp64" else np.float32
 
 
-def _pad_head_dim(x: np.ndarray) -> np.ndarray:
-    """Zero-pad D to the kernel's tile width (a power of two >= 16): sums over the padded width round
-    differently from sums over D, so the emulator sums over the same zeros the kernel does."""
-    d = x.shape[-1]
-    width = max(16, 1 << (d - 1).bit_length())
-    return x if width == d else np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - d)])
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """tl.dot as the interpreted kernel computes it (core._runtime.patch_interpreter): the exact products
+    (every fp16/bf16/fp32 product is exact in float64) summed in float64 and rounded once to the carrier.
+    No summation order or tile shape can change the result, short of a float64 sum landing within ~1e-16
+    of a float32 rounding boundary. Adding an accumulator is the caller's: an fp32 add after the rounding.
+    """
+    return np.matmul(a.astype(np.float64), b.astype(np.float64)).astype(np.result_type(a, b))
 
 
 def _tiles(x: np.ndarray, block: int) -> np.ndarray:
@@ -170,23 +199,31 @@ def forward(
         name: arith.fmt(name, input_format)
         for name in ("scores", "m", "l", "alpha", "p", "p_cast", "acc", "out")
     }
+    if arith.two_part_scores and (
+        arith.tie_shift or fmt["m"].significand_bits < fmt["scores"].significand_bits
+    ):
+        raise ValueError(
+            "two_part_scores takes the max's low part from the score that is the max: it needs m to hold "
+            "every score exactly and no tie_shift"
+        )
     n_q, d = q.shape[-2:]
-    n_k, d_v = v.shape[-2:]  # the value head dim may differ from the key one (the kernel's may not)
+    n_k = v.shape[-2]
     bm, bn = arith.block_m, arith.block_n
     scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     base2 = arith.exp == "exp2"
-    exp = np.exp2 if base2 else np.exp
-    # The kernel multiplies the fp32 dot by one fp32 constant: sm_scale * log2(e), rounded once.
-    score_scale = wide(scale * LOG2E if base2 else scale)
+    exp, log = (np.exp2, np.log2) if base2 else (np.exp, np.log)
+    score_scale = _score_scale(scale, base2, wide)
     tie_distance = TIE_DISTANCE * (LOG2E if base2 else 1.0)
 
-    q_tiles = _tiles(_pad_head_dim(q.astype(wide)), bm)  # (..., nM, BM, D)
-    k, v = _pad_head_dim(k.astype(wide)), _pad_head_dim(v.astype(wide))
+    # The kernel pads D to a power of two with zeros, which add nothing to a dot's exact sum.
+    q_tiles = _tiles(q.astype(wide), bm)  # (..., nM, BM, D)
+    k, v = k.astype(wide), v.astype(wide)
     rows = _tile_index(q_tiles.shape[-3], bm)  # (nM, BM, 1)
     shape = q_tiles.shape[:-1]  # (..., nM, BM)
     m = np.full(shape, -np.inf, dtype=wide)
     l = np.zeros(shape, dtype=wide)
     l_comp = np.zeros(shape, dtype=wide)  # Kahan's running rounding error of l
+    m_low = np.zeros(shape, dtype=wide)  # with `two_part_scores`, the running max's low part (else 0)
     acc = np.zeros((*shape, v.shape[-1]), dtype=wide)
     comp = np.zeros_like(acc)  # Kahan's running rounding error of acc
     key_end = _key_end(q_tiles.shape[-3], bm, n_q, n_k, causal)
@@ -198,8 +235,10 @@ def forward(
         cols = start + np.arange(bn)
         kb = _block(k, start, bn)  # (..., BN, D)
         vb = _block(v, start, bn)
-        s = np.matmul(q_tiles, np.swapaxes(kb, -1, -2)[..., None, :, :])
-        s = fmt["scores"].round(s * score_scale)
+        raw = _dot(q_tiles, np.swapaxes(kb, -1, -2)[..., None, :, :])
+        s = fmt["scores"].round(raw * score_scale)
+        if arith.two_part_scores:
+            s_low = _scaled_low(raw, score_scale, s)  # before masking, as the kernel computes it
         s = np.where(_visible(rows, cols, n_q, n_k, causal), s, -np.inf)
 
         block_max = s.max(axis=-1)
@@ -209,8 +248,18 @@ def forward(
         # A row that has seen no visible key yet keeps m = -inf; exponentiate against 0 so that its p and
         # alpha are 0 rather than NaN (it has nothing to rescale).
         m_ref = np.where(np.isneginf(m_new), wide(0), m_new)
-        alpha = fmt["alpha"].round(exp(m - m_ref))
-        p = fmt["p"].round(exp(s - m_ref[..., None]))
+        if arith.two_part_scores:
+            # The max's low part: that of the score equal to m_new (the largest among ties, and the old
+            # m_low's too where the max did not move); 0 while the row has seen no key.
+            low_at_max = np.where(s == m_new[..., None], s_low, -np.inf).max(axis=-1)
+            m_low_new = np.where(m == m_new, np.maximum(m_low, low_at_max), low_at_max)
+            m_low_new = fmt["m"].round(np.where(np.isneginf(m_new), wide(0), m_low_new))
+            alpha = fmt["alpha"].round(exp((m - m_ref) + (m_low - m_low_new)))
+            p = fmt["p"].round(exp((s - m_ref[..., None]) + (s_low - m_low_new[..., None])))
+            m_low = np.where(active, m_low_new, m_low)
+        else:
+            alpha = fmt["alpha"].round(exp(m - m_ref))
+            p = fmt["p"].round(exp(s - m_ref[..., None]))
 
         pv_fmt = fmt["p_cast"]
         if arith.pv_split:
@@ -224,25 +273,65 @@ def forward(
         acc_new = acc * alpha[..., None]
         comp_new = comp * alpha[..., None] if arith.kahan else comp
         for p_part in (p_hi, p_lo) if arith.pv_split else (p_in_dot,):
-            acc_new, comp_new = _accumulate(
-                acc_new, comp_new, np.matmul(p_part, vb[..., None, :, :]), arith.kahan
-            )
+            acc_new, comp_new = _accumulate(acc_new, comp_new, _dot(p_part, vb[..., None, :, :]), arith.kahan)
         m, l = np.where(active, m_new, m), np.where(active, l_new, l)
         l_comp = np.where(active, l_comp_new, l_comp)
         acc = np.where(active[..., None], fmt["acc"].round(acc_new), acc)
         comp = np.where(active[..., None], comp_new, comp)
 
     seen = l > 0
-    out = fmt["out"].round(np.where(seen[..., None], acc / np.where(seen, l, 1)[..., None], 0))
-    with np.errstate(divide="ignore"):
-        if base2:  # the kernel stores m + log2(l); core.attention multiplies by ln 2 in fp32
-            lse2 = np.where(seen, m + np.log2(l), -np.inf)
-            lse = lse2 * wide(LN2)
-        else:
-            lse = np.where(seen, m + np.log(l), -np.inf)
-            lse2 = lse * wide(LOG2E)
-    per_row = [_untile(x[..., None], n_q)[..., 0] for x in (lse, lse2)]
-    return Forward(_untile(out, n_q)[..., :d_v], *per_row)
+    l_safe = np.where(seen, l, 1)
+    out = fmt["out"].round(np.where(seen[..., None], acc / l_safe[..., None], 0))
+    # The kernel saves m + log(l) in its base (m + (m_low + log(l)) with a two-part max); core.attention
+    # multiplies a base-2 one by ln 2 in fp32.
+    log_l = log(l_safe)
+    if arith.two_part_scores:
+        log_l = m_low + log_l  # the LSE's part after m
+    saved = np.where(seen, m + log_l, -np.inf)
+    lse = saved * wide(LN2) if base2 else saved
+    lse_low = None
+    if arith.two_part_lse:
+        # TwoSum: the exact rounding error of m + log(l) (with a two-part max, of m + (m_low + log(l))), in
+        # the kernel's order of operations. Rows that
+        # see no key (m = -inf) make NaNs here, which the kernel and this replace by 0.
+        with np.errstate(invalid="ignore"):
+            sum_minus_m = saved - m
+            low = (m - (saved - sum_minus_m)) + (log_l - sum_minus_m)
+        lse_low = _untile_rows(np.where(seen, low, 0).astype(wide), n_q)
+    return Forward(_untile(out, n_q), _untile_rows(lse, n_q), _untile_rows(saved, n_q), lse_low)
+
+
+def _score_scale(scale: float, base2: bool, wide) -> np.ndarray:
+    """The kernels' qk_scale, one constant in the carrier that multiplies the dot: sm_scale * log2(e)
+    rounded once in base 2, sm_scale itself in natural base (core._launch.score_scale)."""
+    return wide(scale * LOG2E if base2 else scale)
+
+
+def _scaled_low(raw: np.ndarray, scale, scores: np.ndarray) -> np.ndarray:
+    """raw * scale - scores computed exactly and rounded once to the carrier: the kernel's
+    fma(raw, qk_scale, -scores), the rounding error of the stored scores (s_low of `two_part_scores`).
+
+    A float32 carrier takes it in float64, where the product of two float32s is exact and so is its
+    difference from any rounding of it. A float64 carrier splits the product (Dekker's TwoProduct):
+    raw * scale = prod + err exactly, and (prod - scores) + err rounds once.
+    """
+    if raw.dtype == np.float32:
+        exact = raw.astype(np.float64) * np.float64(scale) - scores.astype(np.float64)
+        return exact.astype(np.float32)
+    scale = np.float64(scale)
+    prod = raw * scale
+    raw_hi, raw_lo = _split(raw)
+    scale_hi, scale_lo = _split(scale)
+    err = ((raw_hi * scale_hi - prod) + raw_hi * scale_lo + raw_lo * scale_hi) + raw_lo * scale_lo
+    with np.errstate(invalid="ignore"):  # an overflowing product has no finite low part
+        return (prod - scores) + err
+
+
+def _split(x):
+    """Veltkamp's split of float64 x into hi + lo, each with at most 26 significant bits."""
+    c = x * 134217729.0  # 2^27 + 1
+    hi = c - (c - x)
+    return hi, x - hi
 
 
 def _running_sum(l, comp, alpha, block_sum, fmt: Format, kahan: bool):
@@ -282,6 +371,11 @@ def _untile(x: np.ndarray, n: int) -> np.ndarray:
     return x.reshape(*x.shape[:-3], -1, x.shape[-1])[..., :n, :]
 
 
+def _untile_rows(x: np.ndarray, n: int) -> np.ndarray:
+    """(..., nT, T) -> (..., n): one statistic per row, the padded rows dropped."""
+    return _untile(x[..., None], n)[..., 0]
+
+
 def _shift_off_ties(s: np.ndarray, block_max: np.ndarray, distance: float) -> np.ndarray:
     """Qiu & Yao's fix: where another logit lies within `distance` of the block max, subtract a larger
     value (2 max for a positive max, 0 for a negative one) so that no exponential is exactly 1."""
@@ -296,43 +390,60 @@ def backward(
     v: np.ndarray,
     out: np.ndarray,
     dout: np.ndarray,
-    lse2: np.ndarray,
+    lse: np.ndarray,
     input_format: str,
     arith: Arithmetic = KERNEL,
     *,
+    lse_low: np.ndarray | None = None,
     causal: bool = False,
     sm_scale: float | None = None,
 ) -> Backward:
-    """Emulate the FA2-style backward: P recomputed division-free as exp2(s - lse2), two atomic-free passes.
+    """Emulate the FA2-style backward: P recomputed division-free from the saved LSE, two atomic-free passes.
 
-    `lse2` is the forward's base-2 LSE (Forward.lse2), which the kernel saves as it is.
+    `lse` is the LSE the forward saves (Forward.saved_lse: base 2 with exp2, natural with exp), as the
+    kernel reads it; `lse_low` its rounding error (Forward.lse_low), given exactly when `two_part_lse`.
+    Below exp is exp2 or exp and qk_scale is sm_scale (* log2 e in base 2), as in the forward, and every
+    dot is `_dot` (the kernel's float32 score dots dot(k, qT) and dot(q, kT), float64 dots rounded once,
+    included), so that which operand is which does not matter; with a two-part LSE, P is
+    exp((s - lse) - lse_low), and with `two_part_scores` as well exp(((s - lse) + s_low) - lse_low),
+    s_low = fma(raw, qk_scale, -s) the score's rounding error as in the forward.
 
-    delta = rowsum(dO * O) in fp32, then
+    delta = diag(dot(dO, O^T)), one rounding per row as the kernel's preprocess computes it, then
     dK/dV pass, each BLOCK_N key tile summing over the query blocks in ascending order, on transposed
-    tiles as the kernel does (a BLAS call's rounding depends on which operand is which):
-        pT = exp2(dot(k, qT) * qk_scale - lse2);  dv += dot(pT.to(dtype), dO)
-        dsT = pT * (dot(v, dO^T) - delta);         dk += dot(dsT.to(dtype), q)
+    tiles as the kernel does:
+        pT = exp(dot(k, qT) * qk_scale - lse);  dv += dot(pT.to(dtype), dO)
+        dsT = pT * (dot(v, dO^T) - delta);       dk += dot(dsT.to(dtype), q)
     dQ pass, each BLOCK_M query tile summing over the key blocks in ascending order:
-        p = exp2(dot(q, kT) * qk_scale - lse2);  ds = p * (dot(dO, vT) - delta);  dq += dot(ds.to(dtype), k)
+        p = exp(dot(q, kT) * qk_scale - lse);  ds = p * (dot(dO, vT) - delta);  dq += dot(ds.to(dtype), k)
     dk and dq are scaled by sm_scale once at the end. Only MHA is emulated (Hq == Hkv): GQA sums dk/dv
-    over a head group, an order the lab does not study.
+    over a head group, an order the lab does not study; nor is a gradient of the LSE (dLSE, which the
+    kernel subtracts from delta).
     """
+    if arith.two_part_lse != (lse_low is not None):
+        raise ValueError("lse_low is the saved LSE's low part: give it exactly when arith.two_part_lse")
     wide = _carrier(arith)
     fmt = {name: arith.fmt(name, input_format) for name in ("scores", "p", "p_cast", "ds_cast", "acc", "out")}
     n_q, d = q.shape[-2:]
     n_k = k.shape[-2]
     bm, bn = arith.block_m, arith.block_n
     scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
-    score_scale = wide(scale * LOG2E)
-    q, k, v, out, dout = (_pad_head_dim(x.astype(wide)) for x in (q, k, v, out, dout))
-    delta = (dout * out).sum(axis=-1)
-    # A row that sees no key (LSE -inf) has every score masked, so its p is 0 whatever lse2 says.
-    lse2 = np.where(np.isfinite(lse2), lse2, 0).astype(wide)
+    base2 = arith.exp == "exp2"
+    exp = np.exp2 if base2 else np.exp
+    score_scale = _score_scale(scale, base2, wide)
+    q, k, v, out, dout = (x.astype(wide) for x in (q, k, v, out, dout))
+    delta = _dot(dout[..., None, :], out[..., :, None])[..., 0, 0]
+    # A row that sees no key (LSE -inf) has every score masked, so its p is 0 whatever lse says.
+    lse = np.where(np.isfinite(lse), lse, 0).astype(wide)
+    # Without a low part subtract zeros, which changes no bit of s - lse.
+    lse_low = np.zeros_like(lse) if lse_low is None else lse_low.astype(wide)
 
-    def probabilities(scores, query_index, key_index, lse2_of_queries):
-        s = fmt["scores"].round(scores * score_scale)
+    def probabilities(raw, query_index, key_index, lse_of_queries, lse_low_of_queries):
+        s = fmt["scores"].round(raw * score_scale)
+        s_low = _scaled_low(raw, score_scale, s) if arith.two_part_scores else None
+        # Hidden scores give P = 0, as the kernel's masks do (it masks P itself, to the same 0).
         s = np.where(_visible(query_index, key_index, n_q, n_k, causal), s, -np.inf)
-        return fmt["p"].round(np.exp2(s - lse2_of_queries))
+        shifted = s - lse_of_queries if s_low is None else (s - lse_of_queries) + s_low
+        return fmt["p"].round(exp(shifted - lse_low_of_queries))
 
     # dK/dV: key tiles stacked (..., nN, BN, D), query blocks visited in order. Tiles are (keys x queries).
     k_tiles, v_tiles = _tiles(k, bn), _tiles(v, bn)
@@ -350,16 +461,14 @@ def backward(
         query_index = start + np.arange(bm)  # (BM,): along the columns of the transposed tiles
         q_blk = _block(q, start, bm)[..., None, :, :]  # (..., 1, BM, D)
         do_blk = _block(dout, start, bm)[..., None, :, :]
-        lse2_blk = _block(lse2[..., None], start, bm)[..., None, None, :, 0]  # (..., 1, 1, BM)
-        delta_blk = _block(delta[..., None], start, bm)[..., None, None, :, 0]
-        p_t = probabilities(np.matmul(k_tiles, np.swapaxes(q_blk, -1, -2)), query_index, key_index, lse2_blk)
-        ds_t = p_t * (np.matmul(v_tiles, np.swapaxes(do_blk, -1, -2)) - delta_blk)
-        dv_new, dv_comp_new = _accumulate(
-            dv, dv_comp, np.matmul(fmt["p_cast"].round(p_t), do_blk), arith.kahan
-        )
-        dk_new, dk_comp_new = _accumulate(
-            dk, dk_comp, np.matmul(fmt["ds_cast"].round(ds_t), q_blk), arith.kahan
-        )
+        lse_blk, lse_low_blk, delta_blk = (
+            _block(x[..., None], start, bm)[..., None, None, :, 0] for x in (lse, lse_low, delta)
+        )  # (..., 1, 1, BM)
+        raw_t = _dot(k_tiles, np.swapaxes(q_blk, -1, -2))
+        p_t = probabilities(raw_t, query_index, key_index, lse_blk, lse_low_blk)
+        ds_t = p_t * (_dot(v_tiles, np.swapaxes(do_blk, -1, -2)) - delta_blk)
+        dv_new, dv_comp_new = _accumulate(dv, dv_comp, _dot(fmt["p_cast"].round(p_t), do_blk), arith.kahan)
+        dk_new, dk_comp_new = _accumulate(dk, dk_comp, _dot(fmt["ds_cast"].round(ds_t), q_blk), arith.kahan)
         dv, dv_comp = np.where(active, fmt["acc"].round(dv_new), dv), np.where(active, dv_comp_new, dv_comp)
         dk, dk_comp = np.where(active, fmt["acc"].round(dk_new), dk), np.where(active, dk_comp_new, dk_comp)
     dk = fmt["out"].round(dk * wide(scale))
@@ -370,8 +479,8 @@ def backward(
     query_index = (np.arange(q_tiles.shape[-3])[:, None] * bm + np.arange(bm)[None, :])[
         ..., None
     ]  # (nM, BM, 1)
-    lse2_tiles = _tiles(lse2[..., None], bm)  # (..., nM, BM, 1)
-    delta_tiles = _tiles(delta[..., None], bm)
+    # (..., nM, BM, 1)
+    lse_tiles, lse_low_tiles, delta_tiles = (_tiles(x[..., None], bm) for x in (lse, lse_low, delta))
     dq, dq_comp = np.zeros(q_tiles.shape, dtype=wide), np.zeros(q_tiles.shape, dtype=wide)
     key_end = _key_end(q_tiles.shape[-3], bm, n_q, n_k, causal)
     for start in range(0, n_k, bn):
@@ -379,11 +488,10 @@ def backward(
         key_index = start + np.arange(bn)
         k_blk = _block(k, start, bn)[..., None, :, :]  # (..., 1, BN, D)
         v_blk = _block(v, start, bn)[..., None, :, :]
-        p = probabilities(np.matmul(q_tiles, np.swapaxes(k_blk, -1, -2)), query_index, key_index, lse2_tiles)
-        ds = p * (np.matmul(do_tiles, np.swapaxes(v_blk, -1, -2)) - delta_tiles)
-        dq_new, dq_comp_new = _accumulate(
-            dq, dq_comp, np.matmul(fmt["ds_cast"].round(ds), k_blk), arith.kahan
-        )
+        raw = _dot(q_tiles, np.swapaxes(k_blk, -1, -2))
+        p = probabilities(raw, query_index, key_index, lse_tiles, lse_low_tiles)
+        ds = p * (_dot(do_tiles, np.swapaxes(v_blk, -1, -2)) - delta_tiles)
+        dq_new, dq_comp_new = _accumulate(dq, dq_comp, _dot(fmt["ds_cast"].round(ds), k_blk), arith.kahan)
         dq, dq_comp = np.where(active, fmt["acc"].round(dq_new), dq), np.where(active, dq_comp_new, dq_comp)
     dq = fmt["out"].round(dq * wide(scale))
-    return Backward(_untile(dq, n_q)[..., :d], _untile(dk, n_k)[..., :d], _untile(dv, n_k)[..., :d])
+    return Backward(_untile(dq, n_q), _untile(dk, n_k), _untile(dv, n_k))

@@ -40,8 +40,9 @@ def block_config(block_m: int, block_n: int, head_dim: int = 64):
 
 
 def forward(q, k, v, *, causal: bool = False, sm_scale: float | None = None, config=None):
-    """(out, lse2) of the kernel, lse2 the base-2 LSE it saves (natural LSE = lse2 * ln 2); `config`
-    (block_config) overrides the default tiles."""
+    """(out, lse, lse_low) of the kernel as core._launch.attention_forward returns them: lse the LSE it
+    saves, in its base (base 2 for fp16/bf16: natural LSE = lse * ln 2; natural for fp32), lse_low that
+    LSE's rounding error for fp32 inputs, else None. `config` (block_config) overrides the default tiles."""
     from core import _launch
 
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
@@ -50,25 +51,38 @@ def forward(q, k, v, *, causal: bool = False, sm_scale: float | None = None, con
 
 
 def forward_backward(q, k, v, dout, *, causal: bool = False, sm_scale: float | None = None) -> dict:
-    """out, lse2 and the gradients of sum(out * dout), through the autograd function behind
-    core.attention (default tiles), which hands out the base-2 LSE the backward reads."""
-    from core._autograd import FlashAttentionFunction
+    """out, lse, lse_low (as `forward` returns them) and the gradients of sum(out * dout), by core's
+    launchers with the default tiles, as core.attention's autograd function calls them when only out is
+    used (no LSE gradient). The launchers, not the autograd function, because it keeps lse_low to itself."""
+    from core import _launch
 
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    out, lse2 = FlashAttentionFunction.apply(*leaves, causal, scale)
-    out.backward(dout)
-    grads = [x.grad for x in leaves]
-    return {"out": out.detach(), "lse2": lse2.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+    with torch.no_grad():
+        out, lse, lse_low = _launch.attention_forward(q, k, v, causal, scale)
+        dq, dk, dv = _launch.attention_backward(dout, None, q, k, v, out, lse, lse_low, causal, scale)
+    return {"out": out, "lse": lse, "lse_low": lse_low, "dq": dq, "dk": dk, "dv": dv}
 
 
 def arithmetic(input_format: str, block_m: int, block_n: int):
     """The emulator settings that reproduce the kernel as it runs here, with these tiles: the defaults
-    (round to nearest everywhere, a Kahan-compensated row sum) and, for fp32 inputs, Kahan-summed dots.
+    (base 2, round to nearest everywhere, a Kahan-compensated row sum) and, for fp32 inputs, natural
+    base, Kahan-summed dots, two-part scores and running max (the scale's rounding error by an FMA), a
+    two-part LSE (core._launch.uses_base_2, core._fwd_kernel's COMPENSATE, core._bwd_kernel's
+    _probabilities). The fp32 score dots (core._fwd_kernel's _head_dim_dot) are float64 dots rounded once to
+    float32, the exact-sum dot the emulator takes for every dot, so they need no setting.
 
-    Under the interpreter core patches Triton's bf16 casts to round to nearest (`core._runtime`), so the
-    interpreted kernel and the compiled one round alike and one setting serves both.
+    Under the interpreter core patches Triton's bf16 casts to round to nearest and its dots to round
+    their exact sums once (`core._runtime.patch_interpreter`), so the interpreted kernel and the compiled
+    one round alike and one setting serves both.
     """
     from numerics.emulator import KERNEL
 
-    return KERNEL.with_(block_m=block_m, block_n=block_n, kahan=input_format == "fp32")
+    fp32 = input_format == "fp32"
+    return KERNEL.with_(
+        block_m=block_m,
+        block_n=block_n,
+        exp="exp" if fp32 else "exp2",
+        kahan=fp32,
+        two_part_scores=fp32,
+        two_part_lse=fp32,
+    )

@@ -94,11 +94,10 @@ def attention(
     if n % block_m or n % block_n:
         raise ValueError(f"N={n} must be a multiple of the tiles {block_m} x {block_n}")
     q, k, v = (x.contiguous() for x in (q, k, v))
-    if q.dtype == torch.bfloat16:
-        from core._runtime import is_interpreted, patch_interpreter_bf16
+    from core._runtime import is_interpreted, patch_interpreter
 
-        if is_interpreted():  # the interpreter's bf16 casts and dots, made the GPU's (as core does)
-            patch_interpreter_bf16()
+    if is_interpreted():  # the interpreter's bf16 casts and all its dots, made the GPU's (as core does)
+        patch_interpreter()
     out = torch.empty_like(q)
     compensated, sum_rounded, p_fp16 = VARIANTS[variant]
     _forward[(n // block_m, batch * heads)](

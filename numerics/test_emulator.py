@@ -88,7 +88,7 @@ def test_exact_backward_is_the_float64_truth():
     gen = inputs.rng(2)
     q, k, v, dout = (gen.standard_normal((1, 2, n, 32)) for n in (40, 50, 50, 40))
     fwd = emulator.forward(q, k, v, "fp64", EXACT, causal=True)
-    got = emulator.backward(q, k, v, fwd.out, dout, fwd.lse2, "fp64", EXACT, causal=True)
+    got = emulator.backward(q, k, v, fwd.out, dout, fwd.saved_lse, "fp64", EXACT, causal=True)
     expected = truth.backward(*(torch.from_numpy(x) for x in (q, k, v, dout)), causal=True)
     for name, want in zip(("dq", "dk", "dv"), expected, strict=True):
         np.testing.assert_allclose(getattr(got, name), want.numpy(), atol=1e-11)
@@ -164,39 +164,77 @@ def test_power_law_recovers_a_known_exponent():
 
 @interpreted
 @pytest.mark.parametrize(
-    "dtype, causal, shape, tiles",
-    [("fp16", True, (1, 2, 2, 70, 100, 80), (32, 16)), ("bf16", False, (1, 4, 2, 64, 64, 64), (16, 32)),
-     ("bf16", True, (1, 2, 1, 70, 300, 40), (16, 32)), ("fp32", True, (1, 1, 1, 50, 40, 32), (16, 16))],
+    "dtype, causal, shape, tiles, sm_scale",
+    [("fp16", True, (1, 2, 2, 70, 100, 80), (32, 16), None),
+     ("bf16", False, (1, 4, 2, 64, 64, 64), (16, 32), None),
+     ("bf16", True, (1, 2, 1, 70, 300, 40), (16, 32), None),
+     ("fp32", True, (1, 1, 1, 50, 40, 32), (16, 16), None),
+     # Large logits, where fp32's two-part scores, running max and LSE change the result's bits.
+     ("fp32", True, (1, 1, 1, 50, 40, 32), (16, 16), 30.0),
+     ("fp32", False, (1, 2, 1, 37, 53, 24), (16, 32), 50.0),
+     ("fp32", True, (1, 2, 2, 45, 70, 32), (16, 16), 100.0),
+     # Head dims past 32 (BLOCK_D 64, 128, 256), whose fp32 score dots are float64 dots rounded once.
+     ("fp32", True, (1, 2, 1, 37, 45, 40), (16, 16), None),
+     ("fp32", False, (1, 1, 1, 30, 40, 100), (16, 32), 0.3),
+     ("fp32", True, (1, 1, 1, 33, 40, 200), (16, 16), None)],
 )  # fmt: skip
-def test_emulator_is_the_interpreted_kernel_bit_for_bit(dtype, causal, shape, tiles):
+def test_emulator_is_the_interpreted_kernel_bit_for_bit(dtype, causal, shape, tiles, sm_scale):
     kernel.load("cpu")
     b, hq, hkv, nq, nk, d = shape
     gen = inputs.rng(5)
     q, k, v = (
         to_torch(gen.standard_normal((b, h, n, d)), dtype) for h, n in ((hq, nq), (hkv, nk), (hkv, nk))
     )
-    out, lse2 = kernel.forward(q, k, v, causal=causal, config=kernel.block_config(*tiles, d))
-    got = emulator.forward(
-        *(to_numpy(x) for x in (q, k, v)), dtype, kernel.arithmetic(dtype, *tiles), causal=causal
-    )
+    config = kernel.block_config(*tiles, d)
+    out, lse, lse_low = kernel.forward(q, k, v, causal=causal, sm_scale=sm_scale, config=config)
+    arrays = [to_numpy(x) for x in (q, k, v)]
+    arith = kernel.arithmetic(dtype, *tiles)
+    got = emulator.forward(*arrays, dtype, arith, causal=causal, sm_scale=sm_scale)
     np.testing.assert_array_equal(to_numpy(out), got.out)
-    np.testing.assert_array_equal(to_numpy(lse2), got.lse2)
+    np.testing.assert_array_equal(to_numpy(lse), got.saved_lse)
+    # The two-part LSE of fp32 inputs: a low part exactly when the kernel saves one, bit for bit.
+    assert (lse_low is None) == (got.lse_low is None) == (dtype != "fp32")
+    if lse_low is not None:
+        np.testing.assert_array_equal(to_numpy(lse_low), got.lse_low)
+    if dtype == "fp32":
+        # The case exercises the two-part scores: without them the emulator is not the kernel.
+        plain = emulator.forward(
+            *arrays, dtype, arith.with_(two_part_scores=False), causal=causal, sm_scale=sm_scale
+        )
+        assert not np.array_equal(to_numpy(out), plain.out)
 
 
 @interpreted
-@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
-def test_emulated_backward_is_the_interpreted_kernel_bit_for_bit(dtype):
+@pytest.mark.parametrize(
+    "dtype, sm_scale, d",
+    [("fp16", None, 64), ("bf16", None, 64), ("fp32", None, 64), ("fp32", 50.0, 64), ("bf16", 50.0, 64),
+     # Head dims past 32 (BLOCK_D 64, 128, 256), whose fp32 score dots are float64 dots rounded once.
+     ("fp32", None, 40), ("fp32", 20.0, 100), ("fp32", None, 200)],
+)  # fmt: skip
+def test_emulated_backward_is_the_interpreted_kernel_bit_for_bit(dtype, sm_scale, d):
     kernel.load("cpu")
     gen = inputs.rng(6)
-    q, k, v = (to_torch(x, dtype) for x in inputs.qkv(gen, 1, 2, 40, 56, 64))
-    dout = to_torch(inputs.normal(gen, (1, 2, 40, 64)), dtype)
-    got = kernel.forward_backward(q, k, v, dout, causal=True)
+    q, k, v = (to_torch(x, dtype) for x in inputs.qkv(gen, 1, 2, 40, 56, d))
+    dout = to_torch(inputs.normal(gen, (1, 2, 40, d)), dtype)
+    got = kernel.forward_backward(q, k, v, dout, causal=True, sm_scale=sm_scale)
     arrays = [to_numpy(x) for x in (q, k, v, got["out"], dout)]
-    emu = emulator.backward(
-        *arrays, to_numpy(got["lse2"]), dtype, kernel.arithmetic(dtype, 16, 16), causal=True
-    )
+    lse_low = None if got["lse_low"] is None else to_numpy(got["lse_low"])
+    arith = kernel.arithmetic(dtype, 16, 16)
+
+    def emulated(arith):
+        return emulator.backward(
+            *arrays, to_numpy(got["lse"]), dtype, arith, lse_low=lse_low, causal=True, sm_scale=sm_scale
+        )
+
+    emu = emulated(arith)
     for name in ("dq", "dk", "dv"):
         np.testing.assert_array_equal(to_numpy(got[name]), getattr(emu, name))
+    if dtype == "fp32" and sm_scale is not None:
+        # At large logits P needs the scores' low parts (at 1/sqrt(64) the scale is exact and they are 0).
+        plain = emulated(arith.with_(two_part_scores=False))
+        assert not all(
+            np.array_equal(to_numpy(got[name]), getattr(plain, name)) for name in ("dq", "dk", "dv")
+        )
 
 
 @interpreted

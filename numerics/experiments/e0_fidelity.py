@@ -2,7 +2,8 @@
 
 Every later experiment leans on the emulator to change one quantity's precision at a time, so first the
 emulator at the kernel's own precisions is compared element by element with the kernel: under the Triton
-interpreter (CPU) and compiled (GPU), forward (out and the saved base-2 LSE) and backward (dq, dk, dv).
+interpreter (CPU) and compiled (GPU), forward (out, the saved LSE in the kernel's base and, for fp32,
+its low part) and backward (dq, dk, dv).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def run(lab) -> dict:
     rows = []
     for i, (dtype, causal, b, h, nq, nk, d, bm, bn) in enumerate(lab.pick(FORWARD_CPU, FORWARD_GPU)):
         q, k, v = (to_torch(x, dtype, lab.device) for x in inputs.qkv(inputs.rng(i), b, h, nq, nk, d))
-        out, lse2 = kernel.forward(q, k, v, causal=causal, config=kernel.block_config(bm, bn, d))
+        out, lse, lse_low = kernel.forward(q, k, v, causal=causal, config=kernel.block_config(bm, bn, d))
         case = {
             "pass": "forward",
             "dtype": dtype,
@@ -80,10 +81,10 @@ def run(lab) -> dict:
         }
         arith = kernel.arithmetic(dtype, bm, bn)
         emu = emulator.forward(*(to_numpy(x) for x in (q, k, v)), dtype, arith, causal=causal)
-        for quantity, got, emulated, fmt in (
-            ("out", to_numpy(out), emu.out, dtype),
-            ("lse2", to_numpy(lse2), emu.lse2, "fp32"),
-        ):
+        compared = [("out", to_numpy(out), emu.out, dtype), ("lse", to_numpy(lse), emu.saved_lse, "fp32")]
+        if lse_low is not None:  # fp32 inputs: the two-part LSE
+            compared.append(("lse_low", to_numpy(lse_low), emu.lse_low, "fp32"))
+        for quantity, got, emulated, fmt in compared:
             rows.append({**case, **_compare(quantity, got, emulated, fmt)})
 
     for i, (dtype, causal, b, h, nq, nk, d) in enumerate(lab.pick(BACKWARD_CPU, BACKWARD_GPU)):
@@ -93,8 +94,10 @@ def run(lab) -> dict:
         got = kernel.forward_backward(q, k, v, dout, causal=causal)
         bm, bn = _backward_blocks(lab, dtype, d)
         numpy_args = [to_numpy(x) for x in (q, k, v, got["out"], dout)]
+        lse_low = None if got["lse_low"] is None else to_numpy(got["lse_low"])
+        arith = kernel.arithmetic(dtype, bm, bn)
         emu = emulator.backward(
-            *numpy_args, to_numpy(got["lse2"]), dtype, kernel.arithmetic(dtype, bm, bn), causal=causal
+            *numpy_args, to_numpy(got["lse"]), dtype, arith, lse_low=lse_low, causal=causal
         )
         case = {
             "pass": "backward",
@@ -173,19 +176,22 @@ def section(cpu, gpu, figure):
             findings.append(
                 "This comparison is how the lab found that Triton 3.9's interpreter *truncates* fp32 -> "
                 "bf16 casts where the GPU rounds to nearest (about doubling the error of bf16 outputs). Core "
-                "now patches the interpreter before it launches a bf16 kernel there "
-                "(`core._runtime.patch_interpreter_bf16`): its fp32 -> bf16 casts round to nearest even "
+                "now patches the interpreter before it launches a kernel there "
+                "(`core._runtime.patch_interpreter`): its fp32 -> bf16 casts round to nearest even "
                 "and its bf16 dots multiply the values rather than their bit patterns (upstream "
                 "triton-lang/triton#11584). Interpreted bf16 kernels therefore round as compiled ones do, "
-                "and the emulator matches them with the GPU's rounding."
+                "and the emulator matches them with the GPU's rounding. The same patch makes every "
+                "interpreted dot sum its exact products in float64 and round once, so that no dot depends "
+                "on the tile shape or on which operand is which."
             )
     markdown = (
         "Every later experiment changes the precision of one quantity in the emulator, so the emulator must "
-        "first reproduce the kernel at the kernel's own precisions. It runs the same numpy operations on "
-        "the same tile shapes as the interpreter (a BLAS matmul rounds differently for different tile "
-        "shapes, so it stacks BLOCK_M-row tiles), pads the head dimension as the kernel does, "
-        "Kahan-compensates the running row sum l for every dtype and Kahan-sums the per-block dots for fp32 "
-        "inputs, as the kernel does.\n\n"
+        "first reproduce the kernel at the kernel's own precisions. It runs the same float32 operations in "
+        "the same order as the kernel over the same tiles, computes every dot as the patched interpreter "
+        "does (exact products summed in float64, rounded once), Kahan-compensates the running row sum l "
+        "for every dtype and, for fp32 inputs, works in natural base, Kahan-sums the per-block dots and "
+        "carries the scaled scores (the scale's rounding error, by an FMA), the running max and the saved "
+        "LSE in two parts, as the kernel does.\n\n"
         + "\n\n".join(parts)
         + "\n\n'max difference' is the largest |kernel - emulator| in ulps of the largest value of that "
         "quantity." + f"\n\n![fidelity](img/numerics/{figure.name})"

@@ -93,7 +93,7 @@ def run(lab) -> dict:
                         "rescales": rescales,
                     }
                     config = kernel.block_config(bm, bn, HEAD_DIM)
-                    out, _ = kernel.forward(q, k[..., visited, :], v[..., visited, :], config=config)
+                    out = kernel.forward(q, k[..., visited, :], v[..., visited, :], config=config)[0]
                     rows.append({**point, "series": "kernel", "error": relative_rmse(out, true_out)})
                     if lab.on_gpu:
                         continue

@@ -82,7 +82,7 @@ def run(lab) -> dict:
                     )
                     for name, changes in ABLATIONS.items():
                         arith = emulator.KERNEL.with_(block_m=TILES[0], block_n=TILES[1], **changes)
-                        got = emulator.backward(*arrays, fwd.out, to_numpy(dout), fwd.lse2, dtype, arith)
+                        got = emulator.backward(*arrays, fwd.out, to_numpy(dout), fwd.saved_lse, dtype, arith)
                         record(name, {g: getattr(got, g) for g in GRADS})
                 if lab.on_gpu:
                     torch.cuda.empty_cache()

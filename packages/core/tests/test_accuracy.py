@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import core
+
 from .conftest import ON_GPU
 from .helpers import DTYPES, assert_all_within_tolerance, compare_with_reference, make_qkv
 
@@ -64,3 +66,15 @@ def test_odd_lengths_square_causal(n_queries):
 def test_explicit_softmax_scale(sm_scale):
     q, k, v = make_qkv(1, 2, 2, 40, 50, 32, torch.float16, seed=7)
     assert_all_within_tolerance(compare_with_reference(q, k, v, causal=True, sm_scale=sm_scale))
+
+
+def test_policy_counts_a_correctly_rounded_overflow_as_exact():
+    """A float16 inf where the true value is beyond 65504 is the correctly rounded result, not an
+    infinite error; a finite value there is off by at least the distance to the truth."""
+    truth = torch.tensor([1.0, 7e4, -1e5], dtype=torch.float64)
+    rounded = truth.to(torch.float16)
+    saturated = torch.tensor([1.0, 65504.0, -65504.0], dtype=torch.float16)
+    verdict = core.tolerance.judge("dk", rounded, truth, saturated, family_scale=1.0)
+    assert verdict.error == 0.0 and verdict.eager_error == 1e5 - 65504.0
+    wrong_sign = torch.tensor([1.0, -float("inf"), -float("inf")], dtype=torch.float16)
+    assert core.tolerance.judge("dk", wrong_sign, truth, saturated, family_scale=1.0).error == float("inf")

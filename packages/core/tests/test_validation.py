@@ -101,6 +101,9 @@ def test_empty_dimension(field):
         ({"causal": 1}, TypeError, "causal must be a bool"),
         ({"return_lse": "yes"}, TypeError, "return_lse must be a bool"),
         ({"sm_scale": float("nan")}, ValueError, "finite"),
+        ({"sm_scale": 10**400}, ValueError, "finite"),
+        ({"sm_scale": -3e38}, ValueError, "at most"),
+        ({"sm_scale": 1e300}, ValueError, "at most"),
         ({"sm_scale": "0.1"}, TypeError, "real number"),
         ({"sm_scale": torch.tensor(0.1, requires_grad=True)}, TypeError, "not a tensor"),
     ],
@@ -123,3 +126,8 @@ def test_cpu_tensors_without_interpreter_say_how_to_run_on_cpu():
 @pytest.mark.skipif(ON_GPU, reason="the meta device check needs no GPU")
 def test_unsupported_device():
     expect(ValueError, "unsupported device", *qkv(device="meta"))
+
+
+def test_sparse_tensor():
+    q, k, v = qkv()
+    expect(TypeError, "strided", q.to_sparse(), k, v)

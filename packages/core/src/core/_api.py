@@ -7,6 +7,7 @@ import math
 import torch
 
 from core._autograd import FlashAttentionFunction
+from core._launch import uses_base_2
 from core._runtime import is_interpreted
 from core._validation import validate_attention_inputs
 
@@ -41,5 +42,7 @@ def attention(
     interpreted = is_interpreted()
     validate_attention_inputs(q, k, v, causal, sm_scale, return_lse, interpreted)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    out, lse2 = FlashAttentionFunction.apply(q, k, v, causal, scale)
-    return (out, lse2 * math.log(2.0)) if return_lse else out
+    out, lse = FlashAttentionFunction.apply(q, k, v, causal, scale)
+    if not return_lse:
+        return out
+    return out, (lse * math.log(2.0) if uses_base_2(q.dtype) else lse)

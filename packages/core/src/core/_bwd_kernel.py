@@ -9,11 +9,14 @@ Three launches:
 Every gradient element is summed by exactly one program in a fixed order, so results are bitwise
 identical from run to run (no atomics, unlike FlashAttention-2's dQ and cuDNN).
 
-Probabilities are recomputed as P = exp2(S * qk_scale - LSE2) from the forward's saved base-2 LSE:
-no division, and no N x N buffer. A row that saw no key has LSE = -inf; it is read as +inf so its P is
+Probabilities are recomputed as P = exp2(S * qk_scale - LSE2) from the forward's saved LSE, in the
+forward's base (natural for float32: P = exp(S * sm_scale - LSE), see core._fwd_kernel): no division,
+and no N x N buffer. A row that saw no key has LSE = -inf; it is read as +inf so its P is
 exp2(-inf) = 0 and all its gradients are 0. Rows past Nq are read with LSE = +inf for the same reason,
-and keys past Nk are loaded as zeros, so neither needs a mask in the dot products: only the causal
-diagonal does.
+so they need no mask. Keys past Nk load as zeros, which is harmless for dK/dV (those rows are never
+stored) but not for dQ: their P = exp2(0 - LSE2) overflows to inf once a row's LSE2 < -128 (found by
+the fuzzer), and inf * 0 is NaN. So the dQ kernel, like the forward, masks the ragged last key block
+together with the causal diagonal.
 
 dS here is the gradient with respect to the *scaled* scores, dS = P * (dP - Delta), so dQ and dK pick
 up the factor sm_scale once at the end.
@@ -22,7 +25,7 @@ up the factor sm_scale once at the end.
 import triton
 import triton.language as tl
 
-from core._fwd_kernel import _accumulate_dot, _exp2, _load_tile
+from core._fwd_kernel import _accumulate_dot, _exp, _head_dim_dot, _load_tile, _scaled_scores
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -33,13 +36,22 @@ def backward_preprocess_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     n_q_heads, n_queries,
-    HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BASE_2: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Delta[b, h, i] = sum_d dOut * Out - dLse2 * log2(e) (float32).
+    """Delta[b, h, i] = sum_d dOut * Out - dLse * (log2(e) if BASE_2 else 1) (float32).
 
     Out, dOut (B, Hq, Nq, HEAD_DIM), any strides. dLse, Delta (B, Hq, Nq) float32, contiguous; dLse is
-    the gradient of the base-2 LSE and only read when HAS_DLSE. Since d(LSE2)/dS_ij = log2(e) * P_ij
-    (S the naturally scaled scores), the LSE's gradient folds into Delta. Grid: (cdiv(Nq, BLOCK_M), Hq, B).
+    the gradient of the kernels' LSE (base 2 when BASE_2) and only read when HAS_DLSE. Since
+    d(LSE2)/dS_ij = log2(e) * P_ij (S the naturally scaled scores), the LSE's gradient folds into Delta.
+
+    The row sums are the diagonal of the dot dO @ O^T, not an elementwise product and tl.sum: the
+    backward's dS = P * (dP - Delta) then cancels exactly where it must. A one-hot row (a peaky softmax)
+    has O = v_j, and its dP_ij = dO_i . v_j is the same dot of the same numbers, so dP_ij - Delta_i is
+    exactly 0, as it is in eager attention; a tree sum differs from the dot in the last bits, and
+    sm_scale (1e4, say) multiplied that noise into dq and dk (found by the fuzzer: 6.6x the bound in
+    float16). The extra BLOCK_M x BLOCK_M x D dot per tile is a few percent of the backward's flops at
+    N = 1k and vanishes at longer N. Grid: (cdiv(Nq, BLOCK_M), Hq, B).
     """
     head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -56,28 +68,56 @@ def backward_preprocess_kernel(
         + rows.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
         mask=mask, other=0.0,
     )  # fmt: skip
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    on_diagonal = rows[:, None] == rows[None, :]
+    FLOAT32_INPUTS: tl.constexpr = Out.dtype.element_ty == tl.float32
+    products = _head_dim_dot(do, tl.trans(o), DOT_PRECISION, FLOAT32_INPUTS)
+    delta = tl.sum(tl.where(on_diagonal, products, 0.0), axis=1)
     row_offsets = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
     if HAS_DLSE:
-        delta -= tl.load(dLse + row_offsets, mask=rows < n_queries, other=0.0) * LOG2E
+        dlse = tl.load(dLse + row_offsets, mask=rows < n_queries, other=0.0)
+        if BASE_2:
+            dlse = dlse * LOG2E
+        delta -= dlse
     tl.store(Delta + row_offsets, delta, mask=rows < n_queries)
 
 
 @triton.jit
-def _load_row_stats(Lse, Delta, row_offsets, row_ok):
-    """The base-2 LSE (+inf for rows past Nq or that saw no key, so their P is 0) and Delta."""
-    lse2 = tl.load(Lse + row_offsets, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+def _load_row_stats(Lse, LseLow, Delta, row_offsets, row_ok, TWO_PART_LSE: tl.constexpr):
+    """The saved LSE (+inf for rows past Nq or that saw no key, so their P is 0), its low part (float32
+    inputs; else 0) and Delta."""
+    lse = tl.load(Lse + row_offsets, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    if TWO_PART_LSE:
+        lse_low = tl.load(LseLow + row_offsets, mask=row_ok, other=0.0)
+    else:
+        lse_low = tl.zeros_like(lse)
     delta = tl.load(Delta + row_offsets, mask=row_ok, other=0.0)
-    return lse2, delta
+    return lse, lse_low, delta
+
+
+@triton.jit
+def _probabilities(raw_scores, qk_scale, lse, lse_low, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
+                   TWO_PART: tl.constexpr):  # fmt: skip
+    """P = exp(raw_scores * qk_scale - LSE), the forward's probabilities recomputed from the unscaled
+    score tile and the saved LSE (broadcast to the tile's shape).
+
+    TWO_PART (float32) repeats the forward's arithmetic: the scale's rounding error (an FMA) and the
+    LSE's low part go in after the subtraction, which is exact where P matters (scores near the LSE),
+    so P keeps float32 precision however large the logits."""
+    scores = _scaled_scores(raw_scores, qk_scale)
+    if TWO_PART:
+        scores_low = tl.fma(raw_scores, qk_scale, -scores)
+        return _exp(((scores - lse) + scores_low) - lse_low, BASE_2, PRECISE_EXP)
+    else:
+        return _exp(scores - lse, BASE_2, PRECISE_EXP)
 
 
 @triton.jit
 def _dkdv_from_query_blocks(
-    dk, dv, dk_comp, dv_comp, k, v, q_ptrs, do_ptrs, Lse, Delta, stat_offset, stride_qm, stride_dom,
+    dk, dv, dk_comp, dv_comp, k, v, q_ptrs, do_ptrs, Lse, LseLow, Delta, stat_offset, stride_qm, stride_dom,
     row_start, row_end, keys, n_queries, diagonal, qk_scale, d_ok,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PRECISE_EXP2: tl.constexpr, COMPENSATE: tl.constexpr,
+    BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
 ):  # fmt: skip
     """Add the contributions of query rows [row_start, row_end) to one tile's dK and dV.
 
@@ -91,12 +131,15 @@ def _dkdv_from_query_blocks(
         row_ok = rows < n_queries
         qT = _load_tile(q_ptrs, d_ok, row_ok, EVEN_D, False)
         do = _load_tile(do_ptrs, row_ok, d_ok, False, EVEN_D)
-        lse2, delta = _load_row_stats(Lse, Delta, stat_offset + rows, row_ok)
-        pT = _exp2(tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale - lse2[None, :], PRECISE_EXP2)
+        lse, lse_low, delta = _load_row_stats(Lse, LseLow, Delta, stat_offset + rows, row_ok, COMPENSATE)
+        pT = _probabilities(
+            _head_dim_dot(k, qT, DOT_PRECISION, COMPENSATE), qk_scale, lse[None, :], lse_low[None, :],
+            BASE_2, PRECISE_EXP, COMPENSATE,
+        )  # fmt: skip
         if MASKED:
             pT = tl.where(keys[:, None] <= rows[None, :] + diagonal, pT, 0.0)
         dv, dv_comp = _accumulate_dot(dv, dv_comp, pT.to(do.dtype), do, DOT_PRECISION, COMPENSATE)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dpT = _head_dim_dot(v, tl.trans(do), DOT_PRECISION, COMPENSATE)
         dsT = pT * (dpT - delta[None, :])
         dk, dk_comp = _accumulate_dot(dk, dk_comp, dsT.to(qT.dtype), tl.trans(qT), DOT_PRECISION, COMPENSATE)
         q_ptrs += BLOCK_M * stride_qm
@@ -106,7 +149,7 @@ def _dkdv_from_query_blocks(
 
 @triton.jit(do_not_specialize=["n_queries", "n_keys"])
 def backward_dkdv_kernel(
-    Q, K, V, dOut, Lse, Delta, dK, dV,
+    Q, K, V, dOut, Lse, LseLow, Delta, dK, dV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -116,13 +159,14 @@ def backward_dkdv_kernel(
     n_q_heads, kv_group, n_queries, n_keys, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PRECISE_EXP2: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
 ):  # fmt: skip
     """dK, dV for BLOCK_N keys of one key/value head.
 
     Q, dOut (B, Hq, Nq, HEAD_DIM); K, V, dK, dV (B, Hkv, Nk, HEAD_DIM); any strides, 64-bit offsets.
-    Lse, Delta (B, Hq, Nq) float32 contiguous. The program sums over the kv_group = Hq // Hkv query
-    heads that share this key/value head itself, so GQA needs neither atomics nor a reduction pass.
+    Lse, LseLow (read for float32 inputs only), Delta (B, Hq, Nq) float32 contiguous. The program sums
+    over the kv_group = Hq // Hkv query heads that share this key/value head itself, so GQA needs
+    neither atomics nor a reduction pass.
     Grid: (cdiv(Nk, BLOCK_N), Hkv, B).
     """
     kv_head = tl.program_id(1)
@@ -181,15 +225,16 @@ def backward_dkdv_kernel(
             dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
                 dk, dv, dk_comp, dv_comp, k, v,
                 q_ptrs + row_start.to(tl.int64) * stride_qm, do_ptrs + row_start.to(tl.int64) * stride_dom,
-                Lse, Delta, stat_offset, stride_qm, stride_dom, row_start, unmasked_start, keys, n_queries,
-                diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, PRECISE_EXP2, COMPENSATE,
+                Lse, LseLow, Delta, stat_offset, stride_qm, stride_dom, row_start, unmasked_start, keys,
+                n_queries, diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, BASE_2,
+                PRECISE_EXP, COMPENSATE,
             )  # fmt: skip
             q_ptrs += unmasked_start.to(tl.int64) * stride_qm
             do_ptrs += unmasked_start.to(tl.int64) * stride_dom
         dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
-            dk, dv, dk_comp, dv_comp, k, v, q_ptrs, do_ptrs, Lse, Delta, stat_offset, stride_qm, stride_dom,
-            unmasked_start, n_queries, keys, n_queries, diagonal, qk_scale, d_ok,
-            False, EVEN_D, BLOCK_M, DOT_PRECISION, PRECISE_EXP2, COMPENSATE,
+            dk, dv, dk_comp, dv_comp, k, v, q_ptrs, do_ptrs, Lse, LseLow, Delta, stat_offset, stride_qm,
+            stride_dom, unmasked_start, n_queries, keys, n_queries, diagonal, qk_scale, d_ok,
+            False, EVEN_D, BLOCK_M, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE,
         )  # fmt: skip
 
     dk_ptrs = (
@@ -207,15 +252,16 @@ def backward_dkdv_kernel(
 
 @triton.jit
 def _dq_from_key_blocks(
-    dq, dq_comp, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
+    dq, dq_comp, q, do, lse, lse_low, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
     key_start, key_end, rows, n_keys, diagonal, qk_scale, d_ok,
-    MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PRECISE_EXP2: tl.constexpr, COMPENSATE: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
 ):  # fmt: skip
     """Add the contributions of keys [key_start, key_end) to one query tile's dQ.
 
-    k_ptrs/v_ptrs point at K^T/V^T tiles (BLOCK_D, BLOCK_N) starting at key_start. Keys past Nk load
-    as zeros and so add nothing; MASKED applies the causal rule on the diagonal blocks.
+    k_ptrs/v_ptrs point at K^T/V^T tiles (BLOCK_D, BLOCK_N) starting at key_start. MASKED blocks (the
+    causal diagonal and the ragged end of N) zero P for keys past Nk and keys the causal rule hides;
+    other blocks are fully in bounds and visible.
     """
     offs_n = tl.arange(0, BLOCK_N)
     for block_start in range(key_start, key_end, BLOCK_N):
@@ -223,10 +269,16 @@ def _dq_from_key_blocks(
         col_ok = cols < n_keys
         kT = _load_tile(k_ptrs, d_ok, col_ok, EVEN_D, False)
         vT = _load_tile(v_ptrs, d_ok, col_ok, EVEN_D, False)
-        p = _exp2(tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale - lse2[:, None], PRECISE_EXP2)
+        p = _probabilities(
+            _head_dim_dot(q, kT, DOT_PRECISION, COMPENSATE), qk_scale, lse[:, None], lse_low[:, None],
+            BASE_2, PRECISE_EXP, COMPENSATE,
+        )  # fmt: skip
         if MASKED:
-            p = tl.where(cols[None, :] <= rows[:, None] + diagonal, p, 0.0)
-        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+            visible = col_ok[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + diagonal)
+            p = tl.where(visible, p, 0.0)
+        dp = _head_dim_dot(do, vT, DOT_PRECISION, COMPENSATE)
         ds = p * (dp - delta[:, None])
         dq, dq_comp = _accumulate_dot(dq, dq_comp, ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, COMPENSATE)
         k_ptrs += BLOCK_N * stride_kn
@@ -236,7 +288,7 @@ def _dq_from_key_blocks(
 
 @triton.jit(do_not_specialize=["n_queries", "n_keys"])
 def backward_dq_kernel(
-    Q, K, V, dOut, Lse, Delta, dQ,
+    Q, K, V, dOut, Lse, LseLow, Delta, dQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -245,12 +297,13 @@ def backward_dq_kernel(
     n_q_heads, kv_group, n_queries, n_keys, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PRECISE_EXP2: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
 ):  # fmt: skip
     """dQ for BLOCK_M query rows of one query head.
 
     Q, dOut, dQ (B, Hq, Nq, HEAD_DIM); K, V (B, Hkv, Nk, HEAD_DIM); any strides, 64-bit offsets.
-    Lse, Delta (B, Hq, Nq) float32 contiguous. Grid: (cdiv(Nq, BLOCK_M), Hq, B), causal tiles that see
+    Lse, LseLow (read for float32 inputs only), Delta (B, Hq, Nq) float32 contiguous.
+    Grid: (cdiv(Nq, BLOCK_M), Hq, B), causal tiles that see
     the most keys launched first.
     """
     block_m_index = tl.program_id(0)
@@ -279,12 +332,12 @@ def backward_dq_kernel(
         + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
         row_ok, d_ok, False, EVEN_D,
     )  # fmt: skip
-    lse2, delta = _load_row_stats(
-        Lse, Delta, (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows, row_ok
+    COMPENSATE: tl.constexpr = Q.dtype.element_ty == tl.float32
+    lse, lse_low, delta = _load_row_stats(
+        Lse, LseLow, Delta, (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows, row_ok, COMPENSATE
     )
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq_comp = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    COMPENSATE: tl.constexpr = Q.dtype.element_ty == tl.float32
 
     k_ptrs = (
         K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
@@ -294,24 +347,29 @@ def backward_dq_kernel(
         V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
         + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn
     )  # fmt: skip
+    # The same split as the forward: whole key blocks every row of the tile sees, then the causal
+    # diagonal and the ragged end of N through the masked path.
     diagonal = n_keys - n_queries
+    whole_blocks_end = (n_keys // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        unmasked_end = tl.minimum((tl.maximum(start_m + diagonal + 1, 0) // BLOCK_N) * BLOCK_N, n_keys)
+        fully_visible = (tl.maximum(start_m + diagonal + 1, 0) // BLOCK_N) * BLOCK_N
+        unmasked_end = tl.minimum(fully_visible, whole_blocks_end)
         key_end = tl.minimum(n_keys, tl.maximum(start_m + BLOCK_M + diagonal, 0))
     else:
-        unmasked_end = n_keys
+        unmasked_end = whole_blocks_end
         key_end = n_keys
     dq, dq_comp = _dq_from_key_blocks(
-        dq, dq_comp, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, unmasked_end, rows, n_keys,
-        diagonal, qk_scale, d_ok, False, EVEN_D, BLOCK_N, DOT_PRECISION, PRECISE_EXP2, COMPENSATE,
+        dq, dq_comp, q, do, lse, lse_low, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, unmasked_end, rows,
+        n_keys, diagonal, qk_scale, d_ok, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2, PRECISE_EXP,
+        COMPENSATE,
     )  # fmt: skip
-    if CAUSAL:
-        dq, dq_comp = _dq_from_key_blocks(
-            dq, dq_comp, q, do, lse2, delta,
-            k_ptrs + unmasked_end.to(tl.int64) * stride_kn, v_ptrs + unmasked_end.to(tl.int64) * stride_vn,
-            stride_kn, stride_vn, unmasked_end, key_end, rows, n_keys,
-            diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_N, DOT_PRECISION, PRECISE_EXP2, COMPENSATE,
-        )  # fmt: skip
+    dq, dq_comp = _dq_from_key_blocks(
+        dq, dq_comp, q, do, lse, lse_low, delta,
+        k_ptrs + unmasked_end.to(tl.int64) * stride_kn, v_ptrs + unmasked_end.to(tl.int64) * stride_vn,
+        stride_kn, stride_vn, unmasked_end, key_end, rows, n_keys,
+        diagonal, qk_scale, d_ok, True, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2, PRECISE_EXP,
+        COMPENSATE,
+    )  # fmt: skip
 
     dq_ptrs = (
         dQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + q_row * stride_dqm

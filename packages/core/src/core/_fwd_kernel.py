@@ -1,28 +1,96 @@
 """The forward kernel: one program computes BLOCK_M query rows of one (batch, head) against all the
 keys that those rows may see, keeping a running max and sum so the N x N score matrix never exists.
 
-Scores are kept in base 2: the softmax scale is folded into `qk_scale = sm_scale * log2(e)` so that
-each probability costs one exp2 instead of a multiply and an exp. The saved log-sum-exp stays in base 2
-too (LSE2 = m + log2(l)): the backward recomputes P = exp2(S * qk_scale - LSE2) from exactly the numbers
-the forward used, with no ln(2) round trip (which, in float32, biased P by a few ulps in every row).
+fp16/bf16 scores are kept in base 2: the softmax scale is folded into `qk_scale = sm_scale * log2(e)`
+so that each probability costs one exp2 instead of a multiply and an exp. The saved log-sum-exp is in the
+same base (LSE2 = m + log2(l)): the backward recomputes P = exp2(S * qk_scale - LSE2) from exactly the
+numbers the forward used, with no ln(2) round trip.
+
+float32 inputs (BASE_2 False) keep natural-base scores, S * sm_scale, with exp and a natural LSE; the
+scale's rounding error is carried exactly (an FMA) and added back after the row max is subtracted. The fold
+costs float32 two more roundings per logit (log2(e) into the scale, and the LSE's conversion back to
+natural log), which the fp16/bf16 rounding of P hides but float32 does not: the fuzzer measured 2.8x
+float32 eager attention's LSE error and 1.05x its output bound at large logits with the fold.
 """
 
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+# Compiled kernels round the scaled scores with libdevice's mul_rn (see _scaled_scores); the interpreter
+# has no libdevice and never fuses a multiply into an add, so its plain multiply rounds the same way.
+ROUND_SCORES_EXPLICITLY = tl.constexpr(not triton.knobs.runtime.interpret)
+
 
 @triton.jit
-def _exp2(x, PRECISE: tl.constexpr):
-    """exp2 by the fast hardware approximation, or (PRECISE, float32 inputs) by libdevice's exp2f.
+def _head_dim_dot(a, bT, DOT_PRECISION: tl.constexpr, FLOAT64_SUM: tl.constexpr):
+    """a @ bT over the head dim (a: (M, HEAD_DIM padded), bT: (HEAD_DIM padded, N)), in float32: the
+    dots that the softmax and its gradient are made of (scores S, dP = dO V^T and Delta = rowsum(dO O)).
+
+    FLOAT64_SUM (float32 inputs) takes the dot in float64 (exact products, summed with 29 more bits, on
+    Hopper's float64 tensor cores) and rounds it once to float32. A float32 "ieee" dot is one sequential
+    FMA chain per element whose rounding error grows with the head dim: the fuzzer measured LSE, output,
+    dq and dk up to 2x float32 eager attention's bound on an H100 (D 64 to 200), where cuBLAS's dot is
+    more accurate. It is also 2.4-3.4x faster than the FMA dot at D 128-256. Every kernel computes these
+    dots here, so the backward's recomputed scores are bitwise the forward's and dP and Delta agree
+    exactly on a one-hot row; and it is what the interpreter computes for every dot (core._runtime).
+    fp16/bf16 dots run on the tensor cores, exact products summed in float32.
+    """
+    if FLOAT64_SUM:
+        return tl.dot(a.to(tl.float64), bT.to(tl.float64), out_dtype=tl.float64).to(tl.float32)
+    else:
+        return tl.dot(a, bT, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _scaled_scores(dot, qk_scale):
+    """dot * qk_scale, rounded to float32 before anything is subtracted from it.
+
+    Left to itself the compiler fuses `dot * qk_scale - m` into one FMA, which skips that rounding:
+    then the row's max score minus m is not 0 but m's own rounding error, eps32 * |m|, and a one-hot
+    row's P comes out exp(that) instead of exactly 1. At large logits (|m| ~ 1e4) that is 3e-3 off
+    in float16 and inf/NaN gradients in float32 at sm_scale 1e37, where eager attention is exact
+    (found by the fuzzer on an H100). Every kernel scales its scores here, so the forward's scores and
+    the backward's recomputed ones are the same rounded numbers. It costs one multiply per score.
+    """
+    if ROUND_SCORES_EXPLICITLY:
+        return libdevice.mul_rn(dot, qk_scale)
+    else:
+        return dot * qk_scale
+
+
+@triton.jit
+def _exp(x, BASE_2: tl.constexpr, PRECISE: tl.constexpr):
+    """2^x (BASE_2) or e^x, by the fast hardware approximation or (PRECISE) by libdevice.
 
     The approximation's few-ulp error vanishes under fp16/bf16 rounding of P but not in float32,
     where it would make the kernel several times less accurate than float32 eager attention.
     """
-    if PRECISE:
-        return libdevice.exp2(x)
+    if BASE_2:
+        if PRECISE:
+            return libdevice.exp2(x)
+        else:
+            return tl.math.exp2(x)
     else:
-        return tl.math.exp2(x)
+        if PRECISE:
+            return libdevice.exp(x)
+        else:
+            return tl.exp(x)
+
+
+@triton.jit
+def _log(x, BASE_2: tl.constexpr, PRECISE: tl.constexpr):
+    """log2(x) (BASE_2) or ln(x), precise (libdevice) or by the hardware approximation."""
+    if BASE_2:
+        if PRECISE:
+            return libdevice.log2(x)
+        else:
+            return tl.math.log2(x)
+    else:
+        if PRECISE:
+            return libdevice.log(x)
+        else:
+            return tl.log(x)
 
 
 @triton.jit
@@ -60,12 +128,14 @@ def _load_tile(ptrs, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.cons
 
 @triton.jit
 def _attend_to_key_blocks(
-    acc, comp, m_i, l_i, l_comp, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
+    acc, comp, m_i, m_low, l_i, l_comp, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
     key_start, key_end, rows, n_keys, diagonal, qk_scale, d_ok,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, PRECISE_EXP2: tl.constexpr, COMPENSATE: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
+    COMPENSATE: tl.constexpr,
 ):  # fmt: skip
-    """Fold keys [key_start, key_end) into the running (acc, comp, m_i, l_i, l_comp) of one query tile.
+    """Fold keys [key_start, key_end) into the running (acc, comp, m_i, m_low, l_i, l_comp) of one query
+    tile. comp and m_low are float32's compensation terms (unused, and zero, for fp16/bf16).
 
     l_i is a sum over every visible key of the row, i.e. up to N terms added one block at a time; it is
     Kahan-compensated (l_comp) for every dtype because the LSE is a float32 output whose error would
@@ -84,7 +154,11 @@ def _attend_to_key_blocks(
         col_ok = cols < n_keys
         # k is loaded transposed, (BLOCK_D, BLOCK_N), so the score tile is a plain q @ kT.
         kT = _load_tile(k_ptrs, d_ok, col_ok, EVEN_D, not MASKED)
-        scores = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        raw_scores = _head_dim_dot(q, kT, DOT_PRECISION, COMPENSATE)
+        scores = _scaled_scores(raw_scores, qk_scale)
+        if COMPENSATE:
+            # float32: the scale's rounding error, exactly (scores + scores_low = raw_scores * qk_scale).
+            scores_low = tl.fma(raw_scores, qk_scale, -scores)
         if MASKED:
             visible = col_ok[None, :]
             if CAUSAL:
@@ -93,12 +167,27 @@ def _attend_to_key_blocks(
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         if MASKED:
             # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so that
-            # exp2(-inf - -inf) = NaN never appears (its p and alpha both come out 0).
+            # exp(-inf - -inf) = NaN never appears (its p and alpha both come out 0).
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new_safe = m_new
-        p = _exp2(scores - m_new_safe[:, None], PRECISE_EXP2)
-        alpha = _exp2(m_i - m_new_safe, PRECISE_EXP2)
+        if COMPENSATE:
+            # The running max is two-part too: m_low is the low part of the score that is the max (the
+            # largest low part among ties), so each score is measured from the max as
+            # (scores - m) + (scores_low - m_low): the first difference is exact near the max, and the
+            # max itself gets exp(0) = 1 exactly, as in eager attention, however large the logits (a
+            # one-hot row then outputs v exactly, which the backward's Delta relies on). At peaky, large
+            # logits the rounding of each score is what limits P (eps32 * |score| in the exponent): this
+            # leaves only the dot's own rounding.
+            low_at_max = tl.max(tl.where(scores == m_new[:, None], scores_low, float("-inf")), 1)
+            m_low_new = tl.where(m_i == m_new, tl.maximum(m_low, low_at_max), low_at_max)
+            m_low_new = tl.where(m_new == float("-inf"), 0.0, m_low_new)
+            p = _exp((scores - m_new_safe[:, None]) + (scores_low - m_low_new[:, None]), BASE_2, PRECISE_EXP)
+            alpha = _exp((m_i - m_new_safe) + (m_low - m_low_new), BASE_2, PRECISE_EXP)
+            m_low = m_low_new
+        else:
+            p = _exp(scores - m_new_safe[:, None], BASE_2, PRECISE_EXP)
+            alpha = _exp(m_i - m_new_safe, BASE_2, PRECISE_EXP)
         l_i = l_i * alpha
         l_comp = l_comp * alpha
         row_sum = tl.sum(p, 1) - l_comp
@@ -113,12 +202,12 @@ def _attend_to_key_blocks(
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
-    return acc, comp, m_i, l_i, l_comp
+    return acc, comp, m_i, m_low, l_i, l_comp
 
 
 @triton.jit(do_not_specialize=["n_queries", "n_keys"])
 def attention_forward_kernel(
-    Q, K, V, Out, Lse,
+    Q, K, V, Out, Lse, LseLow,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -126,7 +215,7 @@ def attention_forward_kernel(
     n_q_heads, kv_group, n_queries, n_keys, qk_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PRECISE_EXP2: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
 ):  # fmt: skip
     """Out = softmax(Q K^T * sm_scale + mask) V and its log-sum-exp, for one BLOCK_M x HEAD_DIM tile.
 
@@ -135,10 +224,12 @@ def attention_forward_kernel(
       K   (B, Hkv, Nk, HEAD_DIM)  strides stride_k{b,h,n,d}
       V   (B, Hkv, Nk, HEAD_DIM)  strides stride_v{b,h,n,d}
       Out (B, Hq, Nq, HEAD_DIM)   strides stride_o{b,h,m,d}
-      Lse (B, Hq, Nq) float32, contiguous; base-2 log-sum-exp of the base-2 scores S * qk_scale,
-          -inf for rows that see no key
+      Lse (B, Hq, Nq) float32, contiguous; log-sum-exp of the scores S * qk_scale in the kernel's
+          base (base 2 when BASE_2, else natural), -inf for rows that see no key
+      LseLow (B, Hq, Nq) float32, contiguous, written for float32 inputs only: Lse's rounding error, so
+          that Lse + LseLow is the log-sum-exp to twice float32's precision (0 for rows that see no key)
     kv_group = Hq // Hkv: query head h reads key/value head h // kv_group (GQA/MQA, no copies).
-    qk_scale = sm_scale * log2(e). Grid: (cdiv(Nq, BLOCK_M), Hq, B).
+    qk_scale = sm_scale * log2(e) when BASE_2, else sm_scale. Grid: (cdiv(Nq, BLOCK_M), Hq, B).
     """
     # Causal tiles near the end of the sequence see the most keys: launch them first so the long
     # programs do not start last and leave the GPU's tail idle.
@@ -174,6 +265,7 @@ def attention_forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     l_comp = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_low = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     comp = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     COMPENSATE: tl.constexpr = Q.dtype.element_ty == tl.float32
@@ -191,25 +283,26 @@ def attention_forward_kernel(
     else:
         unmasked_end = whole_blocks_end
         key_end = n_keys
-    acc, comp, m_i, l_i, l_comp = _attend_to_key_blocks(
-        acc, comp, m_i, l_i, l_comp, q, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, unmasked_end, rows, n_keys,
-        diagonal, qk_scale, d_ok, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, PRECISE_EXP2, COMPENSATE,
+    acc, comp, m_i, m_low, l_i, l_comp = _attend_to_key_blocks(
+        acc, comp, m_i, m_low, l_i, l_comp, q, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, unmasked_end, rows,
+        n_keys, diagonal, qk_scale, d_ok, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2, PRECISE_EXP,
+        COMPENSATE,
     )  # fmt: skip
     k_ptrs += unmasked_end.to(tl.int64) * stride_kn
     v_ptrs += unmasked_end.to(tl.int64) * stride_vn
-    acc, comp, m_i, l_i, l_comp = _attend_to_key_blocks(
-        acc, comp, m_i, l_i, l_comp, q, k_ptrs, v_ptrs, stride_kn, stride_vn, unmasked_end, key_end, rows,
-        n_keys, diagonal, qk_scale, d_ok, True, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, PRECISE_EXP2,
-        COMPENSATE,
+    acc, comp, m_i, m_low, l_i, l_comp = _attend_to_key_blocks(
+        acc, comp, m_i, m_low, l_i, l_comp, q, k_ptrs, v_ptrs, stride_kn, stride_vn, unmasked_end, key_end,
+        rows, n_keys, diagonal, qk_scale, d_ok, True, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2,
+        PRECISE_EXP, COMPENSATE,
     )  # fmt: skip
 
-    # l_i >= 1 for every row that saw a key (its max contributes exp2(0)); rows that saw none output
+    # l_i >= 1 for every row that saw a key (its max contributes exp(0)); rows that saw none output
     # 0 and LSE -inf rather than 0/0. One correctly rounded division per output element costs nothing
     # next to the loop and saves float32 outputs the approximate divide's extra ulps.
     sees_a_key = l_i > 0.0
     l_safe = tl.where(sees_a_key, l_i, 1.0)
     out = tl.where(sees_a_key[:, None], tl.math.div_rn(acc, l_safe[:, None]), 0.0)
-    lse = tl.where(sees_a_key, m_i + tl.math.log2(l_safe), float("-inf"))
+    log_l = _log(l_safe, BASE_2, PRECISE_EXP)
 
     o_ptrs = (
         Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
@@ -219,5 +312,17 @@ def attention_forward_kernel(
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     else:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    lse_ptrs = Lse + (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
-    tl.store(lse_ptrs, lse, mask=row_ok)
+    row_offsets = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
+    if COMPENSATE:
+        # The backward recomputes P = exp(S - LSE): a rounded LSE of magnitude |m| shifts every P of the
+        # row by eps32 * |m| relative, which for peaky float32 rows (|m| ~ 1e3 at sm_scale 100) is far
+        # more than eager attention's exp(S - m) / l loses (the fuzzer measured dv at 233x the bound).
+        # TwoSum keeps the rounding error of m + (m_low + log(l)) exactly, and the backward subtracts it.
+        log_l_and_m_low = m_low + log_l
+        lse = tl.where(sees_a_key, m_i + log_l_and_m_low, float("-inf"))
+        tl.store(Lse + row_offsets, lse, mask=row_ok)
+        sum_minus_m = lse - m_i
+        lse_low = (m_i - (lse - sum_minus_m)) + (log_l_and_m_low - sum_minus_m)
+        tl.store(LseLow + row_offsets, tl.where(sees_a_key, lse_low, 0.0), mask=row_ok)
+    else:
+        tl.store(Lse + row_offsets, tl.where(sees_a_key, m_i + log_l, float("-inf")), mask=row_ok)

@@ -12,7 +12,7 @@ import triton
 from core import _config
 from core._bwd_kernel import backward_dkdv_kernel, backward_dq_kernel, backward_preprocess_kernel
 from core._fwd_kernel import attention_forward_kernel
-from core._runtime import is_interpreted, patch_interpreter_bf16
+from core._runtime import is_interpreted, patch_interpreter
 
 LOG2E = math.log2(math.e)
 
@@ -29,72 +29,92 @@ def new_buffer(like: torch.Tensor, shape: tuple[int, ...] | None = None) -> torc
     return torch.empty(shape, dtype=torch.float32, device=like.device)
 
 
+def uses_base_2(dtype: torch.dtype) -> bool:
+    """Whether the kernels work in base 2 for this input dtype (fp16/bf16: the scale folded into exp2) or
+    in natural base (float32: one rounding fewer per logit, see core._fwd_kernel). The LSE that the
+    forward saves and the backward reads is in this base."""
+    return dtype != torch.float32
+
+
+def score_scale(dtype: torch.dtype, sm_scale: float) -> float:
+    """The kernels' qk_scale: sm_scale * log2(e) in base 2, sm_scale itself in natural base."""
+    return sm_scale * LOG2E if uses_base_2(dtype) else sm_scale
+
+
 def _precision_flags(dtype: torch.dtype, interpreted: bool) -> dict:
-    """float32 inputs get float32 arithmetic throughout: full-precision dots ("ieee", not TF32) and
-    libdevice's exp2 instead of the hardware approximation. fp16/bf16 ignore DOT_PRECISION (their dots
-    are exact products summed in fp32) and keep the fast exp2. The interpreter's exp2 is numpy's, which
-    is already precise (and it has no libdevice)."""
+    """float32 inputs get float32 arithmetic throughout: full-precision dots ("ieee", not TF32), natural
+    base, and libdevice's exp/log instead of the hardware approximations. fp16/bf16 ignore DOT_PRECISION
+    (their dots are exact products summed in fp32) and keep the fast exp2. The interpreter's exp is
+    numpy's, which is already precise (and it has no libdevice)."""
     full_fp32 = dtype == torch.float32
-    return dict(DOT_PRECISION="ieee" if full_fp32 else "tf32", PRECISE_EXP2=full_fp32 and not interpreted)
+    return dict(
+        DOT_PRECISION="ieee" if full_fp32 else "tf32",
+        BASE_2=uses_base_2(dtype),
+        PRECISE_EXP=full_fp32 and not interpreted,
+    )
 
 
 def _prepare_launch(q: torch.Tensor):
     interpreted = is_interpreted()
-    if interpreted and q.dtype == torch.bfloat16:
-        patch_interpreter_bf16()
+    if interpreted:
+        patch_interpreter()
     return interpreted, _config.padded_head_dim(q.shape[-1])
 
 
 def attention_forward(q, k, v, causal: bool, sm_scale: float, config: _config.KernelConfig | None = None):
-    """Returns (out, lse2): out like q; lse2 (B, Hq, Nq) float32 contiguous, the log-sum-exp in base 2
-    of the base-2 scores S * sm_scale * log2(e) (natural LSE = lse2 * ln 2)."""
+    """Returns (out, lse, lse_low): out like q; lse (B, Hq, Nq) float32 contiguous, the log-sum-exp of
+    the scaled scores in the kernels' base (`uses_base_2`: natural LSE = lse * ln 2 in base 2); lse_low
+    its rounding error for float32 inputs (the backward's two-part LSE), else None."""
     batch, q_heads, n_queries, head_dim = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     interpreted, block_d = _prepare_launch(q)
     config = config or _config.forward_config(block_d, q.dtype, interpreted)
     out = new_buffer(q)
     lse = new_buffer(q, (batch, q_heads, n_queries))
+    lse_low = new_buffer(q, lse.shape) if q.dtype == torch.float32 else None
     grid = (triton.cdiv(n_queries, config.block_m), q_heads, batch)
     attention_forward_kernel[grid](
-        q, k, v, out, lse,
+        q, k, v, out, lse, lse if lse_low is None else lse_low,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        q_heads, q_heads // kv_heads, n_queries, n_keys, sm_scale * LOG2E,
+        q_heads, q_heads // kv_heads, n_queries, n_keys, score_scale(q.dtype, sm_scale),
         HEAD_DIM=head_dim, CAUSAL=causal,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
         num_warps=config.num_warps, num_stages=config.num_stages, **_precision_flags(q.dtype, interpreted),
     )  # fmt: skip
-    return out, lse
+    return out, lse, lse_low
 
 
-def attention_backward(dout, dlse2, q, k, v, out, lse2, causal: bool, sm_scale: float):
-    """Returns (dq, dk, dv), each laid out like its input. lse2 is attention_forward's base-2 LSE and
-    dlse2 its gradient, or None when the LSE was not used."""
+def attention_backward(dout, dlse, q, k, v, out, lse, lse_low, causal: bool, sm_scale: float):
+    """Returns (dq, dk, dv), each laid out like its input. lse is attention_forward's LSE (in the
+    kernels' base) and dlse its gradient, or None when the LSE was not used; lse_low is the forward's."""
     batch, q_heads, n_queries, head_dim = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     interpreted, block_d = _prepare_launch(q)
     dkdv_config, dq_config = _config.backward_configs(block_d, q.dtype, interpreted)
 
-    delta = new_buffer(q, lse2.shape)
+    delta = new_buffer(q, lse.shape)
     rows_per_program = _config.preprocess_block_m(interpreted)
     backward_preprocess_kernel[(triton.cdiv(n_queries, rows_per_program), q_heads, batch)](
-        out, dout, dlse2 if dlse2 is not None else lse2, delta,
+        out, dout, dlse if dlse is not None else lse, delta,
         *out.stride(), *dout.stride(), q_heads, n_queries,
-        HEAD_DIM=head_dim, HAS_DLSE=dlse2 is not None, BLOCK_M=rows_per_program, BLOCK_D=block_d,
+        HEAD_DIM=head_dim, HAS_DLSE=dlse is not None, BASE_2=uses_base_2(q.dtype),
+        DOT_PRECISION=_precision_flags(q.dtype, interpreted)["DOT_PRECISION"],
+        BLOCK_M=rows_per_program, BLOCK_D=block_d,
     )  # fmt: skip
 
     dq, dk, dv = new_buffer(q), new_buffer(k), new_buffer(v)
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_D=block_d, **_precision_flags(q.dtype, interpreted))
     backward_dkdv_kernel[(triton.cdiv(n_keys, dkdv_config.block_n), kv_heads, batch)](
-        q, k, v, dout, lse2, delta, dk, dv,
+        q, k, v, dout, lse, lse if lse_low is None else lse_low, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        q_heads, q_heads // kv_heads, n_queries, n_keys, sm_scale, sm_scale * LOG2E,
+        q_heads, q_heads // kv_heads, n_queries, n_keys, sm_scale, score_scale(q.dtype, sm_scale),
         BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n,
         num_warps=dkdv_config.num_warps, num_stages=dkdv_config.num_stages, **common,
     )  # fmt: skip
     backward_dq_kernel[(triton.cdiv(n_queries, dq_config.block_m), q_heads, batch)](
-        q, k, v, dout, lse2, delta, dq,
+        q, k, v, dout, lse, lse if lse_low is None else lse_low, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        q_heads, q_heads // kv_heads, n_queries, n_keys, sm_scale, sm_scale * LOG2E,
+        q_heads, q_heads // kv_heads, n_queries, n_keys, sm_scale, score_scale(q.dtype, sm_scale),
         BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n,
         num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, **common,
     )  # fmt: skip

@@ -19,13 +19,22 @@ def is_interpreted() -> bool:
 
 
 @functools.cache
-def patch_interpreter_bf16() -> None:
-    """Make the interpreter's bf16 arithmetic what the GPU's is. Two upstream interpreter bugs:
+def patch_interpreter() -> None:
+    """Make the interpreter's arithmetic what the GPU's is, where the kernels' correctness depends on it.
 
     - `tl.dot` on bf16 hands the raw uint16 bit patterns to numpy's matmul
       (triton-lang/triton#11584, open). Widening each bf16 operand to float32 first is exact (every
-      bf16 is a float32), and a float32 matmul of the widened values is what the GPU's bf16
-      tensor-core dot computes: exact products summed in float32.
+      bf16 is a float32).
+    - `tl.dot` is one BLAS matmul per call, whose summation order depends on the operands' shapes and
+      positions: element (i, j) of q @ k^T and element (j, i) of k @ q^T can differ in the last bit.
+      The kernels rely on two such pairs agreeing exactly, as they do on the GPU, where every element
+      of a float32 dot is one sequential FMA chain over k whatever the tile shape: the scores that the
+      backward recomputes must be the forward's (else a peaky row's P = exp(s - LSE) is off by
+      eps32 * |s| relative), and Delta = rowsum(dO * O) must equal dP = dO . v for a one-hot row, whose
+      O is v (else dS keeps noise that sm_scale multiplies into dq and dk, where eager attention gets
+      exactly 0). Both were found by the fuzzer. Here every dot sums its exact products in float64 and
+      rounds once to float32, which no summation order can change (short of a float64 sum landing
+      within 1e-16 of a float32 rounding boundary).
     - float32 -> bf16 casts truncate the mantissa instead of rounding to nearest even as the GPU does,
       which biases every rounded P, dS and output towards zero (the numerics lab, experiment 0,
       measured 2x the GPU's error on bf16 outputs).
@@ -39,14 +48,16 @@ def patch_interpreter_bf16() -> None:
     original_dot = builder_cls.create_dot
     original_cast = builder_cls.cast_impl
 
-    def widen(handle):
-        if handle.dtype.scalar != tl.bfloat16:
-            return handle
-        as_f32 = (handle.data.astype(np.uint32) << 16).view(np.float32)
-        return interpreter.TensorHandle(as_f32, tl.float32)
+    def as_float64(handle) -> np.ndarray:
+        if handle.dtype.scalar == tl.bfloat16:
+            return (handle.data.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        return handle.data.astype(np.float64)
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+        if not (a.dtype.scalar.is_floating() and a.dtype.scalar.primitive_bitwidth >= 16):
+            return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        exact_sum = np.matmul(as_float64(a), as_float64(b))
+        return interpreter.TensorHandle(exact_sum.astype(d.data.dtype) + d.data, d.dtype.scalar)
 
     def cast_impl(self, src, dst_type):
         if not (src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16):

@@ -14,12 +14,19 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 # CUDA limits grid dimensions y and z (heads, batch) to 65535 programs.
 MAX_GRID_YZ = 65535
+# The kernels take the scale as a float32, with log2(e) folded in for fp16/bf16 (core._launch.score_scale):
+# beyond this it is inf, and even a zero logit would come out NaN. One limit for every dtype.
+MAX_SM_SCALE = torch.finfo(torch.float32).max / math.log2(math.e)  # 2.36e38
 
 
 def validate_attention_inputs(q, k, v, causal, sm_scale, return_lse, interpreted: bool) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.is_nested or t.layout != torch.strided:
+            kind = "nested" if t.is_nested else str(t.layout)
+            raise TypeError(f"{name} is a {kind} tensor; core.attention accepts strided (dense) tensors")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(
@@ -101,5 +108,14 @@ def _validate_sm_scale(sm_scale) -> None:
         )
     if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):
         raise TypeError(f"sm_scale must be a real number or None, got {type(sm_scale).__name__}")
-    if not math.isfinite(sm_scale):
-        raise ValueError(f"sm_scale must be finite, got {sm_scale}")
+    try:
+        as_float = float(sm_scale)
+    except OverflowError:  # an int beyond float's range
+        as_float = math.inf
+    if not math.isfinite(as_float):
+        raise ValueError(f"sm_scale must be finite, got {sm_scale!r:.40}")
+    if abs(as_float) > MAX_SM_SCALE:
+        raise ValueError(
+            f"|sm_scale| must be at most {MAX_SM_SCALE:.4g} (the kernels compute in float32 with log2(e) "
+            f"folded into the scale), got {sm_scale}"
+        )
