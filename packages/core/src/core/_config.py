@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 
 
 @dataclass(frozen=True)
@@ -28,7 +27,7 @@ INTERPRETER = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 
 def padded_head_dim(head_dim: int) -> int:
     """The head dim the tiles use: a power of two >= 16 (tl.dot's minimum); the rest is masked."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, 1 << (head_dim - 1).bit_length())  # triton.next_power_of_2, without its wrapper
 
 
 def forward_config(block_d: int, dtype: torch.dtype, interpreted: bool) -> KernelConfig:

@@ -11,6 +11,7 @@ import functools
 import numpy as np
 
 
+@functools.cache
 def is_interpreted() -> bool:
     """True when core's kernels were built for Triton's CPU interpreter."""
     from core._fwd_kernel import attention_forward_kernel
