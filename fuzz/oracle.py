@@ -22,6 +22,7 @@ import torch
 from hypothesis import event, target
 
 import core
+from core._launch import score_scale
 from fuzz import report
 from fuzz.cases import Case, Inputs, bits
 
@@ -102,23 +103,17 @@ def all_finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-# The largest |scaled logit| the kernels represent: they hold S * sm_scale in float32, times log2(e) for
-# fp16/bf16 (base 2). README's support matrix states the same range.
-FLOAT32_MAX = torch.finfo(torch.float32).max
-LOG2E = math.log2(math.e)
-
-
 def logits_in_kernel_range(case: Case, inputs: Inputs) -> bool:
-    """Whether every scaled logit q.k * sm_scale fits the kernels' float32 range (taken in float64).
+    """Whether every logit as the kernels hold it (q.k times core._launch.score_scale: sm_scale, times
+    log2(e) in base 2) fits float32 (taken in float64). README's support matrix states the same range.
 
     Beyond it a kernel's scores are inf and its outputs may be too, where eager attention in a wider
     format (bf16 holds up to 3.39e38, float32's 2.36e38 * log2(e) = 3.4e38) may still be finite."""
     problem = case.problem
     q, k = inputs.q.detach().double(), inputs.k.detach().double()
     k = k.repeat_interleave(problem.q_heads // problem.kv_heads, dim=1)
-    largest = (q @ k.transpose(-2, -1)).abs().nan_to_num(0.0, 0.0, 0.0).max().item() * abs(problem.scale)
-    limit = FLOAT32_MAX if problem.dtype == torch.float32 else FLOAT32_MAX / LOG2E
-    return largest <= limit
+    largest_dot = (q @ k.transpose(-2, -1)).abs().nan_to_num(0.0, 0.0, 0.0).max().item()
+    return largest_dot * abs(score_scale(problem.dtype, problem.scale)) <= torch.finfo(torch.float32).max
 
 
 def check_sound(

@@ -11,7 +11,9 @@ about u32 |lse2| in the exponent, i.e. a relative error in P that grows with the
 Blanchard, Higham and Higham warn that this division-free form can lose accuracy; the alternative is
 exp2(s - m) / l. Both are measured on fp32 scores with a common offset b added to every logit, against
 the float64 softmax of the same fp32 scores, together with the natural-log LSE round trip
-(lse = lse2 ln 2 saved, lse log2 e reloaded) of earlier versions of the kernel.
+(lse = lse2 ln 2 saved, lse log2 e reloaded) of earlier versions of the kernel. This is the fp16/bf16
+backward; float32 inputs now remove the error measured here with a two-part LSE and two-part scores
+(docs/design.md, "Precision paths").
 """
 
 from __future__ import annotations

@@ -34,6 +34,11 @@ def new_buffer(like: torch.Tensor, shape: tuple[int, ...] | None = None) -> torc
     return torch.empty(shape, dtype=torch.float32, device=like.device)
 
 
+def _or_unused(optional: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """A pointer argument the kernel never reads for this dtype still needs a tensor: pass a stand-in."""
+    return stand_in if optional is None else optional
+
+
 def uses_base_2(dtype: torch.dtype) -> bool:
     """Whether the kernels work in base 2 for this input dtype (fp16/bf16: the scale folded into exp2) or
     in natural base (float32: one rounding fewer per logit, see core._fwd_kernel). The LSE that the
@@ -79,7 +84,7 @@ def attention_forward(q, k, v, causal: bool, sm_scale: float, config: _config.Ke
     lse_low = new_buffer(q, lse.shape) if q.dtype == torch.float32 else None
     grid = (_ceil_div(n_queries, config.block_m), q_heads, batch)
     attention_forward_kernel[grid](
-        q, k, v, out, lse, lse if lse_low is None else lse_low,
+        q, k, v, out, lse, _or_unused(lse_low, lse),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         q_heads, q_heads // kv_heads, n_queries, n_keys, score_scale(q.dtype, sm_scale),
         HEAD_DIM=head_dim, CAUSAL=causal,
@@ -97,27 +102,29 @@ def attention_backward(dout, dlse, q, k, v, out, lse, lse_low, causal: bool, sm_
     interpreted, block_d = _prepare_launch(q)
     dkdv_config, dq_config = _config.backward_configs(block_d, q.dtype, interpreted)
 
+    flags = _precision_flags(q.dtype, interpreted)
+    lse_low = _or_unused(lse_low, lse)
+
     delta = new_buffer(q, lse.shape)
     rows_per_program = _config.preprocess_block_m(interpreted)
     backward_preprocess_kernel[(_ceil_div(n_queries, rows_per_program), q_heads, batch)](
-        out, dout, dlse if dlse is not None else lse, delta,
+        out, dout, _or_unused(dlse, lse), delta,
         *out.stride(), *dout.stride(), q_heads, n_queries,
-        HEAD_DIM=head_dim, HAS_DLSE=dlse is not None, BASE_2=uses_base_2(q.dtype),
-        DOT_PRECISION=_precision_flags(q.dtype, interpreted)["DOT_PRECISION"],
-        BLOCK_M=rows_per_program, BLOCK_D=block_d,
+        HEAD_DIM=head_dim, HAS_DLSE=dlse is not None, BASE_2=flags["BASE_2"],
+        DOT_PRECISION=flags["DOT_PRECISION"], BLOCK_M=rows_per_program, BLOCK_D=block_d,
     )  # fmt: skip
 
     dq, dk, dv = new_buffer(q), new_buffer(k), new_buffer(v)
-    common = dict(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_D=block_d, **_precision_flags(q.dtype, interpreted))
+    common = dict(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_D=block_d, **flags)
     backward_dkdv_kernel[(_ceil_div(n_keys, dkdv_config.block_n), kv_heads, batch)](
-        q, k, v, dout, lse, lse if lse_low is None else lse_low, delta, dk, dv,
+        q, k, v, dout, lse, lse_low, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         q_heads, q_heads // kv_heads, n_queries, n_keys, sm_scale, score_scale(q.dtype, sm_scale),
         BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n,
         num_warps=dkdv_config.num_warps, num_stages=dkdv_config.num_stages, **common,
     )  # fmt: skip
     backward_dq_kernel[(_ceil_div(n_queries, dq_config.block_m), q_heads, batch)](
-        q, k, v, dout, lse, lse if lse_low is None else lse_low, delta, dq,
+        q, k, v, dout, lse, lse_low, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         q_heads, q_heads // kv_heads, n_queries, n_keys, sm_scale, score_scale(q.dtype, sm_scale),
         BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n,

@@ -28,14 +28,14 @@ def patch_interpreter() -> None:
       bf16 is a float32).
     - `tl.dot` is one BLAS matmul per call, whose summation order depends on the operands' shapes and
       positions: element (i, j) of q @ k^T and element (j, i) of k @ q^T can differ in the last bit.
-      The kernels rely on two such pairs agreeing exactly, as they do on the GPU, where every element
-      of a float32 dot is one sequential FMA chain over k whatever the tile shape: the scores that the
-      backward recomputes must be the forward's (else a peaky row's P = exp(s - LSE) is off by
-      eps32 * |s| relative), and Delta = rowsum(dO * O) must equal dP = dO . v for a one-hot row, whose
-      O is v (else dS keeps noise that sm_scale multiplies into dq and dk, where eager attention gets
-      exactly 0). Both were found by the fuzzer. Here every dot sums its exact products in float64 and
-      rounds once to float32, which no summation order can change (short of a float64 sum landing
-      within 1e-16 of a float32 rounding boundary).
+      The kernels rely on such pairs agreeing exactly, as they do on the GPU, where an element's sum
+      does not depend on the tile shape (and float32 head-dim dots are float64 dots rounded once,
+      core._fwd_kernel._head_dim_dot): the scores that the backward recomputes must be the forward's
+      (else a peaky row's P = exp(s - LSE) is off by eps32 * |s| relative), and Delta = rowsum(dO * O)
+      must equal dP = dO . v for a one-hot row, whose O is v (else dS keeps noise that sm_scale
+      multiplies into dq and dk, where eager attention gets exactly 0). Both were found by the fuzzer.
+      Here every dot sums its exact products in float64 and rounds once to float32, which no summation
+      order can change (short of a float64 sum landing within 1e-16 of a float32 rounding boundary).
     - float32 -> bf16 casts truncate the mantissa instead of rounding to nearest even as the GPU does,
       which biases every rounded P, dS and output towards zero (the numerics lab, experiment 0,
       measured 2x the GPU's error on bf16 outputs).
