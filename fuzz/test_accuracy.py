@@ -142,6 +142,17 @@ def test_forward_matches_float64(kernel, case):
         upstream=Upstream(out="sum", lse="sum"),
     )
 ).via("discovered failure")  # fmt: skip
+# float32 on the H100 (gpu-2k run 4), NOT FIXED: out 1.69x the bound (3.5e-7 against eager's 4.5e-8) at
+# sm_scale -9880. It reproduces only with the GPU's random inputs; the next GPU run starts from it.
+@example(
+    case=Case(
+        problem=Problem(batch=4, q_heads=4, kv_heads=2, n_queries=31, n_keys=32, head_dim=64,
+                        dtype=torch.float32, sm_scale=-9880.672000451868),
+        layouts=(Layout(order=(0, 2, 1, 3)),) * 3,
+        values=Values("uniform", seed=4, level=1.0),
+        upstream=Upstream(out="unused", lse="sum"),
+    )
+).via("discovered failure")  # fmt: skip
 @given(case=cases())
 def test_gradients_match_float64(kernel, case):
     assume(sharding.belongs(kernel, case))  # a pinned case runs in its own family only
@@ -161,6 +172,18 @@ def test_gradients_match_float64(kernel, case):
 @example(case=Case(problem=Problem(n_queries=1, n_keys=1, head_dim=1, sm_scale=2.3586572558024336e38))).via(
     "discovered failure"
 )
+# bfloat16, sm_scale -9e15 (H100 gpu-2k run 3): rows tied between two keys. Beyond |m| = 2^24 the saved
+# LSE m + log2(2) rounded to m, so the backward's P was 1 for each key instead of 1/2: dk 47x the bound.
+# The LSE is now two-part for every dtype.
+@example(
+    case=Case(
+        problem=Problem(q_heads=2, kv_heads=1, n_queries=9, n_keys=239, head_dim=80, dtype=torch.bfloat16,
+                        sm_scale=-9007199254740992.0),
+        layouts=(Layout(order=(0, 2, 1, 3)),) * 3,
+        values=Values("ties", seed=17369, level=1.0),
+        upstream=Upstream(out="sum", lse="absent"),
+    )
+).via("discovered failure")  # fmt: skip
 @given(case=cases(problem=problems(scales=lambda head_dim: extreme_scales())))
 def test_every_finite_scale_is_accurate_or_rejected(kernel, case):
     """Every finite sm_scale gives a result within the policy, unless core rejects it with a ValueError

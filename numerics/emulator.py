@@ -86,7 +86,7 @@ class Arithmetic:
     #                       kernel does, for every dtype); False: the plain sum l * alpha + rowsum
     kahan: bool = False  # Kahan-sum the per-block dots into acc (the kernel does for fp32 inputs)
     two_part_lse: bool = False  # save the LSE's rounding error too (TwoSum of m + log l), which the backward
-    #                             subtracts after s - lse (the kernel does for fp32 inputs)
+    #                             subtracts after s - lse (the kernel does, for every dtype)
     two_part_scores: bool = False  # keep each score's rounding error s_low = raw * qk_scale - s (the
     #                                kernel's FMA) and the running max's low part m_low (s_low of the max
     #                                score, the largest among ties); measure scores from the max as

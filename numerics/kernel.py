@@ -42,7 +42,7 @@ def block_config(block_m: int, block_n: int, head_dim: int = 64):
 def forward(q, k, v, *, causal: bool = False, sm_scale: float | None = None, config=None):
     """(out, lse, lse_low) of the kernel as core._launch.attention_forward returns them: lse the LSE it
     saves, in its base (base 2 for fp16/bf16: natural LSE = lse * ln 2; natural for fp32), lse_low that
-    LSE's rounding error for fp32 inputs, else None. `config` (block_config) overrides the default tiles."""
+    LSE's rounding error. `config` (block_config) overrides the default tiles."""
     from core import _launch
 
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
@@ -66,8 +66,8 @@ def forward_backward(q, k, v, dout, *, causal: bool = False, sm_scale: float | N
 def arithmetic(input_format: str, block_m: int, block_n: int):
     """The emulator settings that reproduce the kernel as it runs here, with these tiles: the defaults
     (base 2, round to nearest everywhere, a Kahan-compensated row sum) and, for fp32 inputs, natural
-    base, Kahan-summed dots, two-part scores and running max (the scale's rounding error by an FMA), a
-    two-part LSE (core._launch.uses_base_2, core._fwd_kernel's COMPENSATE, core._bwd_kernel's
+    base, Kahan-summed dots, two-part scores and running max (the scale's rounding error by an FMA); a
+    two-part LSE for every format (core._launch.uses_base_2, core._fwd_kernel's COMPENSATE, core._bwd_kernel's
     _probabilities). The fp32 score dots (core._fwd_kernel's _head_dim_dot) are float64 dots rounded once to
     float32, the exact-sum dot the emulator takes for every dot, so they need no setting.
 
@@ -84,5 +84,5 @@ def arithmetic(input_format: str, block_m: int, block_n: int):
         exp="exp" if fp32 else "exp2",
         kahan=fp32,
         two_part_scores=fp32,
-        two_part_lse=fp32,
+        two_part_lse=True,
     )

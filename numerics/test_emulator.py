@@ -192,10 +192,8 @@ def test_emulator_is_the_interpreted_kernel_bit_for_bit(dtype, causal, shape, ti
     got = emulator.forward(*arrays, dtype, arith, causal=causal, sm_scale=sm_scale)
     np.testing.assert_array_equal(to_numpy(out), got.out)
     np.testing.assert_array_equal(to_numpy(lse), got.saved_lse)
-    # The two-part LSE of fp32 inputs: a low part exactly when the kernel saves one, bit for bit.
-    assert (lse_low is None) == (got.lse_low is None) == (dtype != "fp32")
-    if lse_low is not None:
-        np.testing.assert_array_equal(to_numpy(lse_low), got.lse_low)
+    # The two-part LSE (every dtype): the low part bit for bit.
+    np.testing.assert_array_equal(to_numpy(lse_low), got.lse_low)
     if dtype == "fp32":
         # The case exercises the two-part scores: without them the emulator is not the kernel.
         plain = emulator.forward(

@@ -82,8 +82,7 @@ def run(lab) -> dict:
         arith = kernel.arithmetic(dtype, bm, bn)
         emu = emulator.forward(*(to_numpy(x) for x in (q, k, v)), dtype, arith, causal=causal)
         compared = [("out", to_numpy(out), emu.out, dtype), ("lse", to_numpy(lse), emu.saved_lse, "fp32")]
-        if lse_low is not None:  # fp32 inputs: the two-part LSE
-            compared.append(("lse_low", to_numpy(lse_low), emu.lse_low, "fp32"))
+        compared.append(("lse_low", to_numpy(lse_low), emu.lse_low, "fp32"))  # the two-part LSE
         for quantity, got, emulated, fmt in compared:
             rows.append({**case, **_compare(quantity, got, emulated, fmt)})
 

@@ -7,6 +7,7 @@ import torch
 
 import core
 import core._launch
+import core._launch_cache
 
 from .conftest import DEVICE, ON_GPU
 
@@ -16,10 +17,10 @@ def no_launch(monkeypatch):
     """Any attempt to reach a kernel launcher fails the test loudly."""
 
     def launched(*args, **kwargs):
-        raise AssertionError("a kernel was launched for invalid input")
+        raise AssertionError("a kernel output was allocated or a kernel launched for invalid input")
 
-    monkeypatch.setattr(core._autograd, "attention_forward", launched)
-    monkeypatch.setattr(core._autograd, "attention_backward", launched)
+    monkeypatch.setattr(core._launch, "new_buffer", launched)
+    monkeypatch.setattr(core._launch_cache.CachedKernel, "launch", launched)
 
 
 def qkv(b=1, hq=2, hkv=2, nq=8, nk=8, d=16, dtype=torch.float16, device=DEVICE):

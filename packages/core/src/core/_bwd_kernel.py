@@ -82,34 +82,31 @@ def backward_preprocess_kernel(
 
 
 @triton.jit
-def _load_row_stats(Lse, LseLow, Delta, row_offsets, row_ok, TWO_PART_LSE: tl.constexpr):
-    """The saved LSE (+inf for rows past Nq or that saw no key, so their P is 0), its low part (float32
-    inputs; else 0) and Delta."""
+def _load_row_stats(Lse, LseLow, Delta, row_offsets, row_ok):
+    """The saved LSE (+inf for rows past Nq or that saw no key, so their P is 0), its low part and Delta."""
     lse = tl.load(Lse + row_offsets, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    if TWO_PART_LSE:
-        lse_low = tl.load(LseLow + row_offsets, mask=row_ok, other=0.0)
-    else:
-        lse_low = tl.zeros_like(lse)
+    lse_low = tl.load(LseLow + row_offsets, mask=row_ok, other=0.0)
     delta = tl.load(Delta + row_offsets, mask=row_ok, other=0.0)
     return lse, lse_low, delta
 
 
 @triton.jit
 def _probabilities(raw_scores, qk_scale, lse, lse_low, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
-                   TWO_PART: tl.constexpr):  # fmt: skip
+                   TWO_PART_SCORES: tl.constexpr):  # fmt: skip
     """P = exp(raw_scores * qk_scale - LSE), the forward's probabilities recomputed from the unscaled
     score tile and the saved LSE (broadcast to the tile's shape).
 
-    TWO_PART (float32) repeats the forward's arithmetic: the scale's rounding error (an FMA) and the
-    LSE's low part go in after the subtraction, which is exact where P matters (scores near the LSE),
-    so P keeps float32 precision however large the logits."""
+    The LSE's low part goes in after the subtraction, which is exact where P matters (scores near the
+    LSE), so a row whose logits are beyond 2^24 still gets its log(l) (core._fwd_kernel keeps it).
+    TWO_PART_SCORES (float32) also repeats the forward's two-part scores: the scale's rounding error (an
+    FMA), so P keeps float32 precision however large the logits."""
     scores = _scaled_scores(raw_scores, qk_scale)
-    if TWO_PART:
+    if TWO_PART_SCORES:
         scores_low = tl.fma(raw_scores, qk_scale, -scores)
         return _exp(((scores - lse) + scores_low) - lse_low, BASE_2, PRECISE_EXP)
     else:
-        return _exp(scores - lse, BASE_2, PRECISE_EXP)
+        return _exp((scores - lse) - lse_low, BASE_2, PRECISE_EXP)
 
 
 @triton.jit
@@ -131,7 +128,7 @@ def _dkdv_from_query_blocks(
         row_ok = rows < n_queries
         qT = _load_tile(q_ptrs, d_ok, row_ok, EVEN_D, False)
         do = _load_tile(do_ptrs, row_ok, d_ok, False, EVEN_D)
-        lse, lse_low, delta = _load_row_stats(Lse, LseLow, Delta, stat_offset + rows, row_ok, COMPENSATE)
+        lse, lse_low, delta = _load_row_stats(Lse, LseLow, Delta, stat_offset + rows, row_ok)
         pT = _probabilities(
             _head_dim_dot(k, qT, DOT_PRECISION, COMPENSATE), qk_scale, lse[None, :], lse_low[None, :],
             BASE_2, PRECISE_EXP, COMPENSATE,
@@ -164,7 +161,7 @@ def backward_dkdv_kernel(
     """dK, dV for BLOCK_N keys of one key/value head.
 
     Q, dOut (B, Hq, Nq, HEAD_DIM); K, V, dK, dV (B, Hkv, Nk, HEAD_DIM); any strides, 64-bit offsets.
-    Lse, LseLow (read for float32 inputs only), Delta (B, Hq, Nq) float32 contiguous. The program sums
+    Lse, LseLow (its low part), Delta (B, Hq, Nq) float32 contiguous. The program sums
     over the kv_group = Hq // Hkv query heads that share this key/value head itself, so GQA needs
     neither atomics nor a reduction pass.
     Grid: (cdiv(Nk, BLOCK_N), Hkv, B).
@@ -302,7 +299,7 @@ def backward_dq_kernel(
     """dQ for BLOCK_M query rows of one query head.
 
     Q, dOut, dQ (B, Hq, Nq, HEAD_DIM); K, V (B, Hkv, Nk, HEAD_DIM); any strides, 64-bit offsets.
-    Lse, LseLow (read for float32 inputs only), Delta (B, Hq, Nq) float32 contiguous.
+    Lse, LseLow (its low part), Delta (B, Hq, Nq) float32 contiguous.
     Grid: (cdiv(Nq, BLOCK_M), Hq, B), causal tiles that see
     the most keys launched first.
     """
@@ -334,7 +331,7 @@ def backward_dq_kernel(
     )  # fmt: skip
     COMPENSATE: tl.constexpr = Q.dtype.element_ty == tl.float32
     lse, lse_low, delta = _load_row_stats(
-        Lse, LseLow, Delta, (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows, row_ok, COMPENSATE
+        Lse, LseLow, Delta, (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows, row_ok
     )
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq_comp = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

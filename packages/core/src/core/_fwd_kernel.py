@@ -226,7 +226,7 @@ def attention_forward_kernel(
       Out (B, Hq, Nq, HEAD_DIM)   strides stride_o{b,h,m,d}
       Lse (B, Hq, Nq) float32, contiguous; log-sum-exp of the scores S * qk_scale in the kernel's
           base (base 2 when BASE_2, else natural), -inf for rows that see no key
-      LseLow (B, Hq, Nq) float32, contiguous, written for float32 inputs only: Lse's rounding error, so
+      LseLow (B, Hq, Nq) float32, contiguous: Lse's rounding error, so
           that Lse + LseLow is the log-sum-exp to twice float32's precision (0 for rows that see no key)
     kv_group = Hq // Hkv: query head h reads key/value head h // kv_group (GQA/MQA, no copies).
     qk_scale = sm_scale * log2(e) when BASE_2, else sm_scale. Grid: (cdiv(Nq, BLOCK_M), Hq, B).
@@ -313,16 +313,15 @@ def attention_forward_kernel(
     else:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     row_offsets = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
-    if COMPENSATE:
-        # The backward recomputes P = exp(S - LSE): a rounded LSE of magnitude |m| shifts every P of the
-        # row by eps32 * |m| relative, which for peaky float32 rows (|m| ~ 1e3 at sm_scale 100) is far
-        # more than eager attention's exp(S - m) / l loses (the fuzzer measured dv at 233x the bound).
-        # TwoSum keeps the rounding error of m + (m_low + log(l)) exactly, and the backward subtracts it.
-        log_l_and_m_low = m_low + log_l
-        lse = tl.where(sees_a_key, m_i + log_l_and_m_low, float("-inf"))
-        tl.store(Lse + row_offsets, lse, mask=row_ok)
-        sum_minus_m = lse - m_i
-        lse_low = (m_i - (lse - sum_minus_m)) + (log_l_and_m_low - sum_minus_m)
-        tl.store(LseLow + row_offsets, tl.where(sees_a_key, lse_low, 0.0), mask=row_ok)
-    else:
-        tl.store(Lse + row_offsets, tl.where(sees_a_key, m_i + log_l, float("-inf")), mask=row_ok)
+    # The backward recomputes P = exp(S - LSE): a rounded LSE of magnitude |m| shifts every P of the row by
+    # eps32 * |m| relative. For peaky float32 rows (|m| ~ 1e3 at sm_scale 100) that is far more than eager
+    # attention's exp(S - m) / l loses (the fuzzer measured dv at 233x the bound); in every dtype, beyond
+    # |m| = 2^24 log(l) vanishes from m + log(l) altogether, and a row that ties between two keys got
+    # P = 1 for each instead of 1/2 (bf16 at sm_scale -9e15: dk 47x the bound). TwoSum keeps the rounding
+    # error of m + (m_low + log(l)) exactly, and the backward subtracts it. (m_low is 0 for fp16/bf16.)
+    log_l_and_m_low = m_low + log_l
+    lse = tl.where(sees_a_key, m_i + log_l_and_m_low, float("-inf"))
+    tl.store(Lse + row_offsets, lse, mask=row_ok)
+    sum_minus_m = lse - m_i
+    lse_low = (m_i - (lse - sum_minus_m)) + (log_l_and_m_low - sum_minus_m)
+    tl.store(LseLow + row_offsets, tl.where(sees_a_key, lse_low, 0.0), mask=row_ok)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -11,9 +12,16 @@ import torch
 from core import _config
 from core._bwd_kernel import backward_dkdv_kernel, backward_dq_kernel, backward_preprocess_kernel
 from core._fwd_kernel import attention_forward_kernel
+from core._launch_cache import CachedKernel
 from core._runtime import is_interpreted, patch_interpreter
 
 LOG2E = math.log2(math.e)
+
+# Every launch goes through these: a repeated (shape, stride, alignment) skips Triton's argument binding.
+FORWARD = CachedKernel(attention_forward_kernel)
+PREPROCESS = CachedKernel(backward_preprocess_kernel)
+DKDV = CachedKernel(backward_dkdv_kernel)
+DQ = CachedKernel(backward_dq_kernel)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -51,17 +59,22 @@ def score_scale(dtype: torch.dtype, sm_scale: float) -> float:
     return sm_scale * LOG2E if uses_base_2(dtype) else sm_scale
 
 
-def _precision_flags(dtype: torch.dtype, interpreted: bool) -> dict:
+@functools.cache
+def _precision_flags(dtype: torch.dtype, interpreted: bool) -> tuple:
     """float32 inputs get float32 arithmetic throughout: full-precision dots ("ieee", not TF32), natural
     base, and libdevice's exp/log instead of the hardware approximations. fp16/bf16 ignore DOT_PRECISION
     (their dots are exact products summed in fp32) and keep the fast exp2. The interpreter's exp is
     numpy's, which is already precise (and it has no libdevice)."""
     full_fp32 = dtype == torch.float32
-    return dict(
-        DOT_PRECISION="ieee" if full_fp32 else "tf32",
-        BASE_2=uses_base_2(dtype),
-        PRECISE_EXP=full_fp32 and not interpreted,
+    return (
+        ("DOT_PRECISION", "ieee" if full_fp32 else "tf32"),
+        ("BASE_2", uses_base_2(dtype)),
+        ("PRECISE_EXP", full_fp32 and not interpreted),
     )
+
+
+def _options(config: _config.KernelConfig) -> tuple:
+    return (("num_warps", config.num_warps), ("num_stages", config.num_stages))
 
 
 def _prepare_launch(q: torch.Tensor):
@@ -74,22 +87,24 @@ def _prepare_launch(q: torch.Tensor):
 def attention_forward(q, k, v, causal: bool, sm_scale: float, config: _config.KernelConfig | None = None):
     """Returns (out, lse, lse_low): out like q; lse (B, Hq, Nq) float32 contiguous, the log-sum-exp of
     the scaled scores in the kernels' base (`uses_base_2`: natural LSE = lse * ln 2 in base 2); lse_low
-    its rounding error for float32 inputs (the backward's two-part LSE), else None."""
+    its rounding error (the backward's two-part LSE), same shape."""
     batch, q_heads, n_queries, head_dim = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     interpreted, block_d = _prepare_launch(q)
     config = config or _config.forward_config(block_d, q.dtype, interpreted)
     out = new_buffer(q)
     lse = new_buffer(q, (batch, q_heads, n_queries))
-    lse_low = new_buffer(q, lse.shape) if q.dtype == torch.float32 else None
-    grid = (_ceil_div(n_queries, config.block_m), q_heads, batch)
-    attention_forward_kernel[grid](
-        q, k, v, out, lse, _or_unused(lse_low, lse),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        q_heads, q_heads // kv_heads, n_queries, n_keys, score_scale(q.dtype, sm_scale),
-        HEAD_DIM=head_dim, CAUSAL=causal,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
-        num_warps=config.num_warps, num_stages=config.num_stages, **_precision_flags(q.dtype, interpreted),
+    lse_low = new_buffer(q, lse.shape)
+    FORWARD.launch(
+        (_ceil_div(n_queries, config.block_m), q_heads, batch),
+        (q, k, v, out, lse, lse_low),
+        (*q.stride(), *k.stride(), *v.stride(), *out.stride(), q_heads, q_heads // kv_heads, n_queries,
+         n_keys),
+        (score_scale(q.dtype, sm_scale),),
+        (("HEAD_DIM", head_dim), ("CAUSAL", causal),
+         ("BLOCK_M", config.block_m), ("BLOCK_N", config.block_n), ("BLOCK_D", block_d),
+         *_precision_flags(q.dtype, interpreted)),
+        _options(config),
     )  # fmt: skip
     return out, lse, lse_low
 
@@ -103,31 +118,40 @@ def attention_backward(dout, dlse, q, k, v, out, lse, lse_low, causal: bool, sm_
     dkdv_config, dq_config = _config.backward_configs(block_d, q.dtype, interpreted)
 
     flags = _precision_flags(q.dtype, interpreted)
-    lse_low = _or_unused(lse_low, lse)
+    dot_precision, base_2, _ = flags
 
     delta = new_buffer(q, lse.shape)
     rows_per_program = _config.preprocess_block_m(interpreted)
-    backward_preprocess_kernel[(_ceil_div(n_queries, rows_per_program), q_heads, batch)](
-        out, dout, _or_unused(dlse, lse), delta,
-        *out.stride(), *dout.stride(), q_heads, n_queries,
-        HEAD_DIM=head_dim, HAS_DLSE=dlse is not None, BASE_2=flags["BASE_2"],
-        DOT_PRECISION=flags["DOT_PRECISION"], BLOCK_M=rows_per_program, BLOCK_D=block_d,
+    PREPROCESS.launch(
+        (_ceil_div(n_queries, rows_per_program), q_heads, batch),
+        (out, dout, _or_unused(dlse, lse), delta),
+        (*out.stride(), *dout.stride(), q_heads, n_queries),
+        (),
+        (("HEAD_DIM", head_dim), ("HAS_DLSE", dlse is not None), base_2, dot_precision,
+         ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d)),
+        (),
     )  # fmt: skip
 
     dq, dk, dv = new_buffer(q), new_buffer(k), new_buffer(v)
-    common = dict(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_D=block_d, **flags)
-    backward_dkdv_kernel[(_ceil_div(n_keys, dkdv_config.block_n), kv_heads, batch)](
-        q, k, v, dout, lse, lse_low, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        q_heads, q_heads // kv_heads, n_queries, n_keys, sm_scale, score_scale(q.dtype, sm_scale),
-        BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n,
-        num_warps=dkdv_config.num_warps, num_stages=dkdv_config.num_stages, **common,
+    sizes = (q_heads, q_heads // kv_heads, n_queries, n_keys)
+    scales = (sm_scale, score_scale(q.dtype, sm_scale))
+    input_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    DKDV.launch(
+        (_ceil_div(n_keys, dkdv_config.block_n), kv_heads, batch),
+        (q, k, v, dout, lse, lse_low, delta, dk, dv),
+        (*input_strides, *dk.stride(), *dv.stride(), *sizes),
+        scales,
+        (("HEAD_DIM", head_dim), ("CAUSAL", causal),
+         ("BLOCK_M", dkdv_config.block_m), ("BLOCK_N", dkdv_config.block_n), ("BLOCK_D", block_d), *flags),
+        _options(dkdv_config),
     )  # fmt: skip
-    backward_dq_kernel[(_ceil_div(n_queries, dq_config.block_m), q_heads, batch)](
-        q, k, v, dout, lse, lse_low, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        q_heads, q_heads // kv_heads, n_queries, n_keys, sm_scale, score_scale(q.dtype, sm_scale),
-        BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n,
-        num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, **common,
+    DQ.launch(
+        (_ceil_div(n_queries, dq_config.block_m), q_heads, batch),
+        (q, k, v, dout, lse, lse_low, delta, dq),
+        (*input_strides, *dq.stride(), *sizes),
+        scales,
+        (("HEAD_DIM", head_dim), ("CAUSAL", causal),
+         ("BLOCK_M", dq_config.block_m), ("BLOCK_N", dq_config.block_n), ("BLOCK_D", block_d), *flags),
+        _options(dq_config),
     )  # fmt: skip
     return dq, dk, dv

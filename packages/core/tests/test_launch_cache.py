@@ -1,0 +1,117 @@
+"""The launch cache (core._launch_cache): a relaunch that skips Triton's argument binding must run the
+very kernel that the binding would have picked, with the same arguments.
+
+Each case runs forward and backward three times: through `kernel[grid]` with the cache switched off,
+then twice with it on (the first call fills the cache, the second hits it). All three must agree bit for
+bit. The cases vary what Triton specialises on: pointer alignment (a storage offset of one element),
+strides (BSHD views), integers equal to 1 (one query, one head) and GQA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import core
+from core import _launch
+from core._launch_cache import CachedKernel
+
+from .conftest import DEVICE, ON_GPU
+
+LAUNCHERS = (_launch.FORWARD, _launch.PREPROCESS, _launch.DKDV, _launch.DQ)
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="the cache only serves compiled kernels")
+
+
+def _views(case: str, dtype=torch.float16):
+    """(q, k, v) leaves for one specialisation case."""
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, device=DEVICE, dtype=torch.float32).to(dtype)
+
+    if case == "contiguous":
+        q, k, v = draw(2, 4, 200, 64), draw(2, 4, 180, 64), draw(2, 4, 180, 64)
+    elif case == "bshd":
+        q, k, v = (draw(2, 150, 4, 64).transpose(1, 2) for _ in range(3))
+    elif case == "misaligned":  # one element into the storage: data_ptr % 16 == 2
+        q, k, v = (draw(2 * 4 * 130 * 64 + 1)[1:].view(2, 4, 130, 64) for _ in range(3))
+    elif case == "ones":  # Nq = 1, one head: integers Triton turns into constants
+        q, k, v = draw(1, 1, 1, 64), draw(1, 1, 300, 64), draw(1, 1, 300, 64)
+    elif case == "gqa":
+        q, k, v = draw(1, 8, 96, 128), draw(1, 2, 96, 128), draw(1, 2, 96, 128)
+    else:
+        raise ValueError(case)
+    return tuple(x.detach().requires_grad_() for x in (q, k, v))
+
+
+def _run(q, k, v):
+    for x in (q, k, v):
+        x.grad = None
+    out, lse = core.attention(q, k, v, causal=True, return_lse=True)
+    (out.float().sum() + lse.sum()).backward()
+    return [out, lse, q.grad, k.grad, v.grad]
+
+
+@gpu_only
+@pytest.mark.parametrize("case", ["contiguous", "bshd", "misaligned", "ones", "gqa"])
+def test_cached_relaunch_equals_bound_launch(case, monkeypatch):
+    q, k, v = _views(case)
+    with monkeypatch.context() as patch:
+        for launcher in LAUNCHERS:
+            patch.setattr(launcher, "enabled", False)
+        bound = _run(q, k, v)
+    for launcher in LAUNCHERS:
+        launcher.compiled.clear()
+    filling = _run(q, k, v)
+    entries = [len(launcher.compiled) for launcher in LAUNCHERS]
+    hitting = _run(q, k, v)
+    assert entries == [1, 1, 1, 1], "each kernel should have compiled one entry"
+    assert [len(launcher.compiled) for launcher in LAUNCHERS] == entries, "the second call missed the cache"
+    for name, expected, first, second in zip(("out", "lse", "dq", "dk", "dv"), bound, filling, hitting):
+        assert torch.equal(first, expected), f"{name}: first cached-path call differs from kernel[grid]"
+        assert torch.equal(second, expected), f"{name}: cache hit differs from kernel[grid]"
+
+
+@gpu_only
+def test_alignment_and_strides_are_part_of_the_key():
+    """Same shapes and strides at another alignment, or same shapes in another layout: a new entry each."""
+    shape = (2, 4, 130, 64)
+    storage = torch.randn(torch.Size(shape).numel() + 1, device=DEVICE, dtype=torch.float16)
+    aligned, misaligned = storage[:-1].view(shape), storage[1:].view(shape)
+    bshd = aligned.transpose(1, 2).contiguous().transpose(1, 2)
+    _launch.FORWARD.compiled.clear()
+    for q in (aligned, misaligned, bshd, aligned, misaligned, bshd):
+        core.attention(q, aligned, aligned)
+    assert len(_launch.FORWARD.compiled) == 3
+
+
+@gpu_only
+def test_profiler_hooks_still_see_every_launch():
+    """With a launch hook installed (as profilers install one), launches take Triton's own path."""
+    from triton import knobs
+
+    q = torch.randn(1, 2, 64, 64, device=DEVICE, dtype=torch.float16)
+    core.attention(q, q, q)  # compiled and cached
+    seen = []
+
+    def hook(metadata):
+        seen.append(metadata.get()["name"])
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        core.attention(q, q, q)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert seen == ["attention_forward_kernel"]
+
+
+def test_constexprs_out_of_signature_order_are_refused():
+    """A hit passes constexprs by position, so a launcher that names them out of order must fail."""
+    launcher = CachedKernel(_launch.attention_forward_kernel)
+    in_order = ["HEAD_DIM", "CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D"]
+    in_order += ["DOT_PRECISION", "BASE_2", "PRECISE_EXP"]
+    positional = len(launcher.kernel.arg_names) - len(in_order)
+    launcher._check_order(positional, tuple((name, None) for name in in_order))
+    swapped = [in_order[1], in_order[0], *in_order[2:]]
+    with pytest.raises(TypeError, match="in this order"):
+        launcher._check_order(positional, tuple((name, None) for name in swapped))
