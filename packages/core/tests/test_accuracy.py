@@ -68,6 +68,30 @@ def test_explicit_softmax_scale(sm_scale):
     assert_all_within_tolerance(compare_with_reference(q, k, v, causal=True, sm_scale=sm_scale))
 
 
+FLOAT32_LSE_LOW_ROUNDING = pytest.mark.xfail(
+    strict=True,
+    reason="open: float32's low part is fl(m_low + log l), whose rounding at |m_low| ~ 1e2 leaves P "
+    "off by ~1e-6 relative (dv 1.2x the bound); fix: save m, m_low and log l apart (docs/numerics-policy.md)",
+)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, pytest.param(torch.float32, marks=FLOAT32_LSE_LOW_ROUNDING)], ids=str
+)
+def test_rows_tied_between_two_keys_at_logits_beyond_2_pow_24(dtype):
+    """Each query's largest score is shared by two identical keys (with identical values), and sm_scale
+    puts every logit near 1e9: the softmax gives exactly 1/2 to each. The saved LSE m + log(2) rounds to
+    m at that magnitude, so without its low part the backward recomputed P = 1 for both keys and
+    doubled their gradients (the GPU fuzzer found dk at 47x the bound in bfloat16). float16 is left out
+    because its eager reference overflows at such logits and the policy has no bound to judge by."""
+    q, k, v = make_qkv(1, 2, 2, 24, 40, 32, dtype, seed=11)
+    q, k, v = q.detach().abs(), k.detach().clone(), v.detach().clone()
+    k[:, :, 7] = 3.0  # q > 0: q . k_7 = 3 sum(q), far above every random key's score
+    k[:, :, 23], v[:, :, 23] = k[:, :, 7], v[:, :, 7]
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    assert_all_within_tolerance(compare_with_reference(q, k, v, causal=False, sm_scale=1e8))
+
+
 def test_policy_counts_a_correctly_rounded_overflow_as_exact():
     """A float16 inf where the true value is beyond 65504 is the correctly rounded result, not an
     infinite error; a finite value there is off by at least the distance to the truth."""
