@@ -158,7 +158,7 @@ def _examples(forward, gradients, extreme_scales, invariants, bad_inputs, nonfin
 PROFILES = {
     p.name: p
     for p in (
-        # CPU interpreter, the same examples every run: about 5.5 minutes with -n 2. No shrinking, so a
+        # CPU interpreter, the same examples every run: 5.5-7 minutes with -n 2. No shrinking, so a
         # red run is as quick as a green one (shrinking an interpreted failure takes up to 5 minutes per
         # failing item): `ci-shrink` draws the very same examples and shrinks what fails.
         *(
