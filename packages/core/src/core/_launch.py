@@ -43,7 +43,7 @@ def new_buffer(like: torch.Tensor, shape: tuple[int, ...] | None = None) -> torc
 
 
 def _or_unused(optional: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
-    """A pointer argument the kernel never reads for this dtype still needs a tensor: pass a stand-in."""
+    """A pointer argument the kernel never reads (dLSE when the LSE was not used) still needs a tensor."""
     return stand_in if optional is None else optional
 
 
@@ -73,8 +73,16 @@ def _precision_flags(dtype: torch.dtype, interpreted: bool) -> tuple:
     )
 
 
-def _options(config: _config.KernelConfig) -> tuple:
-    return (("num_warps", config.num_warps), ("num_stages", config.num_stages))
+@functools.cache
+def _attention_meta(head_dim: int, causal: bool, block_d: int, config, dtype, interpreted: bool):
+    """(constexprs, options) of the forward, dK/dV and dQ kernels, which share their constexpr list, in
+    signature order (core._launch_cache passes constexprs by position). Cached: built once per shape."""
+    constexprs = (
+        ("HEAD_DIM", head_dim), ("CAUSAL", causal),
+        ("BLOCK_M", config.block_m), ("BLOCK_N", config.block_n), ("BLOCK_D", block_d),
+        *_precision_flags(dtype, interpreted),
+    )  # fmt: skip
+    return constexprs, (("num_warps", config.num_warps), ("num_stages", config.num_stages))
 
 
 def _prepare_launch(q: torch.Tensor):
@@ -101,10 +109,7 @@ def attention_forward(q, k, v, causal: bool, sm_scale: float, config: _config.Ke
         (*q.stride(), *k.stride(), *v.stride(), *out.stride(), q_heads, q_heads // kv_heads, n_queries,
          n_keys),
         (score_scale(q.dtype, sm_scale),),
-        (("HEAD_DIM", head_dim), ("CAUSAL", causal),
-         ("BLOCK_M", config.block_m), ("BLOCK_N", config.block_n), ("BLOCK_D", block_d),
-         *_precision_flags(q.dtype, interpreted)),
-        _options(config),
+        *_attention_meta(head_dim, causal, block_d, config, q.dtype, interpreted),
     )  # fmt: skip
     return out, lse, lse_low
 
@@ -117,8 +122,7 @@ def attention_backward(dout, dlse, q, k, v, out, lse, lse_low, causal: bool, sm_
     interpreted, block_d = _prepare_launch(q)
     dkdv_config, dq_config = _config.backward_configs(block_d, q.dtype, interpreted)
 
-    flags = _precision_flags(q.dtype, interpreted)
-    dot_precision, base_2, _ = flags
+    dot_precision, base_2, _ = _precision_flags(q.dtype, interpreted)
 
     delta = new_buffer(q, lse.shape)
     rows_per_program = _config.preprocess_block_m(interpreted)
@@ -141,17 +145,13 @@ def attention_backward(dout, dlse, q, k, v, out, lse, lse_low, causal: bool, sm_
         (q, k, v, dout, lse, lse_low, delta, dk, dv),
         (*input_strides, *dk.stride(), *dv.stride(), *sizes),
         scales,
-        (("HEAD_DIM", head_dim), ("CAUSAL", causal),
-         ("BLOCK_M", dkdv_config.block_m), ("BLOCK_N", dkdv_config.block_n), ("BLOCK_D", block_d), *flags),
-        _options(dkdv_config),
+        *_attention_meta(head_dim, causal, block_d, dkdv_config, q.dtype, interpreted),
     )  # fmt: skip
     DQ.launch(
         (_ceil_div(n_queries, dq_config.block_m), q_heads, batch),
         (q, k, v, dout, lse, lse_low, delta, dq),
         (*input_strides, *dq.stride(), *sizes),
         scales,
-        (("HEAD_DIM", head_dim), ("CAUSAL", causal),
-         ("BLOCK_M", dq_config.block_m), ("BLOCK_N", dq_config.block_n), ("BLOCK_D", block_d), *flags),
-        _options(dq_config),
+        *_attention_meta(head_dim, causal, block_d, dq_config, q.dtype, interpreted),
     )  # fmt: skip
     return dq, dk, dv

@@ -27,13 +27,13 @@ import triton
 from triton import knobs
 from triton.runtime.driver import driver
 
+from core._runtime import is_interpreted
+
 VERIFIED_TRITON = ("3.6",)
 MAX_ENTRIES = 512  # distinct (shape, stride, alignment) combinations kept per kernel
 
 
 def _usable() -> bool:
-    from core._runtime import is_interpreted
-
     return triton.__version__.rsplit(".", 1)[0] in VERIFIED_TRITON and not is_interpreted()
 
 
