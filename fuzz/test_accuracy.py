@@ -142,8 +142,10 @@ def test_forward_matches_float64(kernel, case):
         upstream=Upstream(out="sum", lse="sum"),
     )
 ).via("discovered failure")  # fmt: skip
-# float32 on the H100 (gpu-2k run 4), NOT FIXED: out 1.69x the bound (3.5e-7 against eager's 4.5e-8) at
-# sm_scale -9880. It reproduces only with the GPU's random inputs; the next GPU run starts from it.
+# float32 on an H100 (gpu-2k run 4): out 1.69x the bound (3.5e-7 against eager's 4.5e-8) at sm_scale
+# -9880: two keys 8.7 apart in logit at ~4e4, whose gap the dot's rounding to float32 moved by 1.2e-3. The
+# scores now keep that rounding error (core._fwd_kernel._scores): 0.29x on the GPU. The inputs are
+# generated on the device, so the CPU run sees other values (it passed there before the fix too).
 @example(
     case=Case(
         problem=Problem(batch=4, q_heads=4, kv_heads=2, n_queries=31, n_keys=32, head_dim=64,

@@ -17,17 +17,18 @@ saved LSE m + ln l is the natural one as it is), Kahan-sum the per-block dots in
 every score and the running max in two parts (`two_part_scores`) and save the LSE's rounding error, which
 the backward subtracts (`two_part_lse`). With both two-part knobs, in float32 operations in this order:
 
-    raw    = dot(q, k^T);  s = raw * sm_scale;  s_low = fma(raw, sm_scale, -s)   (the scale's exact error)
+    exact  = dot(q, k^T) in float64;  raw = exact rounded to float32;  raw_low = (exact - raw) rounded
+    s      = raw * sm_scale;  s_low = fma(raw_low, sm_scale, fma(raw, sm_scale, -s))   (what both lost)
     m_new  = max(m, rowmax(s))                  (s masked to -inf first; s_low is not)
     m_low' = rowmax(s_low where s == m_new);  m_low_new = max(m_low, m_low') if m == m_new else m_low'
                                                 (0 while m_new = -inf; m_low starts at 0)
     p      = exp((s - m_new) + (s_low - m_low_new)),  alpha = exp((m - m_new) + (m_low - m_low_new))
-    lse    = m + (m_low + ln l),  lse_low = TwoSum's error of that last add
-    backward: P = exp(((s - lse) + s_low) - lse_low)
+    lse    = m + ln l,  lse_low = TwoSum's error of that add, saved with m_low
+    backward: P = exp(((s - lse) + (s_low - m_low)) - lse_low)
 
-The kernel's float32 score dots (forward q k^T, backward q k^T and k q^T; core._fwd_kernel's
-_head_dim_dot) are float64 dots of the float32 operands rounded once to float32: the exact sum rounded once,
-which is `_dot` itself, so no knob covers them.
+The kernel's float32 score dots (forward q k^T, backward q k^T and k q^T; core._fwd_kernel's _scores)
+are float64 dots of the float32 operands: rounded once to float32 they are `_dot` itself, and their low
+part raw_low, which sees the float64 sum's last bits, comes from a sum in one fixed order (`_score_dot`).
 
 `Arithmetic` names the format each of these is stored in (numerics.formats), so one function covers the
 kernel itself (the defaults), the same algorithm with low-precision running statistics (a plain,
@@ -39,10 +40,11 @@ fp64 takes rounding out entirely to check the algorithm).
 Bit-exactness with the Triton interpreter rests on doing the same float32 operations in the same order.
 Every `tl.dot` there (core._runtime.patch_interpreter) sums the exact products of its operands in float64
 and rounds once to float32, so its result does not depend on the tile shape or the summation order; the
-emulator computes each dot the same way (`_dot`; the float32 score dots, float64 dots rounded once, are
-the same), and the tiles only decide where the online softmax rescales and which keys a causal tile
-visits. On a GPU the tensor cores sum fp16/bf16 products in their own order in fp32, float32
-dots are FMA chains, and exp2 is `ex2.approx`, so there the emulator agrees to a few ulp.
+emulator computes each dot the same way (`_dot`; the float32 score dots and their low parts in the
+interpreter's fixed order, `_score_dot`), and the tiles only decide where the online softmax rescales
+and which keys a causal tile visits. On a GPU the tensor cores sum fp16/bf16 products in their own order
+in fp32, float32 dots are float64 dots in theirs, and exp2 is `ex2.approx`, so there the emulator
+agrees to a few ulp.
 """
 
 from __future__ import annotations
@@ -87,12 +89,15 @@ class Arithmetic:
     kahan: bool = False  # Kahan-sum the per-block dots into acc (the kernel does for fp32 inputs)
     two_part_lse: bool = False  # save the LSE's rounding error too (TwoSum of m + log l), which the backward
     #                             subtracts after s - lse (the kernel does, for every dtype)
-    two_part_scores: bool = False  # keep each score's rounding error s_low = raw * qk_scale - s (the
-    #                                kernel's FMA) and the running max's low part m_low (s_low of the max
+    lse_low_negligible_below: float = 0.0  # with two_part_lse, save 0 as the low part of an LSE (in its
+    #                                        base) smaller than this in magnitude (the fp16/bf16 kernel: 2^8)
+    two_part_scores: bool = False  # keep each score's rounding error s_low = (raw + raw_low) * qk_scale - s
+    #                                (the dot's and the scale's, as the kernel's two FMAs round it) and the
+    #                                running max's low part m_low (s_low of the max
     #                                score, the largest among ties); measure scores from the max as
-    #                                (s - m) + (s_low - m_low), save the LSE as m + (m_low + log l), and add
-    #                                s_low after s - lse in the backward's P (the kernel does for fp32
-    #                                inputs). Needs m to hold every score exactly and no tie_shift.
+    #                                (s - m) + (s_low - m_low), save m_low with the LSE's low part, and add
+    #                                s_low - m_low after s - lse in the backward's P (the kernel does for
+    #                                fp32 inputs). Needs m to hold every score exactly and no tie_shift.
     pv_split: bool = False  # compensated P.V: P = hi + lo, both in the P.V dtype, two dots into acc
     tie_shift: bool = False  # Qiu & Yao: move the block max off the ties so that no p is exactly 1
 
@@ -112,7 +117,9 @@ class Forward:
     out: np.ndarray  # (..., Nq, D), values in the `out` format
     lse: np.ndarray  # (..., Nq), natural log as core.attention returns it, -inf for rows that see no key
     saved_lse: np.ndarray  # the LSE in the exponent's base (base 2 with exp2), which the kernel saves
-    lse_low: np.ndarray | None  # with `two_part_lse`, saved_lse's rounding error (0 where no key), else None
+    # With `two_part_lse`, the LSE's low parts as the kernel saves them, (parts, ..., Nq): [0] saved_lse's
+    # rounding error, [1] (with `two_part_scores` only) the running max's low part; 0 where no key. Else None.
+    lse_low: np.ndarray | None
 
 
 @dataclass
@@ -235,10 +242,10 @@ def forward(
         cols = start + np.arange(bn)
         kb = _block(k, start, bn)  # (..., BN, D)
         vb = _block(v, start, bn)
-        raw = _dot(q_tiles, np.swapaxes(kb, -1, -2)[..., None, :, :])
+        raw, raw_low = _score_dot(q_tiles, np.swapaxes(kb, -1, -2)[..., None, :, :], arith)
         s = fmt["scores"].round(raw * score_scale)
         if arith.two_part_scores:
-            s_low = _scaled_low(raw, score_scale, s)  # before masking, as the kernel computes it
+            s_low = _scaled_low(raw, score_scale, s, raw_low)  # before masking, as the kernel computes it
         s = np.where(_visible(rows, cols, n_q, n_k, causal), s, -np.inf)
 
         block_max = s.max(axis=-1)
@@ -282,22 +289,21 @@ def forward(
     seen = l > 0
     l_safe = np.where(seen, l, 1)
     out = fmt["out"].round(np.where(seen[..., None], acc / l_safe[..., None], 0))
-    # The kernel saves m + log(l) in its base (m + (m_low + log(l)) with a two-part max); core.attention
-    # multiplies a base-2 one by ln 2 in fp32.
+    # The kernel saves m + log(l) in its base; core.attention multiplies a base-2 one by ln 2 in fp32.
     log_l = log(l_safe)
-    if arith.two_part_scores:
-        log_l = m_low + log_l  # the LSE's part after m
     saved = np.where(seen, m + log_l, -np.inf)
     lse = saved * wide(LN2) if base2 else saved
     lse_low = None
     if arith.two_part_lse:
-        # TwoSum: the exact rounding error of m + log(l) (with a two-part max, of m + (m_low + log(l))), in
-        # the kernel's order of operations. Rows that
+        # TwoSum: the exact rounding error of m + log(l), in the kernel's order of operations. Rows that
         # see no key (m = -inf) make NaNs here, which the kernel and this replace by 0.
         with np.errstate(invalid="ignore"):
-            sum_minus_m = saved - m
-            low = (m - (saved - sum_minus_m)) + (log_l - sum_minus_m)
-        lse_low = _untile_rows(np.where(seen, low, 0).astype(wide), n_q)
+            log_l_part = saved - m
+            low = (m - (saved - log_l_part)) + (log_l - log_l_part)
+        low = np.where(seen, low, 0)
+        low = np.where(np.abs(saved) < arith.lse_low_negligible_below, 0, low)
+        parts = (low, m_low) if arith.two_part_scores else (low,)
+        lse_low = np.stack([_untile_rows(part.astype(wide), n_q) for part in parts])
     return Forward(_untile(out, n_q), _untile_rows(lse, n_q), _untile_rows(saved, n_q), lse_low)
 
 
@@ -307,16 +313,33 @@ def _score_scale(scale: float, base2: bool, wide) -> np.ndarray:
     return wide(scale * LOG2E if base2 else scale)
 
 
-def _scaled_low(raw: np.ndarray, scale, scores: np.ndarray) -> np.ndarray:
-    """raw * scale - scores computed exactly and rounded once to the carrier: the kernel's
-    fma(raw, qk_scale, -scores), the rounding error of the stored scores (s_low of `two_part_scores`).
+def _score_dot(a: np.ndarray, b: np.ndarray, arith: Arithmetic):
+    """(raw, raw_low): the score dot a @ b, and with `two_part_scores` on a float32 carrier what rounding
+    it to float32 lost (else None), as core._fwd_kernel._scores computes them: a float64 dot, summed in
+    one fixed order (k ascending in long double, as core._runtime.float64_dot has the interpreter do),
+    whose last bits reach raw_low, so they must be the interpreted kernel's."""
+    if not (arith.two_part_scores and _carrier(arith) == np.float32):
+        return _dot(a, b), None
+    exact = np.matmul(a.astype(np.longdouble), b.astype(np.longdouble)).astype(np.float64)
+    raw = exact.astype(np.float32)
+    return raw, (exact - raw.astype(np.float64)).astype(np.float32)
 
-    A float32 carrier takes it in float64, where the product of two float32s is exact and so is its
-    difference from any rounding of it. A float64 carrier splits the product (Dekker's TwoProduct):
+
+def _scaled_low(raw: np.ndarray, scale, scores: np.ndarray, raw_low: np.ndarray | None) -> np.ndarray:
+    """(raw + raw_low) * scale - scores computed exactly and rounded once to the carrier: the kernel's
+    fma(raw_low, qk_scale, fma(raw, qk_scale, -scores)), what the dot's rounding (raw_low, float32 only)
+    and the scale's lost (s_low of `two_part_scores`).
+
+    A float32 carrier takes it in float64, where the product of two float32s is exact, and so is its
+    difference from any rounding of it and (the terms' bits span under 53 places) the sum with
+    raw_low * scale. A float64 carrier splits the product (Dekker's TwoProduct):
     raw * scale = prod + err exactly, and (prod - scores) + err rounds once.
     """
     if raw.dtype == np.float32:
-        exact = raw.astype(np.float64) * np.float64(scale) - scores.astype(np.float64)
+        scale = np.float64(scale)
+        exact = raw.astype(np.float64) * scale - scores.astype(np.float64)
+        if raw_low is not None:
+            exact = exact + raw_low.astype(np.float64) * scale
         return exact.astype(np.float32)
     scale = np.float64(scale)
     prod = raw * scale
@@ -401,12 +424,12 @@ def backward(
     """Emulate the FA2-style backward: P recomputed division-free from the saved LSE, two atomic-free passes.
 
     `lse` is the LSE the forward saves (Forward.saved_lse: base 2 with exp2, natural with exp), as the
-    kernel reads it; `lse_low` its rounding error (Forward.lse_low), given exactly when `two_part_lse`.
+    kernel reads it; `lse_low` its low parts (Forward.lse_low), given exactly when `two_part_lse`.
     Below exp is exp2 or exp and qk_scale is sm_scale (* log2 e in base 2), as in the forward, and every
     dot is `_dot` (the kernel's float32 score dots dot(k, qT) and dot(q, kT), float64 dots rounded once,
     included), so that which operand is which does not matter; with a two-part LSE, P is
-    exp((s - lse) - lse_low), and with `two_part_scores` as well exp(((s - lse) + s_low) - lse_low),
-    s_low = fma(raw, qk_scale, -s) the score's rounding error as in the forward.
+    exp((s - lse) - lse_low[0]), and with `two_part_scores` exp(((s - lse) + (s_low - m_low)) - lse_low[0]),
+    s_low the score's rounding error as in the forward and m_low = lse_low[1] the running max's.
 
     delta = diag(dot(dO, O^T)), one rounding per row as the kernel's preprocess computes it, then
     dK/dV pass, each BLOCK_N key tile summing over the query blocks in ascending order, on transposed
@@ -435,14 +458,18 @@ def backward(
     # A row that sees no key (LSE -inf) has every score masked, so its p is 0 whatever lse says.
     lse = np.where(np.isfinite(lse), lse, 0).astype(wide)
     # Without a low part subtract zeros, which changes no bit of s - lse.
-    lse_low = np.zeros_like(lse) if lse_low is None else lse_low.astype(wide)
+    lse_low, max_low = (np.zeros_like(lse),) * 2 if lse_low is None else (lse_low[0], lse_low[-1])
+    lse_low, max_low = lse_low.astype(wide), max_low.astype(wide)
 
-    def probabilities(raw, query_index, key_index, lse_of_queries, lse_low_of_queries):
+    def probabilities(dot, query_index, key_index, lse_of_queries, lse_low_of_queries, max_low_of_queries):
+        raw, raw_low = dot
         s = fmt["scores"].round(raw * score_scale)
-        s_low = _scaled_low(raw, score_scale, s) if arith.two_part_scores else None
+        s_low = _scaled_low(raw, score_scale, s, raw_low) if arith.two_part_scores else None
         # Hidden scores give P = 0, as the kernel's masks do (it masks P itself, to the same 0).
         s = np.where(_visible(query_index, key_index, n_q, n_k, causal), s, -np.inf)
-        shifted = s - lse_of_queries if s_low is None else (s - lse_of_queries) + s_low
+        shifted = s - lse_of_queries
+        if s_low is not None:
+            shifted = shifted + (s_low - max_low_of_queries)
         return fmt["p"].round(exp(shifted - lse_low_of_queries))
 
     # dK/dV: key tiles stacked (..., nN, BN, D), query blocks visited in order. Tiles are (keys x queries).
@@ -461,11 +488,11 @@ def backward(
         query_index = start + np.arange(bm)  # (BM,): along the columns of the transposed tiles
         q_blk = _block(q, start, bm)[..., None, :, :]  # (..., 1, BM, D)
         do_blk = _block(dout, start, bm)[..., None, :, :]
-        lse_blk, lse_low_blk, delta_blk = (
-            _block(x[..., None], start, bm)[..., None, None, :, 0] for x in (lse, lse_low, delta)
+        lse_blk, lse_low_blk, max_low_blk, delta_blk = (
+            _block(x[..., None], start, bm)[..., None, None, :, 0] for x in (lse, lse_low, max_low, delta)
         )  # (..., 1, 1, BM)
-        raw_t = _dot(k_tiles, np.swapaxes(q_blk, -1, -2))
-        p_t = probabilities(raw_t, query_index, key_index, lse_blk, lse_low_blk)
+        dot_t = _score_dot(k_tiles, np.swapaxes(q_blk, -1, -2), arith)
+        p_t = probabilities(dot_t, query_index, key_index, lse_blk, lse_low_blk, max_low_blk)
         ds_t = p_t * (_dot(v_tiles, np.swapaxes(do_blk, -1, -2)) - delta_blk)
         dv_new, dv_comp_new = _accumulate(dv, dv_comp, _dot(fmt["p_cast"].round(p_t), do_blk), arith.kahan)
         dk_new, dk_comp_new = _accumulate(dk, dk_comp, _dot(fmt["ds_cast"].round(ds_t), q_blk), arith.kahan)
@@ -480,7 +507,9 @@ def backward(
         ..., None
     ]  # (nM, BM, 1)
     # (..., nM, BM, 1)
-    lse_tiles, lse_low_tiles, delta_tiles = (_tiles(x[..., None], bm) for x in (lse, lse_low, delta))
+    lse_tiles, lse_low_tiles, max_low_tiles, delta_tiles = (
+        _tiles(x[..., None], bm) for x in (lse, lse_low, max_low, delta)
+    )
     dq, dq_comp = np.zeros(q_tiles.shape, dtype=wide), np.zeros(q_tiles.shape, dtype=wide)
     key_end = _key_end(q_tiles.shape[-3], bm, n_q, n_k, causal)
     for start in range(0, n_k, bn):
@@ -488,8 +517,8 @@ def backward(
         key_index = start + np.arange(bn)
         k_blk = _block(k, start, bn)[..., None, :, :]  # (..., 1, BN, D)
         v_blk = _block(v, start, bn)[..., None, :, :]
-        raw = _dot(q_tiles, np.swapaxes(k_blk, -1, -2))
-        p = probabilities(raw, query_index, key_index, lse_tiles, lse_low_tiles)
+        dot = _score_dot(q_tiles, np.swapaxes(k_blk, -1, -2), arith)
+        p = probabilities(dot, query_index, key_index, lse_tiles, lse_low_tiles, max_low_tiles)
         ds = p * (_dot(do_tiles, np.swapaxes(v_blk, -1, -2)) - delta_tiles)
         dq_new, dq_comp_new = _accumulate(dq, dq_comp, _dot(fmt["ds_cast"].round(ds), k_blk), arith.kahan)
         dq, dq_comp = np.where(active, fmt["acc"].round(dq_new), dq), np.where(active, dq_comp_new, dq_comp)

@@ -168,6 +168,8 @@ def test_power_law_recovers_a_known_exponent():
     [("fp16", True, (1, 2, 2, 70, 100, 80), (32, 16), None),
      ("bf16", False, (1, 4, 2, 64, 64, 64), (16, 32), None),
      ("bf16", True, (1, 2, 1, 70, 300, 40), (16, 32), None),
+     # Rows on both sides of |LSE2| = 2^8, below which fp16/bf16 save no low part for the LSE.
+     ("fp16", True, (1, 2, 2, 70, 100, 80), (32, 16), 8.0),
      ("fp32", True, (1, 1, 1, 50, 40, 32), (16, 16), None),
      # Large logits, where fp32's two-part scores, running max and LSE change the result's bits.
      ("fp32", True, (1, 1, 1, 50, 40, 32), (16, 16), 30.0),
@@ -194,6 +196,9 @@ def test_emulator_is_the_interpreted_kernel_bit_for_bit(dtype, causal, shape, ti
     np.testing.assert_array_equal(to_numpy(lse), got.saved_lse)
     # The two-part LSE (every dtype): the low part bit for bit.
     np.testing.assert_array_equal(to_numpy(lse_low), got.lse_low)
+    if dtype != "fp32" and sm_scale is not None:
+        dropped = np.abs(got.saved_lse) < 256
+        assert dropped.any() and (~dropped).any() and (got.lse_low[0][~dropped] != 0).any()
     if dtype == "fp32":
         # The case exercises the two-part scores: without them the emulator is not the kernel.
         plain = emulator.forward(

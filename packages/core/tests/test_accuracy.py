@@ -68,21 +68,14 @@ def test_explicit_softmax_scale(sm_scale):
     assert_all_within_tolerance(compare_with_reference(q, k, v, causal=True, sm_scale=sm_scale))
 
 
-FLOAT32_LSE_LOW_ROUNDING = pytest.mark.xfail(
-    strict=True,
-    reason="open: float32's low part is fl(m_low + log l), whose rounding at |m_low| ~ 1e2 leaves P "
-    "off by ~1e-6 relative (dv 1.2x the bound); fix: save m, m_low and log l apart (docs/numerics-policy.md)",
-)
-
-
-@pytest.mark.parametrize(
-    "dtype", [torch.bfloat16, pytest.param(torch.float32, marks=FLOAT32_LSE_LOW_ROUNDING)], ids=str
-)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_rows_tied_between_two_keys_at_logits_beyond_2_pow_24(dtype):
     """Each query's largest score is shared by two identical keys (with identical values), and sm_scale
     puts every logit near 1e9: the softmax gives exactly 1/2 to each. The saved LSE m + log(2) rounds to
     m at that magnitude, so without its low part the backward recomputed P = 1 for both keys and
-    doubled their gradients (the GPU fuzzer found dk at 47x the bound in bfloat16). float16 is left out
+    doubled their gradients (the GPU fuzzer found dk at 47x the bound in bfloat16); and float32, whose
+    low parts once went into one float (fl(m_low + log 2), rounded at |m_low| ~ 1e2), gave dv 1.2x the
+    bound until the backward rebuilt the forward's exponent from them apart. float16 is left out
     because its eager reference overflows at such logits and the policy has no bound to judge by."""
     q, k, v = make_qkv(1, 2, 2, 24, 40, 32, dtype, seed=11)
     q, k, v = q.detach().abs(), k.detach().clone(), v.detach().clone()
@@ -90,6 +83,27 @@ def test_rows_tied_between_two_keys_at_logits_beyond_2_pow_24(dtype):
     k[:, :, 23], v[:, :, 23] = k[:, :, 7], v[:, :, 7]
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
     assert_all_within_tolerance(compare_with_reference(q, k, v, causal=False, sm_scale=1e8))
+
+
+def test_float32_logits_near_the_row_max_keep_the_dots_rounding_error():
+    """Keys 1 and 0 of every row differ by a few units of logit at logits ~1e5 (sm_scale 1e4), so both
+    carry weight. Once the dot q . k is rounded to float32, such a logit is only good to about
+    eps32 * 1e5 ~ 1e-2: the kernel once lost that much in the gap between the two keys, and the output up
+    to 1.7x float32 eager attention's bound (GPU fuzzer, sm_scale -9880). The scores now carry the dot's
+    rounding error with the scale's (core._fwd_kernel._scores): the output is as close to the float64
+    truth as float32 can hold it, a few ulps, where eager float32 attention is ~1e4x further off."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv(1, 2, 2, 48, 16, 64, torch.float32, seed=12, requires_grad=False)
+    k[:, :, 1] = k[:, :, 0] + 1e-4 * torch.randn(k[:, :, 0].shape, generator=gen).to(k.device)
+    k[:, :, 2:] *= 0.1  # far below keys 0 and 1 at this scale: every row is a mix of those two
+    q = q * torch.sign(q @ k[:, :, :1].transpose(-1, -2))  # q . k_0 > 0: keys 0 and 1 lead every row
+    sm_scale = 1e4
+    out = core.attention(q, k, v, causal=False, sm_scale=sm_scale)
+    truth = core.attention_reference(q, k, v, causal=False, sm_scale=sm_scale)
+    eps32 = torch.finfo(torch.float32).eps
+    assert (out.double() - truth).abs().max() <= 4 * eps32 * v.abs().max()
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    assert_all_within_tolerance(compare_with_reference(q, k, v, causal=False, sm_scale=sm_scale))
 
 
 def test_policy_counts_a_correctly_rounded_overflow_as_exact():

@@ -25,9 +25,11 @@ up the factor sm_scale once at the end.
 import triton
 import triton.language as tl
 
-from core._fwd_kernel import _accumulate_dot, _exp, _head_dim_dot, _load_tile, _scaled_scores
+from core._fwd_kernel import _accumulate_dot, _exp, _head_dim_dot, _load_tile, _scores
 
 LOG2E = tl.constexpr(1.4426950408889634)
+# Rows of the LSE's low part that the dK/dV kernel checks per step before choosing its loop.
+LOW_PART_SCAN_BLOCK = tl.constexpr(1024)
 
 
 @triton.jit(do_not_specialize=["n_queries"])
@@ -82,39 +84,59 @@ def backward_preprocess_kernel(
 
 
 @triton.jit
-def _load_row_stats(Lse, LseLow, Delta, row_offsets, row_ok):
-    """The saved LSE (+inf for rows past Nq or that saw no key, so their P is 0), its low part and Delta."""
+def _load_row_stats(Lse, LseLow, Delta, row_offsets, row_ok, rows_in_all_heads, TWO_PART_MAX: tl.constexpr):
+    """The saved LSE (+inf for rows past Nq or that saw no key, so their P is 0), its low part, the max's
+    low part (TWO_PART_MAX, float32; else 0) and Delta. Plane [1] of LseLow starts rows_in_all_heads in."""
     lse = tl.load(Lse + row_offsets, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     lse_low = tl.load(LseLow + row_offsets, mask=row_ok, other=0.0)
+    if TWO_PART_MAX:
+        max_low = tl.load(LseLow + rows_in_all_heads + row_offsets, mask=row_ok, other=0.0)
+    else:
+        max_low = tl.zeros_like(lse_low)
     delta = tl.load(Delta + row_offsets, mask=row_ok, other=0.0)
-    return lse, lse_low, delta
+    return lse, lse_low, max_low, delta
 
 
 @triton.jit
-def _probabilities(raw_scores, qk_scale, lse, lse_low, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
-                   TWO_PART_SCORES: tl.constexpr):  # fmt: skip
-    """P = exp(raw_scores * qk_scale - LSE), the forward's probabilities recomputed from the unscaled
-    score tile and the saved LSE (broadcast to the tile's shape).
+def _nonzero_count(LseLow, row_offset, row_start, row_end, BLOCK: tl.constexpr):
+    """How many of LseLow[row_offset + row_start : row_offset + row_end] are not exactly 0 (NaN counts)."""
+    count = 0
+    for start in range(row_start, row_end, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        low = tl.load(LseLow + row_offset + rows, mask=rows < row_end, other=0.0)
+        count += tl.sum((low != 0.0).to(tl.int32), 0)
+    return count
 
-    The LSE's low part goes in after the subtraction, which is exact where P matters (scores near the
-    LSE), so a row whose logits are beyond 2^24 still gets its log(l) (core._fwd_kernel keeps it).
-    TWO_PART_SCORES (float32) also repeats the forward's two-part scores: the scale's rounding error (an
-    FMA), so P keeps float32 precision however large the logits."""
-    scores = _scaled_scores(raw_scores, qk_scale)
+
+@triton.jit
+def _probabilities(scores, scores_low, lse, lse_low, max_low, use_lse_low, BASE_2: tl.constexpr,
+                   PRECISE_EXP: tl.constexpr, TWO_PART_SCORES: tl.constexpr):  # fmt: skip
+    """P = exp(scores - LSE), the forward's probabilities recomputed from the score tile (_scores, as the
+    forward computed it) and the saved LSE parts (broadcast to the tile's shape), with its exponent:
+
+        exp(((s - lse) + (s_low - m_low)) - lse_low)     (the exact sum is s + s_low - m - m_low - log l)
+
+    s - lse is exact where P matters (scores near the LSE); the low parts go in after it, so a row whose
+    logits are beyond 2^24 still gets its log(l), and a row tied between two keys gets exactly the
+    forward's exponent -log(2) for each. TWO_PART_SCORES (float32) adds the scores' low parts (what the
+    dot and the scale lost) less the max's, so P keeps float32 precision however large the logits.
+    Where use_lse_low is false the caller has found every lse_low of the rows 0: subtracting them would
+    change no bit, so the dK/dV kernel skips the subtraction (see backward_dkdv_kernel)."""
+    exponent = scores - lse
     if TWO_PART_SCORES:
-        scores_low = tl.fma(raw_scores, qk_scale, -scores)
-        return _exp(((scores - lse) + scores_low) - lse_low, BASE_2, PRECISE_EXP)
-    else:
-        return _exp((scores - lse) - lse_low, BASE_2, PRECISE_EXP)
+        exponent += scores_low - max_low
+    if use_lse_low:
+        exponent -= lse_low
+    return _exp(exponent, BASE_2, PRECISE_EXP)
 
 
 @triton.jit
 def _dkdv_from_query_blocks(
-    dk, dv, dk_comp, dv_comp, k, v, q_ptrs, do_ptrs, Lse, LseLow, Delta, stat_offset, stride_qm, stride_dom,
-    row_start, row_end, keys, n_queries, diagonal, qk_scale, d_ok,
+    dk, dv, dk_comp, dv_comp, k, v, q_ptrs, do_ptrs, Lse, LseLow, Delta, stat_offset, rows_in_all_heads,
+    stride_qm, stride_dom, row_start, row_end, keys, n_queries, diagonal, qk_scale, d_ok,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
+    use_lse_low, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
 ):  # fmt: skip
     """Add the contributions of query rows [row_start, row_end) to one tile's dK and dV.
 
@@ -128,10 +150,13 @@ def _dkdv_from_query_blocks(
         row_ok = rows < n_queries
         qT = _load_tile(q_ptrs, d_ok, row_ok, EVEN_D, False)
         do = _load_tile(do_ptrs, row_ok, d_ok, False, EVEN_D)
-        lse, lse_low, delta = _load_row_stats(Lse, LseLow, Delta, stat_offset + rows, row_ok)
+        lse, lse_low, max_low, delta = _load_row_stats(
+            Lse, LseLow, Delta, stat_offset + rows, row_ok, rows_in_all_heads, COMPENSATE
+        )
+        scores_t, scores_low_t = _scores(k, qT, qk_scale, DOT_PRECISION, COMPENSATE)
         pT = _probabilities(
-            _head_dim_dot(k, qT, DOT_PRECISION, COMPENSATE), qk_scale, lse[None, :], lse_low[None, :],
-            BASE_2, PRECISE_EXP, COMPENSATE,
+            scores_t, scores_low_t, lse[None, :], lse_low[None, :], max_low[None, :], use_lse_low, BASE_2,
+            PRECISE_EXP, COMPENSATE,
         )  # fmt: skip
         if MASKED:
             pT = tl.where(keys[:, None] <= rows[None, :] + diagonal, pT, 0.0)
@@ -141,6 +166,50 @@ def _dkdv_from_query_blocks(
         dk, dk_comp = _accumulate_dot(dk, dk_comp, dsT.to(qT.dtype), tl.trans(qT), DOT_PRECISION, COMPENSATE)
         q_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
+    return dk, dv, dk_comp, dv_comp
+
+
+@triton.jit
+def _dkdv_from_group(
+    dk, dv, dk_comp, dv_comp, k, v, Q, dOut, Lse, LseLow, Delta,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod,
+    batch, first_head, kv_group, n_q_heads, rows_in_all_heads, row_start, unmasked_start, keys, n_queries,
+    diagonal, qk_scale, d_ok, offs_d,
+    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
+    USE_LSE_LOW: tl.constexpr,
+):  # fmt: skip
+    """Add every query row of the kv_group query heads from first_head on that sees these keys: those
+    straddling the causal diagonal, [row_start, unmasked_start), masked; those after it unmasked."""
+    offs_m = tl.arange(0, BLOCK_M)
+    for group_member in range(0, kv_group):
+        head = first_head + group_member
+        q_ptrs = (
+            Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+            + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm
+        )  # fmt: skip
+        do_ptrs = (
+            dOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+            + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+        )  # fmt: skip
+        stat_offset = (batch.to(tl.int64) * n_q_heads + head) * n_queries
+        if CAUSAL:
+            dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
+                dk, dv, dk_comp, dv_comp, k, v,
+                q_ptrs + row_start.to(tl.int64) * stride_qm, do_ptrs + row_start.to(tl.int64) * stride_dom,
+                Lse, LseLow, Delta, stat_offset, rows_in_all_heads, stride_qm, stride_dom, row_start,
+                unmasked_start, keys, n_queries, diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M,
+                DOT_PRECISION, USE_LSE_LOW, BASE_2, PRECISE_EXP, COMPENSATE,
+            )  # fmt: skip
+            q_ptrs += unmasked_start.to(tl.int64) * stride_qm
+            do_ptrs += unmasked_start.to(tl.int64) * stride_dom
+        dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
+            dk, dv, dk_comp, dv_comp, k, v, q_ptrs, do_ptrs, Lse, LseLow, Delta, stat_offset,
+            rows_in_all_heads, stride_qm, stride_dom, unmasked_start, n_queries, keys, n_queries, diagonal,
+            qk_scale, d_ok, False, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2, PRECISE_EXP,
+            COMPENSATE,
+        )  # fmt: skip
+
     return dk, dv, dk_comp, dv_comp
 
 
@@ -161,7 +230,8 @@ def backward_dkdv_kernel(
     """dK, dV for BLOCK_N keys of one key/value head.
 
     Q, dOut (B, Hq, Nq, HEAD_DIM); K, V, dK, dV (B, Hkv, Nk, HEAD_DIM); any strides, 64-bit offsets.
-    Lse, LseLow (its low part), Delta (B, Hq, Nq) float32 contiguous. The program sums
+    Lse, Delta (B, Hq, Nq) and LseLow, the LSE's low parts ((1 or 2, B, Hq, Nq), core._fwd_kernel), float32
+    contiguous. The program sums
     over the kv_group = Hq // Hkv query heads that share this key/value head itself, so GQA needs
     neither atomics nor a reduction pass.
     Grid: (cdiv(Nk, BLOCK_N), Hkv, B).
@@ -206,32 +276,31 @@ def backward_dkdv_kernel(
         row_start = 0
         unmasked_start = 0
 
-    offs_m = tl.arange(0, BLOCK_M)
-    for group_member in range(0, kv_group):
-        head = kv_head * kv_group + group_member
-        q_ptrs = (
-            Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-            + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm
+    rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
+    first_head = kv_head * kv_group
+    # fp16/bf16 save a zero low part for typical rows (core._fwd_kernel). Scanning it first, one float
+    # per row against 2 x HEAD_DIM inputs per row in the loop, lets such tiles take a loop without its
+    # subtraction, which cost the backward 4-6% (H100). Up to BLOCK_D 128 both loops fit in shared memory.
+    use_lse_low = True
+    if (not COMPENSATE) and BLOCK_D <= 128:
+        nonzero_lows = 0
+        for group_member in range(0, kv_group):
+            stat_offset = (batch.to(tl.int64) * n_q_heads + first_head + group_member) * n_queries
+            nonzero_lows += _nonzero_count(LseLow, stat_offset, row_start, n_queries, LOW_PART_SCAN_BLOCK)
+        use_lse_low = nonzero_lows > 0
+    if use_lse_low:
+        dk, dv, dk_comp, dv_comp = _dkdv_from_group(
+            dk, dv, dk_comp, dv_comp, k, v, Q, dOut, Lse, LseLow, Delta, stride_qb, stride_qh, stride_qm,
+            stride_qd, stride_dob, stride_doh, stride_dom, stride_dod, batch, first_head, kv_group, n_q_heads,
+            rows_in_all_heads, row_start, unmasked_start, keys, n_queries, diagonal, qk_scale, d_ok, offs_d,
+            CAUSAL, EVEN_D, BLOCK_M, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, True,
         )  # fmt: skip
-        do_ptrs = (
-            dOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-            + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
-        )  # fmt: skip
-        stat_offset = (batch.to(tl.int64) * n_q_heads + head) * n_queries
-        if CAUSAL:
-            dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
-                dk, dv, dk_comp, dv_comp, k, v,
-                q_ptrs + row_start.to(tl.int64) * stride_qm, do_ptrs + row_start.to(tl.int64) * stride_dom,
-                Lse, LseLow, Delta, stat_offset, stride_qm, stride_dom, row_start, unmasked_start, keys,
-                n_queries, diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, BASE_2,
-                PRECISE_EXP, COMPENSATE,
-            )  # fmt: skip
-            q_ptrs += unmasked_start.to(tl.int64) * stride_qm
-            do_ptrs += unmasked_start.to(tl.int64) * stride_dom
-        dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
-            dk, dv, dk_comp, dv_comp, k, v, q_ptrs, do_ptrs, Lse, LseLow, Delta, stat_offset, stride_qm,
-            stride_dom, unmasked_start, n_queries, keys, n_queries, diagonal, qk_scale, d_ok,
-            False, EVEN_D, BLOCK_M, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE,
+    else:
+        dk, dv, dk_comp, dv_comp = _dkdv_from_group(
+            dk, dv, dk_comp, dv_comp, k, v, Q, dOut, Lse, LseLow, Delta, stride_qb, stride_qh, stride_qm,
+            stride_qd, stride_dob, stride_doh, stride_dom, stride_dod, batch, first_head, kv_group, n_q_heads,
+            rows_in_all_heads, row_start, unmasked_start, keys, n_queries, diagonal, qk_scale, d_ok, offs_d,
+            CAUSAL, EVEN_D, BLOCK_M, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, False,
         )  # fmt: skip
 
     dk_ptrs = (
@@ -249,7 +318,7 @@ def backward_dkdv_kernel(
 
 @triton.jit
 def _dq_from_key_blocks(
-    dq, dq_comp, q, do, lse, lse_low, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
+    dq, dq_comp, q, do, lse, lse_low, max_low, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
     key_start, key_end, rows, n_keys, diagonal, qk_scale, d_ok,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
@@ -266,9 +335,10 @@ def _dq_from_key_blocks(
         col_ok = cols < n_keys
         kT = _load_tile(k_ptrs, d_ok, col_ok, EVEN_D, False)
         vT = _load_tile(v_ptrs, d_ok, col_ok, EVEN_D, False)
+        scores, scores_low = _scores(q, kT, qk_scale, DOT_PRECISION, COMPENSATE)
         p = _probabilities(
-            _head_dim_dot(q, kT, DOT_PRECISION, COMPENSATE), qk_scale, lse[:, None], lse_low[:, None],
-            BASE_2, PRECISE_EXP, COMPENSATE,
+            scores, scores_low, lse[:, None], lse_low[:, None], max_low[:, None], True, BASE_2, PRECISE_EXP,
+            COMPENSATE,
         )  # fmt: skip
         if MASKED:
             visible = col_ok[None, :]
@@ -299,9 +369,8 @@ def backward_dq_kernel(
     """dQ for BLOCK_M query rows of one query head.
 
     Q, dOut, dQ (B, Hq, Nq, HEAD_DIM); K, V (B, Hkv, Nk, HEAD_DIM); any strides, 64-bit offsets.
-    Lse, LseLow (its low part), Delta (B, Hq, Nq) float32 contiguous.
-    Grid: (cdiv(Nq, BLOCK_M), Hq, B), causal tiles that see
-    the most keys launched first.
+    Lse, Delta (B, Hq, Nq) and LseLow, the LSE's low parts ((1 or 2, B, Hq, Nq), core._fwd_kernel), float32
+    contiguous. Grid: (cdiv(Nq, BLOCK_M), Hq, B), causal tiles that see the most keys launched first.
     """
     block_m_index = tl.program_id(0)
     if CAUSAL:
@@ -330,9 +399,11 @@ def backward_dq_kernel(
         row_ok, d_ok, False, EVEN_D,
     )  # fmt: skip
     COMPENSATE: tl.constexpr = Q.dtype.element_ty == tl.float32
-    lse, lse_low, delta = _load_row_stats(
-        Lse, LseLow, Delta, (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows, row_ok
-    )
+    rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
+    lse, lse_low, max_low, delta = _load_row_stats(
+        Lse, LseLow, Delta, (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows, row_ok,
+        rows_in_all_heads, COMPENSATE,
+    )  # fmt: skip
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq_comp = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -356,16 +427,15 @@ def backward_dq_kernel(
         unmasked_end = whole_blocks_end
         key_end = n_keys
     dq, dq_comp = _dq_from_key_blocks(
-        dq, dq_comp, q, do, lse, lse_low, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, unmasked_end, rows,
-        n_keys, diagonal, qk_scale, d_ok, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2, PRECISE_EXP,
-        COMPENSATE,
+        dq, dq_comp, q, do, lse, lse_low, max_low, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 0,
+        unmasked_end, rows, n_keys, diagonal, qk_scale, d_ok, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION,
+        BASE_2, PRECISE_EXP, COMPENSATE,
     )  # fmt: skip
     dq, dq_comp = _dq_from_key_blocks(
-        dq, dq_comp, q, do, lse, lse_low, delta,
+        dq, dq_comp, q, do, lse, lse_low, max_low, delta,
         k_ptrs + unmasked_end.to(tl.int64) * stride_kn, v_ptrs + unmasked_end.to(tl.int64) * stride_vn,
-        stride_kn, stride_vn, unmasked_end, key_end, rows, n_keys,
-        diagonal, qk_scale, d_ok, True, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2, PRECISE_EXP,
-        COMPENSATE,
+        stride_kn, stride_vn, unmasked_end, key_end, rows, n_keys, diagonal, qk_scale, d_ok, True, CAUSAL,
+        EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE,
     )  # fmt: skip
 
     dq_ptrs = (

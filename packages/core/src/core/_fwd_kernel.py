@@ -21,19 +21,23 @@ from triton.language.extra import libdevice
 # has no libdevice and never fuses a multiply into an add, so its plain multiply rounds the same way.
 ROUND_SCORES_EXPLICITLY = tl.constexpr(not triton.knobs.runtime.interpret)
 
+# |LSE2| below which fp16/bf16 save no low part for the LSE (see the end of attention_forward_kernel).
+LOW_PART_NEGLIGIBLE_BELOW = tl.constexpr(256.0)
+
 
 @triton.jit
 def _head_dim_dot(a, bT, DOT_PRECISION: tl.constexpr, FLOAT64_SUM: tl.constexpr):
     """a @ bT over the head dim (a: (M, HEAD_DIM padded), bT: (HEAD_DIM padded, N)), in float32: the
-    dots that the softmax and its gradient are made of (scores S, dP = dO V^T and Delta = rowsum(dO O)).
+    dots that the softmax's gradient is made of (dP = dO V^T and Delta = rowsum(dO O)); the score dots
+    (_scores) are taken the same way and keep their rounding error as well.
 
     FLOAT64_SUM (float32 inputs) takes the dot in float64 (exact products, summed with 29 more bits, on
     Hopper's float64 tensor cores) and rounds it once to float32. A float32 "ieee" dot is one sequential
     FMA chain per element whose rounding error grows with the head dim: the fuzzer measured LSE, output,
     dq and dk up to 2x float32 eager attention's bound on an H100 (D 64 to 200), where cuBLAS's dot is
     more accurate. It is also 2.4-3.4x faster than the FMA dot at D 128-256. Every kernel computes these
-    dots here, so the backward's recomputed scores are bitwise the forward's and dP and Delta agree
-    exactly on a one-hot row; and it is what the interpreter computes for every dot (core._runtime).
+    dots here, so dP and Delta agree exactly on a one-hot row; and it is what the interpreter computes
+    for every dot (core._runtime).
     fp16/bf16 dots run on the tensor cores, exact products summed in float32.
     """
     if FLOAT64_SUM:
@@ -57,6 +61,30 @@ def _scaled_scores(dot, qk_scale):
         return libdevice.mul_rn(dot, qk_scale)
     else:
         return dot * qk_scale
+
+
+@triton.jit
+def _scores(a, bT, qk_scale, DOT_PRECISION: tl.constexpr, TWO_PART: tl.constexpr):
+    """(scores, scores_low): the scaled score tile (a @ bT) * qk_scale, rounded once to float32
+    (_scaled_scores), and with TWO_PART (float32 inputs) its rounding error, exactly what the dot and the
+    scale lost (else zeros). Every kernel gets its scores here, so the backward's are bitwise the forward's.
+
+    float32 logits are as precise as float32 allows: the dot is taken in float64 (_head_dim_dot) and
+    both its rounding to float32 (raw_low) and the scale's (an FMA) go into scores_low. Measured on an
+    H100 at sm_scale -9880 (logits ~4e4): the dot's rounding alone, eps32 * |raw| * |sm_scale|, moved
+    the exponent of a key 8.7 below the row max by 1.2e-3, and the output to 1.7x float32 eager
+    attention's bound (1.3x with huge logits at sm_scale 1/sqrt(128)).
+    """
+    if TWO_PART:
+        exact = tl.dot(a.to(tl.float64), bT.to(tl.float64), out_dtype=tl.float64)
+        raw = exact.to(tl.float32)
+        raw_low = (exact - raw.to(tl.float64)).to(tl.float32)
+        scores = _scaled_scores(raw, qk_scale)
+        # The inner FMA is exact (a product's rounding error is representable); the outer rounds once.
+        return scores, tl.fma(raw_low, qk_scale, tl.fma(raw, qk_scale, -scores))
+    else:
+        scores = _scaled_scores(tl.dot(a, bT, input_precision=DOT_PRECISION), qk_scale)
+        return scores, tl.zeros_like(scores)
 
 
 @triton.jit
@@ -98,14 +126,17 @@ def _accumulate_dot(acc, comp, a, b, DOT_PRECISION: tl.constexpr, COMPENSATE: tl
     """(acc, comp) after adding a @ b to the running sum acc.
 
     fp16/bf16 operands accumulate straight into acc on the tensor cores (comp is unused and unchanged).
-    float32 operands (COMPENSATE) take full-precision FMA dots, and the compiler folds `acc + a @ b`
-    into one dot that continues acc's FMA chain: every product of a whole attention row or column would
-    then be summed sequentially, with an error growing like N (18x float32 eager attention's at 4096
-    rows, measured on an H100). Kahan summation of the per-block dots, with comp carrying the rounding
-    error of acc, keeps the error at the level of one block.
+    float32 operands (COMPENSATE) take each block's dot in float64, rounded once to float32 (as the
+    head-dim dots do, see _head_dim_dot), and Kahan-sum the blocks, comp carrying the rounding error of
+    acc. Both halves were measured on an H100. A float32 "ieee" dot is one sequential FMA chain per
+    element: across a 32-key block it left the output at 1.3-1.7x float32 eager attention's bound at
+    large logits, and the compiler folds `acc + a @ b` into one dot continuing acc's chain, so a whole
+    row or column of N products would be summed sequentially (18x the eager error at 4096 rows). With
+    one rounding per block and Kahan across blocks, the error stays at the level of one rounding.
     """
     if COMPENSATE:
-        y = tl.dot(a, b, input_precision=DOT_PRECISION) - comp
+        block = tl.dot(a.to(tl.float64), b.to(tl.float64), out_dtype=tl.float64).to(tl.float32)
+        y = block - comp
         total = acc + y
         comp = (total - acc) - y
         return total, comp
@@ -154,11 +185,7 @@ def _attend_to_key_blocks(
         col_ok = cols < n_keys
         # k is loaded transposed, (BLOCK_D, BLOCK_N), so the score tile is a plain q @ kT.
         kT = _load_tile(k_ptrs, d_ok, col_ok, EVEN_D, not MASKED)
-        raw_scores = _head_dim_dot(q, kT, DOT_PRECISION, COMPENSATE)
-        scores = _scaled_scores(raw_scores, qk_scale)
-        if COMPENSATE:
-            # float32: the scale's rounding error, exactly (scores + scores_low = raw_scores * qk_scale).
-            scores_low = tl.fma(raw_scores, qk_scale, -scores)
+        scores, scores_low = _scores(q, kT, qk_scale, DOT_PRECISION, COMPENSATE)
         if MASKED:
             visible = col_ok[None, :]
             if CAUSAL:
@@ -226,8 +253,10 @@ def attention_forward_kernel(
       Out (B, Hq, Nq, HEAD_DIM)   strides stride_o{b,h,m,d}
       Lse (B, Hq, Nq) float32, contiguous; log-sum-exp of the scores S * qk_scale in the kernel's
           base (base 2 when BASE_2, else natural), -inf for rows that see no key
-      LseLow (B, Hq, Nq) float32, contiguous: Lse's rounding error, so
-          that Lse + LseLow is the log-sum-exp to twice float32's precision (0 for rows that see no key)
+      LseLow (1, B, Hq, Nq) float32 for fp16/bf16, (2, B, Hq, Nq) for float32, contiguous: the LSE's low
+          parts. [0]: Lse's rounding error (m + log l = Lse + LseLow[0] exactly; fp16/bf16 save 0 where
+          |Lse| < LOW_PART_NEGLIGIBLE_BELOW); [1] (float32 only): the running max's low part m_low.
+          0 for rows that see no key.
     kv_group = Hq // Hkv: query head h reads key/value head h // kv_group (GQA/MQA, no copies).
     qk_scale = sm_scale * log2(e) when BASE_2, else sm_scale. Grid: (cdiv(Nq, BLOCK_M), Hq, B).
     """
@@ -317,11 +346,20 @@ def attention_forward_kernel(
     # eps32 * |m| relative. For peaky float32 rows (|m| ~ 1e3 at sm_scale 100) that is far more than eager
     # attention's exp(S - m) / l loses (the fuzzer measured dv at 233x the bound); in every dtype, beyond
     # |m| = 2^24 log(l) vanishes from m + log(l) altogether, and a row that ties between two keys got
-    # P = 1 for each instead of 1/2 (bf16 at sm_scale -9e15: dk 47x the bound). TwoSum keeps the rounding
-    # error of m + (m_low + log(l)) exactly, and the backward subtracts it. (m_low is 0 for fp16/bf16.)
-    log_l_and_m_low = m_low + log_l
-    lse = tl.where(sees_a_key, m_i + log_l_and_m_low, float("-inf"))
+    # P = 1 for each instead of 1/2 (bf16 at sm_scale -9e15: dk 47x the bound). So the LSE is saved in
+    # parts, from which the backward rebuilds the forward's exponent (core._bwd_kernel._probabilities):
+    # TwoSum's exact rounding error of m + log(l), and for float32 the max's low part m_low on its own
+    # (folding it into log(l) first would round at |m_low| ~ eps32 * |m|, 1e2 at logits near 1e9).
+    lse = tl.where(sees_a_key, m_i + log_l, float("-inf"))
     tl.store(Lse + row_offsets, lse, mask=row_ok)
-    sum_minus_m = lse - m_i
-    lse_low = (m_i - (lse - sum_minus_m)) + (log_l_and_m_low - sum_minus_m)
-    tl.store(LseLow + row_offsets, tl.where(sees_a_key, lse_low, 0.0), mask=row_ok)
+    log_l_part = lse - m_i
+    lse_low = tl.where(sees_a_key, (m_i - (lse - log_l_part)) + (log_l - log_l_part), 0.0)
+    if not COMPENSATE:
+        # fp16/bf16 drop a low part that cannot matter: below |LSE2| = 2^8 it is at most 2^-17, which
+        # moves P by under 1/32 of fp16's rounding. Then the backward sees an all-zero low part for
+        # typical rows and skips the subtraction altogether (core._bwd_kernel, `_needs_lse_low`).
+        lse_low = tl.where(tl.abs(lse) < LOW_PART_NEGLIGIBLE_BELOW, 0.0, lse_low)
+    tl.store(LseLow + row_offsets, lse_low, mask=row_ok)
+    if COMPENSATE:
+        rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
+        tl.store(LseLow + rows_in_all_heads + row_offsets, m_low, mask=row_ok)

@@ -95,14 +95,15 @@ def _prepare_launch(q: torch.Tensor):
 def attention_forward(q, k, v, causal: bool, sm_scale: float, config: _config.KernelConfig | None = None):
     """Returns (out, lse, lse_low): out like q; lse (B, Hq, Nq) float32 contiguous, the log-sum-exp of
     the scaled scores in the kernels' base (`uses_base_2`: natural LSE = lse * ln 2 in base 2); lse_low
-    its rounding error (the backward's two-part LSE), same shape."""
+    its low parts for the backward, (1, B, Hq, Nq) for fp16/bf16 and (2, B, Hq, Nq) for float32, whose
+    second plane is the row max's low part (core._fwd_kernel)."""
     batch, q_heads, n_queries, head_dim = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     interpreted, block_d = _prepare_launch(q)
     config = config or _config.forward_config(block_d, q.dtype, interpreted)
     out = new_buffer(q)
     lse = new_buffer(q, (batch, q_heads, n_queries))
-    lse_low = new_buffer(q, lse.shape)
+    lse_low = new_buffer(q, (2 if q.dtype == torch.float32 else 1, *lse.shape))
     FORWARD.launch(
         (_ceil_div(n_queries, config.block_m), q_heads, batch),
         (q, k, v, out, lse, lse_low),

@@ -19,6 +19,13 @@ def is_interpreted() -> bool:
     return type(attention_forward_kernel).__name__ == "InterpretedFunction"
 
 
+def float64_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b in float64, every element summed in the same order (k ascending) in long double whatever
+    the shapes: numpy's matmul takes its plain loop, not BLAS, for long double. The numerics emulator
+    computes the float32 kernels' score dots with this too."""
+    return np.matmul(a.astype(np.longdouble), b.astype(np.longdouble)).astype(np.float64)
+
+
 @functools.cache
 def patch_interpreter() -> None:
     """Make the interpreter's arithmetic what the GPU's is, where the kernels' correctness depends on it.
@@ -36,6 +43,10 @@ def patch_interpreter() -> None:
       multiplies into dq and dk, where eager attention gets exactly 0). Both were found by the fuzzer.
       Here every dot sums its exact products in float64 and rounds once to float32, which no summation
       order can change (short of a float64 sum landing within 1e-16 of a float32 rounding boundary).
+      float32 kernels take their dots in float64 and keep the score dot's rounding error to float32
+      (core._fwd_kernel._scores), which does see a float64 sum's last bits: those dots sum in one fixed
+      order, k ascending in extended precision (numpy's non-BLAS long double matmul), whatever the
+      operands' shapes.
     - float32 -> bf16 casts truncate the mantissa instead of rounding to nearest even as the GPU does,
       which biases every rounded P, dS and output towards zero (the numerics lab, experiment 0,
       measured 2x the GPU's error on bf16 outputs).
@@ -57,7 +68,11 @@ def patch_interpreter() -> None:
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         if not (a.dtype.scalar.is_floating() and a.dtype.scalar.primitive_bitwidth >= 16):
             return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-        exact_sum = np.matmul(as_float64(a), as_float64(b))
+        exact_sum = (
+            float64_dot(a.data, b.data)
+            if a.dtype.scalar == tl.float64
+            else np.matmul(as_float64(a), as_float64(b))
+        )
         return interpreter.TensorHandle(exact_sum.astype(d.data.dtype) + d.data, d.dtype.scalar)
 
     def cast_impl(self, src, dst_type):
