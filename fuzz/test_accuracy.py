@@ -155,6 +155,19 @@ def test_forward_matches_float64(kernel, case):
         upstream=Upstream(out="unused", lse="sum"),
     )
 ).via("discovered failure")  # fmt: skip
+# float32 on an H100 (gpu-2k run 5): dk 2.14x and dq 1.41x the bound at sm_scale 295. Nearly one-hot rows:
+# dP - Delta ~1e-6 lost its precision to the roundings of Delta (then dO . O), dP and the largest P. The
+# backward now sums Delta = sum P dP / sum P in float64 and keeps dP and Delta in two parts
+# (core._bwd_kernel). With the GPU's inputs replayed on the CPU: dk 2.14x -> 0.00x.
+@example(
+    case=Case(
+        problem=Problem(batch=2, q_heads=2, kv_heads=1, n_queries=32, n_keys=3350, head_dim=64,
+                        dtype=torch.float32, causal=False, sm_scale=295.2038364815685),
+        layouts=(Layout(), Layout(), Layout(order=(0, 2, 1, 3))),
+        values=Values("normal", seed=83682),
+        upstream=Upstream(out="sum"),
+    )
+).via("discovered failure")  # fmt: skip
 @given(case=cases())
 def test_gradients_match_float64(kernel, case):
     assume(sharding.belongs(kernel, case))  # a pinned case runs in its own family only

@@ -28,7 +28,7 @@ the backward subtracts (`two_part_lse`). With both two-part knobs, in float32 op
 
 The kernel's float32 score dots (forward q k^T, backward q k^T and k q^T; core._fwd_kernel's _scores)
 are float64 dots of the float32 operands: rounded once to float32 they are `_dot` itself, and their low
-part raw_low, which sees the float64 sum's last bits, comes from a sum in one fixed order (`_score_dot`).
+part raw_low, which sees the float64 sum's last bits, comes from a sum in one fixed order (`_dot_parts`).
 
 `Arithmetic` names the format each of these is stored in (numerics.formats), so one function covers the
 kernel itself (the defaults), the same algorithm with low-precision running statistics (a plain,
@@ -41,7 +41,7 @@ Bit-exactness with the Triton interpreter rests on doing the same float32 operat
 Every `tl.dot` there (core._runtime.patch_interpreter) sums the exact products of its operands in float64
 and rounds once to float32, so its result does not depend on the tile shape or the summation order; the
 emulator computes each dot the same way (`_dot`; the float32 score dots and their low parts in the
-interpreter's fixed order, `_score_dot`), and the tiles only decide where the online softmax rescales
+interpreter's fixed order, `_dot_parts`), and the tiles only decide where the online softmax rescales
 and which keys a causal tile visits. On a GPU the tensor cores sum fp16/bf16 products in their own order
 in fp32, float32 dots are float64 dots in theirs, and exp2 is `ex2.approx`, so there the emulator
 agrees to a few ulp.
@@ -98,6 +98,9 @@ class Arithmetic:
     #                                (s - m) + (s_low - m_low), save m_low with the LSE's low part, and add
     #                                s_low - m_low after s - lse in the backward's P (the kernel does for
     #                                fp32 inputs). Needs m to hold every score exactly and no tie_shift.
+    delta: str = "out"  # the backward's Delta_i: "out" = dO_i . O_i, one dot rounded once (fp16/bf16
+    #                     kernel); "p_dp" = sum_j P_ij dP_ij / sum_j P_ij in float64, kept in two parts,
+    #                     with dP in two parts too and dS = P ((dP - Delta) + (dP_low - Delta_low)) (fp32)
     pv_split: bool = False  # compensated P.V: P = hi + lo, both in the P.V dtype, two dots into acc
     tie_shift: bool = False  # Qiu & Yao: move the block max off the ties so that no p is exactly 1
 
@@ -242,7 +245,7 @@ def forward(
         cols = start + np.arange(bn)
         kb = _block(k, start, bn)  # (..., BN, D)
         vb = _block(v, start, bn)
-        raw, raw_low = _score_dot(q_tiles, np.swapaxes(kb, -1, -2)[..., None, :, :], arith)
+        raw, raw_low = _dot_parts(q_tiles, np.swapaxes(kb, -1, -2)[..., None, :, :], arith)
         s = fmt["scores"].round(raw * score_scale)
         if arith.two_part_scores:
             s_low = _scaled_low(raw, score_scale, s, raw_low)  # before masking, as the kernel computes it
@@ -313,12 +316,13 @@ def _score_scale(scale: float, base2: bool, wide) -> np.ndarray:
     return wide(scale * LOG2E if base2 else scale)
 
 
-def _score_dot(a: np.ndarray, b: np.ndarray, arith: Arithmetic):
-    """(raw, raw_low): the score dot a @ b, and with `two_part_scores` on a float32 carrier what rounding
-    it to float32 lost (else None), as core._fwd_kernel._scores computes them: a float64 dot, summed in
-    one fixed order (k ascending in long double, as core._runtime.float64_dot has the interpreter do),
-    whose last bits reach raw_low, so they must be the interpreted kernel's."""
-    if not (arith.two_part_scores and _carrier(arith) == np.float32):
+def _dot_parts(a: np.ndarray, b: np.ndarray, arith: Arithmetic, two_part: bool | None = None):
+    """(hi, lo): the dot a @ b, and when `two_part` (default: `two_part_scores`) on a float32 carrier what
+    rounding it to float32 lost (else None), as core._fwd_kernel._dot_parts computes them: a float64
+    dot, summed in one fixed order (k ascending in long double, as core._runtime.float64_dot has the
+    interpreter do), whose last bits reach lo, so they must be the interpreted kernel's."""
+    two_part = arith.two_part_scores if two_part is None else two_part
+    if not (two_part and _carrier(arith) == np.float32):
         return _dot(a, b), None
     exact = np.matmul(a.astype(np.longdouble), b.astype(np.longdouble)).astype(np.float64)
     raw = exact.astype(np.float32)
@@ -431,7 +435,9 @@ def backward(
     exp((s - lse) - lse_low[0]), and with `two_part_scores` exp(((s - lse) + (s_low - m_low)) - lse_low[0]),
     s_low the score's rounding error as in the forward and m_low = lse_low[1] the running max's.
 
-    delta = diag(dot(dO, O^T)), one rounding per row as the kernel's preprocess computes it, then
+    delta = diag(dot(dO, O^T)), one rounding per row as the kernel's preprocess computes it (with
+    `delta="p_dp"` sum(P * dP) / sum(P) per row in float64, in two float32 parts, as the float32 dQ
+    kernel computes it, and dP - delta below taken with both low parts), then
     dK/dV pass, each BLOCK_N key tile summing over the query blocks in ascending order, on transposed
     tiles as the kernel does:
         pT = exp(dot(k, qT) * qk_scale - lse);  dv += dot(pT.to(dtype), dO)
@@ -454,7 +460,6 @@ def backward(
     exp = np.exp2 if base2 else np.exp
     score_scale = _score_scale(scale, base2, wide)
     q, k, v, out, dout = (x.astype(wide) for x in (q, k, v, out, dout))
-    delta = _dot(dout[..., None, :], out[..., :, None])[..., 0, 0]
     # A row that sees no key (LSE -inf) has every score masked, so its p is 0 whatever lse says.
     lse = np.where(np.isfinite(lse), lse, 0).astype(wide)
     # Without a low part subtract zeros, which changes no bit of s - lse.
@@ -472,6 +477,31 @@ def backward(
             shifted = shifted + (s_low - max_low_of_queries)
         return fmt["p"].round(exp(shifted - lse_low_of_queries))
 
+    two_part_dp = arith.delta == "p_dp"
+    if two_part_dp:
+        every_query, every_key = np.arange(n_q)[:, None], np.arange(n_k)
+        p = probabilities(
+            _dot_parts(q, np.swapaxes(k, -1, -2), arith), every_query, every_key,
+            lse[..., None], lse_low[..., None], max_low[..., None],
+        ).astype(np.float64)  # fmt: skip
+        dp, dp_low = _dot_parts(dout, np.swapaxes(v, -1, -2), arith, two_part=True)
+        dp_low = np.zeros_like(dp) if dp_low is None else dp_low  # a float64 carrier's dot is one part
+        p_sum = p.sum(axis=-1)
+        p_dp_sum = (p * (dp.astype(np.float64) + dp_low.astype(np.float64))).sum(axis=-1)
+        exact_delta = np.where(p_sum > 0, p_dp_sum / np.where(p_sum > 0, p_sum, 1), 0)
+        delta = exact_delta.astype(wide)
+        delta_low = (exact_delta - delta.astype(np.float64)).astype(wide)
+    else:
+        delta = _dot(dout[..., None, :], out[..., :, None])[..., 0, 0]
+        delta_low = np.zeros_like(delta)
+
+    def dp_minus_delta(dot, delta_of_queries, delta_low_of_queries):
+        """dP - delta as the kernel's _dp_minus_delta takes it (dot: _dot_parts of dO and V)."""
+        dp, dp_low = dot
+        if two_part_dp and dp_low is not None:
+            return (dp - delta_of_queries) + (dp_low - delta_low_of_queries)
+        return dp - delta_of_queries
+
     # dK/dV: key tiles stacked (..., nN, BN, D), query blocks visited in order. Tiles are (keys x queries).
     k_tiles, v_tiles = _tiles(k, bn), _tiles(v, bn)
     key_index = (np.arange(k_tiles.shape[-3])[:, None] * bn + np.arange(bn)[None, :])[
@@ -488,12 +518,14 @@ def backward(
         query_index = start + np.arange(bm)  # (BM,): along the columns of the transposed tiles
         q_blk = _block(q, start, bm)[..., None, :, :]  # (..., 1, BM, D)
         do_blk = _block(dout, start, bm)[..., None, :, :]
-        lse_blk, lse_low_blk, max_low_blk, delta_blk = (
-            _block(x[..., None], start, bm)[..., None, None, :, 0] for x in (lse, lse_low, max_low, delta)
+        lse_blk, lse_low_blk, max_low_blk, delta_blk, delta_low_blk = (
+            _block(x[..., None], start, bm)[..., None, None, :, 0]
+            for x in (lse, lse_low, max_low, delta, delta_low)
         )  # (..., 1, 1, BM)
-        dot_t = _score_dot(k_tiles, np.swapaxes(q_blk, -1, -2), arith)
+        dot_t = _dot_parts(k_tiles, np.swapaxes(q_blk, -1, -2), arith)
         p_t = probabilities(dot_t, query_index, key_index, lse_blk, lse_low_blk, max_low_blk)
-        ds_t = p_t * (_dot(v_tiles, np.swapaxes(do_blk, -1, -2)) - delta_blk)
+        dp_t = _dot_parts(v_tiles, np.swapaxes(do_blk, -1, -2), arith, two_part=two_part_dp)
+        ds_t = p_t * dp_minus_delta(dp_t, delta_blk, delta_low_blk)
         dv_new, dv_comp_new = _accumulate(dv, dv_comp, _dot(fmt["p_cast"].round(p_t), do_blk), arith.kahan)
         dk_new, dk_comp_new = _accumulate(dk, dk_comp, _dot(fmt["ds_cast"].round(ds_t), q_blk), arith.kahan)
         dv, dv_comp = np.where(active, fmt["acc"].round(dv_new), dv), np.where(active, dv_comp_new, dv_comp)
@@ -507,8 +539,8 @@ def backward(
         ..., None
     ]  # (nM, BM, 1)
     # (..., nM, BM, 1)
-    lse_tiles, lse_low_tiles, max_low_tiles, delta_tiles = (
-        _tiles(x[..., None], bm) for x in (lse, lse_low, max_low, delta)
+    lse_tiles, lse_low_tiles, max_low_tiles, delta_tiles, delta_low_tiles = (
+        _tiles(x[..., None], bm) for x in (lse, lse_low, max_low, delta, delta_low)
     )
     dq, dq_comp = np.zeros(q_tiles.shape, dtype=wide), np.zeros(q_tiles.shape, dtype=wide)
     key_end = _key_end(q_tiles.shape[-3], bm, n_q, n_k, causal)
@@ -517,9 +549,10 @@ def backward(
         key_index = start + np.arange(bn)
         k_blk = _block(k, start, bn)[..., None, :, :]  # (..., 1, BN, D)
         v_blk = _block(v, start, bn)[..., None, :, :]
-        dot = _score_dot(q_tiles, np.swapaxes(k_blk, -1, -2), arith)
+        dot = _dot_parts(q_tiles, np.swapaxes(k_blk, -1, -2), arith)
         p = probabilities(dot, query_index, key_index, lse_tiles, lse_low_tiles, max_low_tiles)
-        ds = p * (_dot(do_tiles, np.swapaxes(v_blk, -1, -2)) - delta_tiles)
+        dp = _dot_parts(do_tiles, np.swapaxes(v_blk, -1, -2), arith, two_part=two_part_dp)
+        ds = p * dp_minus_delta(dp, delta_tiles, delta_low_tiles)
         dq_new, dq_comp_new = _accumulate(dq, dq_comp, _dot(fmt["ds_cast"].round(ds), k_blk), arith.kahan)
         dq, dq_comp = np.where(active, fmt["acc"].round(dq_new), dq), np.where(active, dq_comp_new, dq_comp)
     dq = fmt["out"].round(dq * wide(scale))

@@ -67,10 +67,10 @@ def arithmetic(input_format: str, block_m: int, block_n: int):
     """The emulator settings that reproduce the kernel as it runs here, with these tiles: the defaults
     (base 2, round to nearest everywhere, a Kahan-compensated row sum) and, for fp32 inputs, natural
     base, Kahan-summed dots, two-part scores and running max (the dot's and the scale's rounding errors);
-    a two-part LSE for every format, whose low part fp16/bf16 drop below |LSE2| = 2^8
-    (core._launch.uses_base_2, core._fwd_kernel's COMPENSATE and _scores, core._bwd_kernel's
-    _probabilities). The fp32 dots are float64 dots rounded once to float32, the exact-sum dot the
-    emulator takes for every dot, so they need no setting.
+    a two-part LSE for every format, whose low part fp16/bf16 drop below |LSE2| = 2^8, and for fp32 the
+    backward's Delta summed from P * dP (core._launch.uses_base_2, core._fwd_kernel's COMPENSATE and
+    _scores, core._bwd_kernel's _probabilities and backward_dq_kernel). The fp32 dots are float64 dots
+    rounded once to float32, the exact-sum dot the emulator takes for every dot, so they need no setting.
 
     Under the interpreter core patches Triton's bf16 casts to round to nearest and its dots to round
     their exact sums once (`core._runtime.patch_interpreter`), so the interpreted kernel and the compiled
@@ -87,4 +87,5 @@ def arithmetic(input_format: str, block_m: int, block_n: int):
         two_part_scores=fp32,
         two_part_lse=True,
         lse_low_negligible_below=0.0 if fp32 else 256.0,
+        delta="p_dp" if fp32 else "out",
     )

@@ -106,6 +106,27 @@ def test_float32_logits_near_the_row_max_keep_the_dots_rounding_error():
     assert_all_within_tolerance(compare_with_reference(q, k, v, causal=False, sm_scale=sm_scale))
 
 
+def test_float32_gradients_of_nearly_one_hot_rows_keep_float32_precision():
+    """At sm_scale 100 most rows give their largest key all but ~1e-6 of their weight, and that key's
+    dS = P (dP - Delta) is a tiny difference of two numbers ~1: a rounding of Delta, of dP, of O or of
+    that key's P (whose 1 - P is the row's whole remaining weight) was a large part of it, and sm_scale
+    multiplied it into dq and dk (GPU fuzzer, sm_scale 295: dk 2.1x the bound). float32's backward now
+    sums Delta = sum P dP / sum P in float64 and takes dP - Delta in two parts (core._bwd_kernel): dq
+    and dk are within a few ulps of the float64 truth's largest element (float32 eager attention is
+    ~1000 ulps off here, the kernel before this fix 8-11)."""
+    q, k, v = make_qkv(1, 2, 1, 32, 512, 64, torch.float32, seed=3)
+    sm_scale = 100.0
+    core.attention(q, k, v, causal=False, sm_scale=sm_scale).sum().backward()
+    exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    core.attention_reference(*exact, causal=False, sm_scale=sm_scale).sum().backward()
+    eps32 = torch.finfo(torch.float32).eps
+    for name, got, truth in (("dq", q.grad, exact[0].grad), ("dk", k.grad, exact[1].grad)):
+        error = (got.double() - truth).abs().max().item()
+        assert error <= 4 * eps32 * truth.abs().max().item(), f"{name}: {error:.3e}"
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    assert_all_within_tolerance(compare_with_reference(q, k, v, causal=False, sm_scale=sm_scale))
+
+
 def test_policy_counts_a_correctly_rounded_overflow_as_exact():
     """A float16 inf where the true value is beyond 65504 is the correctly rounded result, not an
     infinite error; a finite value there is off by at least the distance to the truth."""

@@ -1,10 +1,12 @@
 """The backward kernels, FlashAttention-2 style and free of atomics.
 
 Three launches:
-1. `backward_preprocess_kernel`: Delta_i = sum_d dO_id * O_id - dLSE_i, one float per query row.
-2. `backward_dkdv_kernel`: one program owns BLOCK_N keys of one key/value head and streams every query
+1. `backward_preprocess_kernel`: Delta_i = sum_d dO_id * O_id - dLSE_i, one float per query row (for
+   float32 inputs only the -dLSE_i term).
+2. `backward_dq_kernel`: one program owns BLOCK_M query rows and streams the keys they see, accumulating
+   dQ; for float32 inputs it first streams them once more to complete Delta_i with sum_j P_ij dP_ij.
+3. `backward_dkdv_kernel`: one program owns BLOCK_N keys of one key/value head and streams every query
    row (of every query head in its GQA group) that can see them, accumulating dK and dV in registers.
-3. `backward_dq_kernel`: one program owns BLOCK_M query rows and streams the keys they see, accumulating dQ.
 
 Every gradient element is summed by exactly one program in a fixed order, so results are bitwise
 identical from run to run (no atomics, unlike FlashAttention-2's dQ and cuDNN).
@@ -25,7 +27,7 @@ up the factor sm_scale once at the end.
 import triton
 import triton.language as tl
 
-from core._fwd_kernel import _accumulate_dot, _exp, _head_dim_dot, _load_tile, _scores
+from core._fwd_kernel import _accumulate_dot, _dot_parts, _exp, _load_tile, _scores
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Rows of the LSE's low part that the dK/dV kernel checks per step before choosing its loop.
@@ -41,9 +43,11 @@ def backward_preprocess_kernel(
     HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BASE_2: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Delta[b, h, i] = sum_d dOut * Out - dLse * (log2(e) if BASE_2 else 1) (float32).
+    """Delta[b, h, i] = sum_d dOut * Out - dLse * (log2(e) if BASE_2 else 1) (float32); for float32 inputs
+    only the dLse term, which the dQ kernel completes with sum_j P_ij dP_ij (see backward_dq_kernel).
 
-    Out, dOut (B, Hq, Nq, HEAD_DIM), any strides. dLse, Delta (B, Hq, Nq) float32, contiguous; dLse is
+    Out, dOut (B, Hq, Nq, HEAD_DIM), any strides. dLse (B, Hq, Nq) and Delta (1 or 2, B, Hq, Nq: its
+    second plane is the dQ kernel's, for float32) float32, contiguous; this writes Delta[0]. dLse is
     the gradient of the kernels' LSE (base 2 when BASE_2) and only read when HAS_DLSE. Since
     d(LSE2)/dS_ij = log2(e) * P_ij (S the naturally scaled scores), the LSE's gradient folds into Delta.
 
@@ -58,22 +62,24 @@ def backward_preprocess_kernel(
     head = tl.program_id(1)
     batch = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (rows < n_queries)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(
-        Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-        + rows.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od,
-        mask=mask, other=0.0,
-    )  # fmt: skip
-    do = tl.load(
-        dOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-        + rows.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-        mask=mask, other=0.0,
-    )  # fmt: skip
-    on_diagonal = rows[:, None] == rows[None, :]
-    FLOAT32_INPUTS: tl.constexpr = Out.dtype.element_ty == tl.float32
-    products = _head_dim_dot(do, tl.trans(o), DOT_PRECISION, FLOAT32_INPUTS)
-    delta = tl.sum(tl.where(on_diagonal, products, 0.0), axis=1)
+    if Out.dtype.element_ty == tl.float32:
+        delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (rows < n_queries)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        o = tl.load(
+            Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+            + rows.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od,
+            mask=mask, other=0.0,
+        )  # fmt: skip
+        do = tl.load(
+            dOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+            + rows.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+            mask=mask, other=0.0,
+        )  # fmt: skip
+        on_diagonal = rows[:, None] == rows[None, :]
+        products = tl.dot(do, tl.trans(o), input_precision=DOT_PRECISION)
+        delta = tl.sum(tl.where(on_diagonal, products, 0.0), axis=1)
     row_offsets = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
     if HAS_DLSE:
         dlse = tl.load(dLse + row_offsets, mask=rows < n_queries, other=0.0)
@@ -96,6 +102,17 @@ def _load_row_stats(Lse, LseLow, Delta, row_offsets, row_ok, rows_in_all_heads, 
         max_low = tl.zeros_like(lse_low)
     delta = tl.load(Delta + row_offsets, mask=row_ok, other=0.0)
     return lse, lse_low, max_low, delta
+
+
+@triton.jit
+def _dp_minus_delta(dp, dp_low, delta, delta_low, TWO_PART: tl.constexpr):
+    """dP - Delta (broadcast), and with TWO_PART (float32) with both low parts: (dp - delta) is exact where
+    it matters (a nearly one-hot row, dp close to delta), so the difference keeps float32 precision
+    relative to itself rather than to dp (see backward_dq_kernel)."""
+    if TWO_PART:
+        return (dp - delta) + (dp_low - delta_low)
+    else:
+        return dp - delta
 
 
 @triton.jit
@@ -161,8 +178,12 @@ def _dkdv_from_query_blocks(
         if MASKED:
             pT = tl.where(keys[:, None] <= rows[None, :] + diagonal, pT, 0.0)
         dv, dv_comp = _accumulate_dot(dv, dv_comp, pT.to(do.dtype), do, DOT_PRECISION, COMPENSATE)
-        dpT = _head_dim_dot(v, tl.trans(do), DOT_PRECISION, COMPENSATE)
-        dsT = pT * (dpT - delta[None, :])
+        dpT, dpT_low = _dot_parts(v, tl.trans(do), DOT_PRECISION, COMPENSATE)
+        if COMPENSATE:
+            delta_low = tl.load(Delta + rows_in_all_heads + stat_offset + rows, mask=row_ok, other=0.0)
+        else:
+            delta_low = delta
+        dsT = pT * _dp_minus_delta(dpT, dpT_low, delta[None, :], delta_low[None, :], COMPENSATE)
         dk, dk_comp = _accumulate_dot(dk, dk_comp, dsT.to(qT.dtype), tl.trans(qT), DOT_PRECISION, COMPENSATE)
         q_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
@@ -230,8 +251,9 @@ def backward_dkdv_kernel(
     """dK, dV for BLOCK_N keys of one key/value head.
 
     Q, dOut (B, Hq, Nq, HEAD_DIM); K, V, dK, dV (B, Hkv, Nk, HEAD_DIM); any strides, 64-bit offsets.
-    Lse, Delta (B, Hq, Nq) and LseLow, the LSE's low parts ((1 or 2, B, Hq, Nq), core._fwd_kernel), float32
-    contiguous. The program sums
+    Lse (B, Hq, Nq), LseLow, the LSE's low parts ((1 or 2, B, Hq, Nq), core._fwd_kernel), and Delta
+    ((1 or 2, B, Hq, Nq): float32's in two parts, see backward_dq_kernel), float32 contiguous. The
+    program sums
     over the kv_group = Hq // Hkv query heads that share this key/value head itself, so GQA needs
     neither atomics nor a reduction pass.
     Grid: (cdiv(Nk, BLOCK_N), Hkv, B).
@@ -317,8 +339,30 @@ def backward_dkdv_kernel(
 
 
 @triton.jit
+def _p_and_dp(
+    q, do, kT, vT, lse, lse_low, max_low, cols, col_ok, rows, diagonal, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr,
+    PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
+):  # fmt: skip
+    """(P, dP, dP's low part) for one key block of a query tile, dP = dO V^T (_dot_parts). MASKED blocks
+    (the causal diagonal and the ragged end of N) zero P for keys past Nk and keys the causal rule hides."""
+    scores, scores_low = _scores(q, kT, qk_scale, DOT_PRECISION, COMPENSATE)
+    p = _probabilities(
+        scores, scores_low, lse[:, None], lse_low[:, None], max_low[:, None], True, BASE_2, PRECISE_EXP,
+        COMPENSATE,
+    )  # fmt: skip
+    if MASKED:
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None] + diagonal)
+        p = tl.where(visible, p, 0.0)
+    dp, dp_low = _dot_parts(do, vT, DOT_PRECISION, COMPENSATE)
+    return p, dp, dp_low
+
+
+@triton.jit
 def _dq_from_key_blocks(
-    dq, dq_comp, q, do, lse, lse_low, max_low, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
+    dq, dq_comp, q, do, lse, lse_low, max_low, delta, delta_low, k_ptrs, v_ptrs, stride_kn, stride_vn,
     key_start, key_end, rows, n_keys, diagonal, qk_scale, d_ok,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
@@ -326,8 +370,8 @@ def _dq_from_key_blocks(
     """Add the contributions of keys [key_start, key_end) to one query tile's dQ.
 
     k_ptrs/v_ptrs point at K^T/V^T tiles (BLOCK_D, BLOCK_N) starting at key_start. MASKED blocks (the
-    causal diagonal and the ragged end of N) zero P for keys past Nk and keys the causal rule hides;
-    other blocks are fully in bounds and visible.
+    causal diagonal and the ragged end of N) are masked (_p_and_dp); other blocks are fully in bounds
+    and visible.
     """
     offs_n = tl.arange(0, BLOCK_N)
     for block_start in range(key_start, key_end, BLOCK_N):
@@ -335,22 +379,41 @@ def _dq_from_key_blocks(
         col_ok = cols < n_keys
         kT = _load_tile(k_ptrs, d_ok, col_ok, EVEN_D, False)
         vT = _load_tile(v_ptrs, d_ok, col_ok, EVEN_D, False)
-        scores, scores_low = _scores(q, kT, qk_scale, DOT_PRECISION, COMPENSATE)
-        p = _probabilities(
-            scores, scores_low, lse[:, None], lse_low[:, None], max_low[:, None], True, BASE_2, PRECISE_EXP,
-            COMPENSATE,
+        p, dp, dp_low = _p_and_dp(
+            q, do, kT, vT, lse, lse_low, max_low, cols, col_ok, rows, diagonal, qk_scale, MASKED, CAUSAL,
+            DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE,
         )  # fmt: skip
-        if MASKED:
-            visible = col_ok[None, :]
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None] + diagonal)
-            p = tl.where(visible, p, 0.0)
-        dp = _head_dim_dot(do, vT, DOT_PRECISION, COMPENSATE)
-        ds = p * (dp - delta[:, None])
+        ds = p * _dp_minus_delta(dp, dp_low, delta[:, None], delta_low[:, None], COMPENSATE)
         dq, dq_comp = _accumulate_dot(dq, dq_comp, ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, COMPENSATE)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     return dq, dq_comp
+
+
+@triton.jit
+def _p_dp_row_sums(
+    p_dp_sum, p_sum, q, do, lse, lse_low, max_low, k_ptrs, v_ptrs, stride_kn, stride_vn,
+    key_start, key_end, rows, n_keys, diagonal, qk_scale, d_ok,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
+):  # fmt: skip
+    """(p_dp_sum, p_sum) (float64, one per row) plus the sums of P * dP (dP in two parts) and of P over
+    keys [key_start, key_end)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for block_start in range(key_start, key_end, BLOCK_N):
+        cols = block_start + offs_n
+        col_ok = cols < n_keys
+        kT = _load_tile(k_ptrs, d_ok, col_ok, EVEN_D, False)
+        vT = _load_tile(v_ptrs, d_ok, col_ok, EVEN_D, False)
+        p, dp, dp_low = _p_and_dp(
+            q, do, kT, vT, lse, lse_low, max_low, cols, col_ok, rows, diagonal, qk_scale, MASKED, CAUSAL,
+            DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE,
+        )  # fmt: skip
+        p_dp_sum += tl.sum(p.to(tl.float64) * (dp.to(tl.float64) + dp_low.to(tl.float64)), 1)
+        p_sum += tl.sum(p.to(tl.float64), 1)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return p_dp_sum, p_sum
 
 
 @triton.jit(do_not_specialize=["n_queries", "n_keys"])
@@ -369,8 +432,10 @@ def backward_dq_kernel(
     """dQ for BLOCK_M query rows of one query head.
 
     Q, dOut, dQ (B, Hq, Nq, HEAD_DIM); K, V (B, Hkv, Nk, HEAD_DIM); any strides, 64-bit offsets.
-    Lse, Delta (B, Hq, Nq) and LseLow, the LSE's low parts ((1 or 2, B, Hq, Nq), core._fwd_kernel), float32
-    contiguous. Grid: (cdiv(Nq, BLOCK_M), Hq, B), causal tiles that see the most keys launched first.
+    Lse (B, Hq, Nq), LseLow, the LSE's low parts ((1 or 2, B, Hq, Nq), core._fwd_kernel), and Delta
+    ((1 or 2, B, Hq, Nq)), float32 contiguous; for float32 inputs this kernel completes Delta (both
+    planes) before its dQ loop. Grid: (cdiv(Nq, BLOCK_M), Hq, B), causal tiles that see the most keys
+    launched first.
     """
     block_m_index = tl.program_id(0)
     if CAUSAL:
@@ -400,10 +465,10 @@ def backward_dq_kernel(
     )  # fmt: skip
     COMPENSATE: tl.constexpr = Q.dtype.element_ty == tl.float32
     rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
+    stat_rows = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
     lse, lse_low, max_low, delta = _load_row_stats(
-        Lse, LseLow, Delta, (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows, row_ok,
-        rows_in_all_heads, COMPENSATE,
-    )  # fmt: skip
+        Lse, LseLow, Delta, stat_rows, row_ok, rows_in_all_heads, COMPENSATE
+    )
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq_comp = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -426,13 +491,42 @@ def backward_dq_kernel(
     else:
         unmasked_end = whole_blocks_end
         key_end = n_keys
+    delta_low = delta
+    if COMPENSATE:
+        # float32: Delta = sum_j P_ij dP_ij / sum_j P_ij, summed here in float64 and saved in two parts,
+        # not dO . O from the preprocess; and dS = P ((dP - Delta) + (dP_low - Delta_low))
+        # (_dp_minus_delta). A nearly one-hot row's dP - Delta is far smaller than Delta: one rounding
+        # of Delta, dP or O to float32, or of its largest P (whose 1 - P is its whole weight elsewhere),
+        # is a large part of it, and sm_scale multiplies that into dq and dk (the GPU fuzzer: dk 2.1x
+        # float32 eager attention's bound at sm_scale 295). Dividing by the P's own sum makes the row's
+        # dS sum to 0 for the P actually used, as the exact ones do, so each dP - Delta is accurate to
+        # float32 relative to itself. A one-hot row still gets dP - Delta = 0 exactly. This pass reads K
+        # and V once more; the dK/dV kernel, launched after this one, reads the Delta it stores.
+        p_dp_sum, p_sum = _p_dp_row_sums(
+            tl.zeros([BLOCK_M], dtype=tl.float64), tl.zeros([BLOCK_M], dtype=tl.float64), q, do, lse, lse_low,
+            max_low, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, unmasked_end, rows, n_keys, diagonal, qk_scale,
+            d_ok, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE,
+        )  # fmt: skip
+        p_dp_sum, p_sum = _p_dp_row_sums(
+            p_dp_sum, p_sum, q, do, lse, lse_low, max_low,
+            k_ptrs + unmasked_end.to(tl.int64) * stride_kn, v_ptrs + unmasked_end.to(tl.int64) * stride_vn,
+            stride_kn, stride_vn, unmasked_end, key_end, rows, n_keys, diagonal, qk_scale, d_ok, True, CAUSAL,
+            EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE,
+        )  # fmt: skip
+        # A row that sees no key has no P at all: its Delta is the preprocess's -dLSE term alone.
+        row_sums = tl.where(p_sum > 0.0, p_dp_sum / tl.where(p_sum > 0.0, p_sum, 1.0), 0.0)
+        row_sums += delta.to(tl.float64)  # the preprocess's -dLSE term
+        delta = row_sums.to(tl.float32)
+        delta_low = (row_sums - delta.to(tl.float64)).to(tl.float32)
+        tl.store(Delta + stat_rows, delta, mask=row_ok)
+        tl.store(Delta + rows_in_all_heads + stat_rows, delta_low, mask=row_ok)
     dq, dq_comp = _dq_from_key_blocks(
-        dq, dq_comp, q, do, lse, lse_low, max_low, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 0,
+        dq, dq_comp, q, do, lse, lse_low, max_low, delta, delta_low, k_ptrs, v_ptrs, stride_kn, stride_vn, 0,
         unmasked_end, rows, n_keys, diagonal, qk_scale, d_ok, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION,
         BASE_2, PRECISE_EXP, COMPENSATE,
     )  # fmt: skip
     dq, dq_comp = _dq_from_key_blocks(
-        dq, dq_comp, q, do, lse, lse_low, max_low, delta,
+        dq, dq_comp, q, do, lse, lse_low, max_low, delta, delta_low,
         k_ptrs + unmasked_end.to(tl.int64) * stride_kn, v_ptrs + unmasked_end.to(tl.int64) * stride_vn,
         stride_kn, stride_vn, unmasked_end, key_end, rows, n_keys, diagonal, qk_scale, d_ok, True, CAUSAL,
         EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE,

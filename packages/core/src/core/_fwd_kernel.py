@@ -26,24 +26,27 @@ LOW_PART_NEGLIGIBLE_BELOW = tl.constexpr(256.0)
 
 
 @triton.jit
-def _head_dim_dot(a, bT, DOT_PRECISION: tl.constexpr, FLOAT64_SUM: tl.constexpr):
-    """a @ bT over the head dim (a: (M, HEAD_DIM padded), bT: (HEAD_DIM padded, N)), in float32: the
-    dots that the softmax's gradient is made of (dP = dO V^T and Delta = rowsum(dO O)); the score dots
-    (_scores) are taken the same way and keep their rounding error as well.
+def _dot_parts(a, bT, DOT_PRECISION: tl.constexpr, TWO_PART: tl.constexpr):
+    """(hi, lo): a @ bT over the head dim (a: (M, HEAD_DIM padded), bT: (HEAD_DIM padded, N)) in float32,
+    and with TWO_PART (float32 inputs) what rounding it to float32 lost (else zeros). The dots that the
+    softmax and its gradient are made of: the scores (_scores) and dP = dO V^T.
 
-    FLOAT64_SUM (float32 inputs) takes the dot in float64 (exact products, summed with 29 more bits, on
-    Hopper's float64 tensor cores) and rounds it once to float32. A float32 "ieee" dot is one sequential
-    FMA chain per element whose rounding error grows with the head dim: the fuzzer measured LSE, output,
-    dq and dk up to 2x float32 eager attention's bound on an H100 (D 64 to 200), where cuBLAS's dot is
-    more accurate. It is also 2.4-3.4x faster than the FMA dot at D 128-256. Every kernel computes these
-    dots here, so dP and Delta agree exactly on a one-hot row; and it is what the interpreter computes
-    for every dot (core._runtime).
+    TWO_PART takes the dot in float64 (exact products, summed with 29 more bits, on Hopper's float64
+    tensor cores). A float32 "ieee" dot is one sequential FMA chain per element whose rounding error
+    grows with the head dim: the fuzzer measured LSE, output, dq and dk up to 2x float32 eager
+    attention's bound on an H100 (D 64 to 200). It is also 2.4-3.4x faster than the FMA dot at D
+    128-256. hi is that dot rounded once, which no summation order changes (short of a float64 sum
+    within 1e-16 of a float32 rounding boundary); lo sees the float64 sum's last bits, which are the same
+    wherever the same products are summed in the same order (the interpreter: core._runtime).
     fp16/bf16 dots run on the tensor cores, exact products summed in float32.
     """
-    if FLOAT64_SUM:
-        return tl.dot(a.to(tl.float64), bT.to(tl.float64), out_dtype=tl.float64).to(tl.float32)
+    if TWO_PART:
+        exact = tl.dot(a.to(tl.float64), bT.to(tl.float64), out_dtype=tl.float64)
+        hi = exact.to(tl.float32)
+        return hi, (exact - hi.to(tl.float64)).to(tl.float32)
     else:
-        return tl.dot(a, bT, input_precision=DOT_PRECISION)
+        hi = tl.dot(a, bT, input_precision=DOT_PRECISION)
+        return hi, tl.zeros_like(hi)
 
 
 @triton.jit
@@ -69,21 +72,18 @@ def _scores(a, bT, qk_scale, DOT_PRECISION: tl.constexpr, TWO_PART: tl.constexpr
     (_scaled_scores), and with TWO_PART (float32 inputs) its rounding error, exactly what the dot and the
     scale lost (else zeros). Every kernel gets its scores here, so the backward's are bitwise the forward's.
 
-    float32 logits are as precise as float32 allows: the dot is taken in float64 (_head_dim_dot) and
-    both its rounding to float32 (raw_low) and the scale's (an FMA) go into scores_low. Measured on an
-    H100 at sm_scale -9880 (logits ~4e4): the dot's rounding alone, eps32 * |raw| * |sm_scale|, moved
-    the exponent of a key 8.7 below the row max by 1.2e-3, and the output to 1.7x float32 eager
-    attention's bound (1.3x with huge logits at sm_scale 1/sqrt(128)).
+    float32 logits are as precise as float32 allows: both the dot's rounding to float32 (_dot_parts) and
+    the scale's (an FMA) go into scores_low. Measured on an H100 at sm_scale -9880 (logits ~4e4): the
+    dot's rounding alone, eps32 * |raw| * |sm_scale|, moved the exponent of a key 8.7 below the row max
+    by 1.2e-3, and the output to 1.7x float32 eager attention's bound (1.3x with huge logits at sm_scale
+    1/sqrt(128)).
     """
+    raw, raw_low = _dot_parts(a, bT, DOT_PRECISION, TWO_PART)
+    scores = _scaled_scores(raw, qk_scale)
     if TWO_PART:
-        exact = tl.dot(a.to(tl.float64), bT.to(tl.float64), out_dtype=tl.float64)
-        raw = exact.to(tl.float32)
-        raw_low = (exact - raw.to(tl.float64)).to(tl.float32)
-        scores = _scaled_scores(raw, qk_scale)
         # The inner FMA is exact (a product's rounding error is representable); the outer rounds once.
         return scores, tl.fma(raw_low, qk_scale, tl.fma(raw, qk_scale, -scores))
     else:
-        scores = _scaled_scores(tl.dot(a, bT, input_precision=DOT_PRECISION), qk_scale)
         return scores, tl.zeros_like(scores)
 
 
@@ -127,7 +127,7 @@ def _accumulate_dot(acc, comp, a, b, DOT_PRECISION: tl.constexpr, COMPENSATE: tl
 
     fp16/bf16 operands accumulate straight into acc on the tensor cores (comp is unused and unchanged).
     float32 operands (COMPENSATE) take each block's dot in float64, rounded once to float32 (as the
-    head-dim dots do, see _head_dim_dot), and Kahan-sum the blocks, comp carrying the rounding error of
+    head-dim dots do, see _dot_parts), and Kahan-sum the blocks, comp carrying the rounding error of
     acc. Both halves were measured on an H100. A float32 "ieee" dot is one sequential FMA chain per
     element: across a 32-key block it left the output at 1.3-1.7x float32 eager attention's bound at
     large logits, and the compiler folds `acc + a @ b` into one dot continuing acc's chain, so a whole

@@ -125,7 +125,8 @@ def attention_backward(dout, dlse, q, k, v, out, lse, lse_low, causal: bool, sm_
 
     dot_precision, base_2, _ = _precision_flags(q.dtype, interpreted)
 
-    delta = new_buffer(q, lse.shape)
+    # float32 saves Delta in two parts (core._bwd_kernel.backward_dq_kernel), like the LSE's low parts.
+    delta = new_buffer(q, (2 if q.dtype == torch.float32 else 1, *lse.shape))
     rows_per_program = _config.preprocess_block_m(interpreted)
     PREPROCESS.launch(
         (_ceil_div(n_queries, rows_per_program), q_heads, batch),
@@ -141,18 +142,19 @@ def attention_backward(dout, dlse, q, k, v, out, lse, lse_low, causal: bool, sm_
     sizes = (q_heads, q_heads // kv_heads, n_queries, n_keys)
     scales = (sm_scale, score_scale(q.dtype, sm_scale))
     input_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    DKDV.launch(
-        (_ceil_div(n_keys, dkdv_config.block_n), kv_heads, batch),
-        (q, k, v, dout, lse, lse_low, delta, dk, dv),
-        (*input_strides, *dk.stride(), *dv.stride(), *sizes),
-        scales,
-        *_attention_meta(head_dim, causal, block_d, dkdv_config, q.dtype, interpreted),
-    )  # fmt: skip
+    # dQ first: for float32 it completes Delta, which the dK/dV kernel reads (core._bwd_kernel).
     DQ.launch(
         (_ceil_div(n_queries, dq_config.block_m), q_heads, batch),
         (q, k, v, dout, lse, lse_low, delta, dq),
         (*input_strides, *dq.stride(), *sizes),
         scales,
         *_attention_meta(head_dim, causal, block_d, dq_config, q.dtype, interpreted),
+    )  # fmt: skip
+    DKDV.launch(
+        (_ceil_div(n_keys, dkdv_config.block_n), kv_heads, batch),
+        (q, k, v, dout, lse, lse_low, delta, dk, dv),
+        (*input_strides, *dk.stride(), *dv.stride(), *sizes),
+        scales,
+        *_attention_meta(head_dim, causal, block_d, dkdv_config, q.dtype, interpreted),
     )  # fmt: skip
     return dq, dk, dv
