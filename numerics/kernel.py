@@ -41,8 +41,9 @@ def block_config(block_m: int, block_n: int, head_dim: int = 64):
 
 def forward(q, k, v, *, causal: bool = False, sm_scale: float | None = None, config=None):
     """(out, lse, lse_low) of the kernel as core._launch.attention_forward returns them: lse the LSE it
-    saves, in its base (base 2 for fp16/bf16: natural LSE = lse * ln 2; natural for fp32), lse_low that
-    LSE's rounding error. `config` (block_config) overrides the default tiles."""
+    saves, in its base (base 2 for fp16/bf16: natural LSE = lse * ln 2; natural for fp32), lse_low its
+    low parts ((1 or 2, B, H, N), core._launch.attention_forward). `config` (block_config) overrides the
+    default tiles."""
     from core import _launch
 
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
