@@ -109,7 +109,7 @@ def test_constexprs_out_of_signature_order_are_refused():
     """A hit passes constexprs by position, so a launcher that names them out of order must fail."""
     launcher = CachedKernel(_launch.attention_forward_kernel)
     in_order = ["HEAD_DIM", "CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D"]
-    in_order += ["DOT_PRECISION", "BASE_2", "PRECISE_EXP"]
+    in_order += ["DOT_PRECISION", "BASE_2", "PRECISE_EXP", "TENSOR_DESCRIPTORS"]
     positional = len(launcher.kernel.arg_names) - len(in_order)
     launcher._check_order(positional, tuple((name, None) for name in in_order))
     swapped = [in_order[1], in_order[0], *in_order[2:]]

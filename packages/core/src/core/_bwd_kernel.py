@@ -27,7 +27,16 @@ up the factor sm_scale once at the end.
 import triton
 import triton.language as tl
 
-from core._fwd_kernel import _accumulate_dot, _dot_parts, _exp, _load_tile, _scores
+from core._fwd_kernel import (
+    _accumulate_dot,
+    _dot_parts,
+    _exp,
+    _head_rows,
+    _load_cols,
+    _load_rows,
+    _load_tile,
+    _scores,
+)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Rows of the LSE's low part that the dK/dV kernel checks per step before choosing its loop.
@@ -150,23 +159,25 @@ def _probabilities(scores, scores_low, lse, lse_low, max_low, use_lse_low, BASE_
 
 @triton.jit
 def _dkdv_from_query_blocks(
-    dk, dv, dk_comp, dv_comp, k, v, q_ptrs, do_ptrs, Lse, LseLow, Delta, stat_offset, rows_in_all_heads,
+    dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset, rows_in_all_heads,
     stride_qm, stride_dom, row_start, row_end, keys, n_queries, diagonal, qk_scale, d_ok,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
     use_lse_low, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
+    DESCRIPTORS: tl.constexpr,
 ):  # fmt: skip
     """Add the contributions of query rows [row_start, row_end) to one tile's dK and dV.
 
     Works on transposed tiles (keys along the rows) so that dK and dV come out of plain dots.
-    q_ptrs points at Q^T (BLOCK_D, BLOCK_M) and do_ptrs at dO (BLOCK_M, BLOCK_D), both at row_start.
+    q_src/do_src are tensor descriptors of this head's Q and dO (DESCRIPTORS), or pointer tiles at
+    row_start: Q^T (BLOCK_D, BLOCK_M) and dO (BLOCK_M, BLOCK_D).
     MASKED applies the causal rule (the diagonal blocks); other blocks are fully visible.
     """
     offs_m = tl.arange(0, BLOCK_M)
     for block_start in range(row_start, row_end, BLOCK_M):
         rows = block_start + offs_m
         row_ok = rows < n_queries
-        qT = _load_tile(q_ptrs, d_ok, row_ok, EVEN_D, False)
-        do = _load_tile(do_ptrs, row_ok, d_ok, False, EVEN_D)
+        qT = _load_cols(q_src, block_start, d_ok, row_ok, EVEN_D, False, DESCRIPTORS)
+        do = _load_rows(do_src, block_start, row_ok, d_ok, False, EVEN_D, DESCRIPTORS)
         lse, lse_low, max_low, delta = _load_row_stats(
             Lse, LseLow, Delta, stat_offset + rows, row_ok, rows_in_all_heads, COMPENSATE
         )
@@ -185,8 +196,9 @@ def _dkdv_from_query_blocks(
             delta_low = delta
         dsT = pT * _dp_minus_delta(dpT, dpT_low, delta[None, :], delta_low[None, :], COMPENSATE)
         dk, dk_comp = _accumulate_dot(dk, dk_comp, dsT.to(qT.dtype), tl.trans(qT), DOT_PRECISION, COMPENSATE)
-        q_ptrs += BLOCK_M * stride_qm
-        do_ptrs += BLOCK_M * stride_dom
+        if not DESCRIPTORS:
+            q_src += BLOCK_M * stride_qm
+            do_src += BLOCK_M * stride_dom
     return dk, dv, dk_comp, dv_comp
 
 
@@ -196,39 +208,45 @@ def _dkdv_from_group(
     stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod,
     batch, first_head, kv_group, n_q_heads, rows_in_all_heads, row_start, unmasked_start, keys, n_queries,
     diagonal, qk_scale, d_ok, offs_d,
-    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
-    USE_LSE_LOW: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
+    COMPENSATE: tl.constexpr, USE_LSE_LOW: tl.constexpr, DESCRIPTORS: tl.constexpr,
 ):  # fmt: skip
     """Add every query row of the kv_group query heads from first_head on that sees these keys: those
     straddling the causal diagonal, [row_start, unmasked_start), masked; those after it unmasked."""
     offs_m = tl.arange(0, BLOCK_M)
     for group_member in range(0, kv_group):
         head = first_head + group_member
-        q_ptrs = (
-            Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-            + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm
-        )  # fmt: skip
-        do_ptrs = (
-            dOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-            + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
-        )  # fmt: skip
+        q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        do_base = dOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+        if DESCRIPTORS:
+            q_src = _head_rows(q_base, n_queries, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D)
+            do_src = _head_rows(do_base, n_queries, stride_dom, HEAD_DIM, BLOCK_M, BLOCK_D)
+        else:
+            q_src = (
+                q_base + row_start.to(tl.int64) * stride_qm + offs_d[:, None] * stride_qd
+                + offs_m[None, :] * stride_qm
+            )  # fmt: skip
+            do_src = (
+                do_base + row_start.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom
+                + offs_d[None, :] * stride_dod
+            )  # fmt: skip
         stat_offset = (batch.to(tl.int64) * n_q_heads + head) * n_queries
         if CAUSAL:
             dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
-                dk, dv, dk_comp, dv_comp, k, v,
-                q_ptrs + row_start.to(tl.int64) * stride_qm, do_ptrs + row_start.to(tl.int64) * stride_dom,
-                Lse, LseLow, Delta, stat_offset, rows_in_all_heads, stride_qm, stride_dom, row_start,
-                unmasked_start, keys, n_queries, diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M,
-                DOT_PRECISION, USE_LSE_LOW, BASE_2, PRECISE_EXP, COMPENSATE,
+                dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
+                rows_in_all_heads, stride_qm, stride_dom, row_start, unmasked_start, keys, n_queries,
+                diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
+                PRECISE_EXP, COMPENSATE, DESCRIPTORS,
             )  # fmt: skip
-            q_ptrs += unmasked_start.to(tl.int64) * stride_qm
-            do_ptrs += unmasked_start.to(tl.int64) * stride_dom
+            if not DESCRIPTORS:
+                q_src += (unmasked_start - row_start).to(tl.int64) * stride_qm
+                do_src += (unmasked_start - row_start).to(tl.int64) * stride_dom
         dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
-            dk, dv, dk_comp, dv_comp, k, v, q_ptrs, do_ptrs, Lse, LseLow, Delta, stat_offset,
+            dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
             rows_in_all_heads, stride_qm, stride_dom, unmasked_start, n_queries, keys, n_queries, diagonal,
             qk_scale, d_ok, False, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2, PRECISE_EXP,
-            COMPENSATE,
+            COMPENSATE, DESCRIPTORS,
         )  # fmt: skip
 
     return dk, dv, dk_comp, dv_comp
@@ -247,6 +265,7 @@ def backward_dkdv_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
+    TENSOR_DESCRIPTORS: tl.constexpr,
 ):  # fmt: skip
     """dK, dV for BLOCK_N keys of one key/value head.
 
@@ -256,7 +275,8 @@ def backward_dkdv_kernel(
     program sums
     over the kv_group = Hq // Hkv query heads that share this key/value head itself, so GQA needs
     neither atomics nor a reduction pass.
-    Grid: (cdiv(Nk, BLOCK_N), Hkv, B).
+    Grid: (cdiv(Nk, BLOCK_N), Hkv, B). TENSOR_DESCRIPTORS: Q and dO tiles come through the copy engine
+    (core._fwd_kernel._head_rows).
     """
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -315,14 +335,16 @@ def backward_dkdv_kernel(
             dk, dv, dk_comp, dv_comp, k, v, Q, dOut, Lse, LseLow, Delta, stride_qb, stride_qh, stride_qm,
             stride_qd, stride_dob, stride_doh, stride_dom, stride_dod, batch, first_head, kv_group, n_q_heads,
             rows_in_all_heads, row_start, unmasked_start, keys, n_queries, diagonal, qk_scale, d_ok, offs_d,
-            CAUSAL, EVEN_D, BLOCK_M, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, True,
+            HEAD_DIM, CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, True,
+            TENSOR_DESCRIPTORS,
         )  # fmt: skip
     else:
         dk, dv, dk_comp, dv_comp = _dkdv_from_group(
             dk, dv, dk_comp, dv_comp, k, v, Q, dOut, Lse, LseLow, Delta, stride_qb, stride_qh, stride_qm,
             stride_qd, stride_dob, stride_doh, stride_dom, stride_dod, batch, first_head, kv_group, n_q_heads,
             rows_in_all_heads, row_start, unmasked_start, keys, n_queries, diagonal, qk_scale, d_ok, offs_d,
-            CAUSAL, EVEN_D, BLOCK_M, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, False,
+            HEAD_DIM, CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, False,
+            TENSOR_DESCRIPTORS,
         )  # fmt: skip
 
     dk_ptrs = (
@@ -362,14 +384,16 @@ def _p_and_dp(
 
 @triton.jit
 def _dq_from_key_blocks(
-    dq, dq_comp, q, do, lse, lse_low, max_low, delta, delta_low, k_ptrs, v_ptrs, stride_kn, stride_vn,
+    dq, dq_comp, q, do, lse, lse_low, max_low, delta, delta_low, k_src, v_src, stride_kn, stride_vn,
     key_start, key_end, rows, n_keys, diagonal, qk_scale, d_ok,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
+    DESCRIPTORS: tl.constexpr,
 ):  # fmt: skip
     """Add the contributions of keys [key_start, key_end) to one query tile's dQ.
 
-    k_ptrs/v_ptrs point at K^T/V^T tiles (BLOCK_D, BLOCK_N) starting at key_start. MASKED blocks (the
+    k_src/v_src are tensor descriptors of this head's K and V (DESCRIPTORS), or pointers at K^T/V^T
+    tiles (BLOCK_D, BLOCK_N) starting at key_start. MASKED blocks (the
     causal diagonal and the ragged end of N) are masked (_p_and_dp); other blocks are fully in bounds
     and visible.
     """
@@ -377,25 +401,27 @@ def _dq_from_key_blocks(
     for block_start in range(key_start, key_end, BLOCK_N):
         cols = block_start + offs_n
         col_ok = cols < n_keys
-        kT = _load_tile(k_ptrs, d_ok, col_ok, EVEN_D, False)
-        vT = _load_tile(v_ptrs, d_ok, col_ok, EVEN_D, False)
+        kT = _load_cols(k_src, block_start, d_ok, col_ok, EVEN_D, False, DESCRIPTORS)
+        vT = _load_cols(v_src, block_start, d_ok, col_ok, EVEN_D, False, DESCRIPTORS)
         p, dp, dp_low = _p_and_dp(
             q, do, kT, vT, lse, lse_low, max_low, cols, col_ok, rows, diagonal, qk_scale, MASKED, CAUSAL,
             DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE,
         )  # fmt: skip
         ds = p * _dp_minus_delta(dp, dp_low, delta[:, None], delta_low[:, None], COMPENSATE)
         dq, dq_comp = _accumulate_dot(dq, dq_comp, ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, COMPENSATE)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        if not DESCRIPTORS:
+            k_src += BLOCK_N * stride_kn
+            v_src += BLOCK_N * stride_vn
     return dq, dq_comp
 
 
 @triton.jit
 def _p_dp_row_sums(
-    p_dp_sum, p_sum, q, do, lse, lse_low, max_low, k_ptrs, v_ptrs, stride_kn, stride_vn,
+    p_dp_sum, p_sum, q, do, lse, lse_low, max_low, k_src, v_src, stride_kn, stride_vn,
     key_start, key_end, rows, n_keys, diagonal, qk_scale, d_ok,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
+    DESCRIPTORS: tl.constexpr,
 ):  # fmt: skip
     """(p_dp_sum, p_sum) (float64, one per row) plus the sums of P * dP (dP in two parts) and of P over
     keys [key_start, key_end)."""
@@ -403,16 +429,17 @@ def _p_dp_row_sums(
     for block_start in range(key_start, key_end, BLOCK_N):
         cols = block_start + offs_n
         col_ok = cols < n_keys
-        kT = _load_tile(k_ptrs, d_ok, col_ok, EVEN_D, False)
-        vT = _load_tile(v_ptrs, d_ok, col_ok, EVEN_D, False)
+        kT = _load_cols(k_src, block_start, d_ok, col_ok, EVEN_D, False, DESCRIPTORS)
+        vT = _load_cols(v_src, block_start, d_ok, col_ok, EVEN_D, False, DESCRIPTORS)
         p, dp, dp_low = _p_and_dp(
             q, do, kT, vT, lse, lse_low, max_low, cols, col_ok, rows, diagonal, qk_scale, MASKED, CAUSAL,
             DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE,
         )  # fmt: skip
         p_dp_sum += tl.sum(p.to(tl.float64) * (dp.to(tl.float64) + dp_low.to(tl.float64)), 1)
         p_sum += tl.sum(p.to(tl.float64), 1)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        if not DESCRIPTORS:
+            k_src += BLOCK_N * stride_kn
+            v_src += BLOCK_N * stride_vn
     return p_dp_sum, p_sum
 
 
@@ -428,6 +455,7 @@ def backward_dq_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
+    TENSOR_DESCRIPTORS: tl.constexpr,
 ):  # fmt: skip
     """dQ for BLOCK_M query rows of one query head.
 
@@ -435,7 +463,8 @@ def backward_dq_kernel(
     Lse (B, Hq, Nq), LseLow, the LSE's low parts ((1 or 2, B, Hq, Nq), core._fwd_kernel), and Delta
     ((1 or 2, B, Hq, Nq)), float32 contiguous; for float32 inputs this kernel completes Delta (both
     planes) before its dQ loop. Grid: (cdiv(Nq, BLOCK_M), Hq, B), causal tiles that see the most keys
-    launched first.
+    launched first. TENSOR_DESCRIPTORS: K and V tiles come through the copy engine
+    (core._fwd_kernel._head_rows).
     """
     block_m_index = tl.program_id(0)
     if CAUSAL:
@@ -472,14 +501,8 @@ def backward_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq_comp = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    k_ptrs = (
-        K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-        + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
-    )  # fmt: skip
-    v_ptrs = (
-        V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-        + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn
-    )  # fmt: skip
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     # The same split as the forward: whole key blocks every row of the tile sees, then the causal
     # diagonal and the ragged end of N through the masked path.
     diagonal = n_keys - n_queries
@@ -491,6 +514,16 @@ def backward_dq_kernel(
     else:
         unmasked_end = whole_blocks_end
         key_end = n_keys
+    # K and V from key 0 (k_src, v_src) and from unmasked_end (k_tail, v_tail): descriptors index by key.
+    if TENSOR_DESCRIPTORS:
+        k_src = _head_rows(k_base, n_keys, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v_src = _head_rows(v_base, n_keys, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D)
+        k_tail, v_tail = k_src, v_src
+    else:
+        k_src = k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
+        v_src = v_base + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn
+        k_tail = k_src + unmasked_end.to(tl.int64) * stride_kn
+        v_tail = v_src + unmasked_end.to(tl.int64) * stride_vn
     delta_low = delta
     if COMPENSATE:
         # float32: Delta = sum_j P_ij dP_ij / sum_j P_ij, summed here in float64 and saved in two parts,
@@ -504,14 +537,14 @@ def backward_dq_kernel(
         # and V once more; the dK/dV kernel, launched after this one, reads the Delta it stores.
         p_dp_sum, p_sum = _p_dp_row_sums(
             tl.zeros([BLOCK_M], dtype=tl.float64), tl.zeros([BLOCK_M], dtype=tl.float64), q, do, lse, lse_low,
-            max_low, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, unmasked_end, rows, n_keys, diagonal, qk_scale,
+            max_low, k_src, v_src, stride_kn, stride_vn, 0, unmasked_end, rows, n_keys, diagonal, qk_scale,
             d_ok, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE,
+            TENSOR_DESCRIPTORS,
         )  # fmt: skip
         p_dp_sum, p_sum = _p_dp_row_sums(
-            p_dp_sum, p_sum, q, do, lse, lse_low, max_low,
-            k_ptrs + unmasked_end.to(tl.int64) * stride_kn, v_ptrs + unmasked_end.to(tl.int64) * stride_vn,
-            stride_kn, stride_vn, unmasked_end, key_end, rows, n_keys, diagonal, qk_scale, d_ok, True, CAUSAL,
-            EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE,
+            p_dp_sum, p_sum, q, do, lse, lse_low, max_low, k_tail, v_tail, stride_kn, stride_vn, unmasked_end,
+            key_end, rows, n_keys, diagonal, qk_scale, d_ok, True, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION,
+            BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS,
         )  # fmt: skip
         # A row that sees no key has no P at all: its Delta is the preprocess's -dLSE term alone.
         row_sums = tl.where(p_sum > 0.0, p_dp_sum / tl.where(p_sum > 0.0, p_sum, 1.0), 0.0)
@@ -521,15 +554,14 @@ def backward_dq_kernel(
         tl.store(Delta + stat_rows, delta, mask=row_ok)
         tl.store(Delta + rows_in_all_heads + stat_rows, delta_low, mask=row_ok)
     dq, dq_comp = _dq_from_key_blocks(
-        dq, dq_comp, q, do, lse, lse_low, max_low, delta, delta_low, k_ptrs, v_ptrs, stride_kn, stride_vn, 0,
+        dq, dq_comp, q, do, lse, lse_low, max_low, delta, delta_low, k_src, v_src, stride_kn, stride_vn, 0,
         unmasked_end, rows, n_keys, diagonal, qk_scale, d_ok, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION,
-        BASE_2, PRECISE_EXP, COMPENSATE,
+        BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS,
     )  # fmt: skip
     dq, dq_comp = _dq_from_key_blocks(
-        dq, dq_comp, q, do, lse, lse_low, max_low, delta, delta_low,
-        k_ptrs + unmasked_end.to(tl.int64) * stride_kn, v_ptrs + unmasked_end.to(tl.int64) * stride_vn,
-        stride_kn, stride_vn, unmasked_end, key_end, rows, n_keys, diagonal, qk_scale, d_ok, True, CAUSAL,
-        EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE,
+        dq, dq_comp, q, do, lse, lse_low, max_low, delta, delta_low, k_tail, v_tail, stride_kn, stride_vn,
+        unmasked_end, key_end, rows, n_keys, diagonal, qk_scale, d_ok, True, CAUSAL, EVEN_D, BLOCK_N,
+        DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS,
     )  # fmt: skip
 
     dq_ptrs = (

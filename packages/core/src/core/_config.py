@@ -15,15 +15,24 @@ import torch
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """BLOCK_M query rows x BLOCK_N keys per tile; num_warps/num_stages as in triton.Config."""
+    """BLOCK_M query rows x BLOCK_N keys per tile; num_warps/num_stages as in triton.Config.
+
+    descriptors: read the streamed tiles (K and V in the forward and dQ kernels, Q and dO in the dK/dV
+    kernel) through tensor descriptors, i.e. Hopper's copy engine (TMA), wherever the inputs' layout
+    allows it (core._launch.descriptors_fit); other layouts take pointer loads with the same tiles.
+    """
 
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    descriptors: bool = False
 
 
+# 16 x 16 tiles cross several block boundaries even at the CPU tests' small shapes. fp16/bf16 read
+# through descriptors there too, as they do on the GPU, so the CPU tests run the same code path.
 INTERPRETER = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
+INTERPRETER_DESCRIPTORS = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, descriptors=True)
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -31,20 +40,25 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())  # triton.next_power_of_2, without its wrapper
 
 
+def _interpreter_config(dtype: torch.dtype) -> KernelConfig:
+    return INTERPRETER if dtype == torch.float32 else INTERPRETER_DESCRIPTORS
+
+
 @functools.cache  # called per launch: one lookup instead of building a config
 def forward_config(block_d: int, dtype: torch.dtype, interpreted: bool) -> KernelConfig:
     if interpreted:
-        return INTERPRETER
+        return _interpreter_config(dtype)
     if dtype == torch.float32:  # full-precision fp32 dots: no tensor cores, keep tiles small
         return (
             KernelConfig(64, 32, num_warps=4, num_stages=2) if block_d <= 128 else KernelConfig(32, 32, 4, 1)
         )
-    # Measured on an H100 (bf16, causal, N 4k and 16k; docs/perf-notes.md): the fourth stage buys
-    # ~6% at D=64 and 8 warps ~3x at D=128, where 4 warps spill the 128 x 128 fp32 accumulator.
+    # H200 sweep (bf16/fp16, causal, N 1k/4k/16k at 16k tokens; docs/perf-notes.md): 64 x 64 tiles with 4
+    # warps, K and V through the copy engine, beat the 128 x 64 pointer-load tiles at every N: D=128
+    # 260/400/498 TFLOP/s against 245/365/479, D=64 224/345/394 against 218/310/354.
     if block_d <= 64:
-        return KernelConfig(128, 64, num_warps=4, num_stages=4)
+        return KernelConfig(64, 64, num_warps=4, num_stages=4, descriptors=True)
     if block_d <= 128:
-        return KernelConfig(128, 64, num_warps=8, num_stages=3)
+        return KernelConfig(64, 64, num_warps=4, num_stages=3, descriptors=True)
     # D=256 (H100 sweep, bf16 causal N 4k/16k): 128 x 64 with 8 warps 351/450 TFLOP/s, 64 x 64 with 4 warps
     # 199/240; the longer query tile halves the K/V traffic per flop.
     return KernelConfig(128, 64, num_warps=8, num_stages=2)
@@ -60,16 +74,18 @@ def backward_configs(
     streams keys, so each wants its resident side long and its streamed side short.
     """
     if interpreted:
-        return INTERPRETER, INTERPRETER
+        return _interpreter_config(dtype), _interpreter_config(dtype)
     if dtype == torch.float32:
         small = KernelConfig(32, 32, num_warps=4, num_stages=1)
         return small, small
     # H100 sweep (docs/perf-notes.md): at D=64 two stages beat three for dK/dV (+10%); at D=128 the
-    # wide 64 x 128 tiles with 8 warps win for both kernels (+10% each over 32 x 64 / 64 x 32).
+    # wide 64 x 128 tiles with 8 warps win for both kernels (+10% each over 32 x 64 / 64 x 32). H200
+    # sweep: streaming through the copy engine adds 1-6% (D=128 16k: 351 vs 330 TFLOP/s), and at D=64 a
+    # 64 x 64 dQ tile with 4 warps another 5-11% (312/285/202 at N 16k/4k/1k against 292/258/183).
     if block_d <= 64:
-        return KernelConfig(32, 128, 4, 2), KernelConfig(128, 32, 4, 3)
+        return KernelConfig(32, 128, 4, 2, descriptors=True), KernelConfig(64, 64, 4, 3, descriptors=True)
     if block_d <= 128:
-        return KernelConfig(64, 128, 8, 3), KernelConfig(128, 64, 8, 3)
+        return KernelConfig(64, 128, 8, 3, descriptors=True), KernelConfig(128, 64, 8, 3, descriptors=True)
     # D=256 (bf16 causal, N 1k/16k): dK/dV 64 x 64 with 8 warps and 2 stages, backward 119/180 TFLOP/s against
     # 35/36 with 16 x 64 and 4 warps, whose 16-query tiles starve the tensor cores; then dQ 128 x 32 with 8
     # warps and 3 stages 139/205 against 120/183 for 64 x 16.

@@ -158,12 +158,45 @@ def _load_tile(ptrs, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.cons
 
 
 @triton.jit
+def _load_rows(source, start, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr,
+               DESCRIPTOR: tl.constexpr):  # fmt: skip
+    """A (rows, head dim) tile starting at row `start`: through a tensor descriptor (DESCRIPTOR: the copy
+    engine, which zero-fills rows past the tensor and columns past HEAD_DIM by itself) or from a pointer
+    tile already placed at `start` (masked loads, _load_tile)."""
+    if DESCRIPTOR:
+        return source.load([start, 0])
+    else:
+        return _load_tile(source, row_ok, col_ok, EVEN_ROWS, EVEN_COLS)
+
+
+@triton.jit
+def _load_cols(source, start, d_ok, row_ok, EVEN_D: tl.constexpr, EVEN_ROWS: tl.constexpr,
+               DESCRIPTOR: tl.constexpr):  # fmt: skip
+    """The transpose of _load_rows: a (head dim, rows) tile of rows from `start` on, e.g. K^T."""
+    if DESCRIPTOR:
+        return source.load([start, 0]).T
+    else:
+        return _load_tile(source, d_ok, row_ok, EVEN_D, EVEN_ROWS)
+
+
+@triton.jit
+def _head_rows(base, n_rows, stride_row, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+               BLOCK_D: tl.constexpr):  # fmt: skip
+    """A tensor descriptor over one head's (n_rows, HEAD_DIM) matrix (row stride stride_row, unit column
+    stride), read in (BLOCK_ROWS, BLOCK_D) tiles. The host checks what the copy engine needs first:
+    a 16-byte aligned base and 16-byte multiple row strides (core._launch.descriptors_fit)."""
+    return tl.make_tensor_descriptor(
+        base, shape=[n_rows, HEAD_DIM], strides=[stride_row, 1], block_shape=[BLOCK_ROWS, BLOCK_D]
+    )
+
+
+@triton.jit
 def _attend_to_key_blocks(
-    acc, comp, m_i, m_low, l_i, l_comp, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
+    acc, comp, m_i, m_low, l_i, l_comp, q, k_src, v_src, stride_kn, stride_vn,
     key_start, key_end, rows, n_keys, diagonal, qk_scale, d_ok,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
-    COMPENSATE: tl.constexpr,
+    COMPENSATE: tl.constexpr, DESCRIPTORS: tl.constexpr,
 ):  # fmt: skip
     """Fold keys [key_start, key_end) into the running (acc, comp, m_i, m_low, l_i, l_comp) of one query
     tile. comp and m_low are float32's compensation terms (unused, and zero, for fp16/bf16).
@@ -173,7 +206,8 @@ def _attend_to_key_blocks(
     otherwise grow with N (5x the eager reference's at 8M keys, measured on an H100). It costs three
     adds per row per block, nothing next to the block's dots.
 
-    k_ptrs/v_ptrs point at the tile of keys starting at key_start.
+    k_src/v_src are tensor descriptors of this head's K and V (DESCRIPTORS), or pointer tiles at the
+    keys starting at key_start.
 
     With MASKED False every key of every block is in bounds and visible to every row, so no mask is
     built and no load is predicated on N: the bulk of the work. MASKED blocks (the causal diagonal and
@@ -183,8 +217,8 @@ def _attend_to_key_blocks(
     for block_start in range(key_start, key_end, BLOCK_N):
         cols = block_start + offs_n
         col_ok = cols < n_keys
-        # k is loaded transposed, (BLOCK_D, BLOCK_N), so the score tile is a plain q @ kT.
-        kT = _load_tile(k_ptrs, d_ok, col_ok, EVEN_D, not MASKED)
+        # k is read transposed, (BLOCK_D, BLOCK_N), so the score tile is a plain q @ kT.
+        kT = _load_cols(k_src, block_start, d_ok, col_ok, EVEN_D, not MASKED, DESCRIPTORS)
         scores, scores_low = _scores(q, kT, qk_scale, DOT_PRECISION, COMPENSATE)
         if MASKED:
             visible = col_ok[None, :]
@@ -221,14 +255,15 @@ def _attend_to_key_blocks(
         l_new = l_i + row_sum
         l_comp = (l_new - l_i) - row_sum
         l_i = l_new
-        v = _load_tile(v_ptrs, col_ok, d_ok, not MASKED, EVEN_D)
+        v = _load_rows(v_src, block_start, col_ok, d_ok, not MASKED, EVEN_D, DESCRIPTORS)
         acc = acc * alpha[:, None]
         if COMPENSATE:
             comp = comp * alpha[:, None]
         acc, comp = _accumulate_dot(acc, comp, p.to(v.dtype), v, DOT_PRECISION, COMPENSATE)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        if not DESCRIPTORS:
+            k_src += BLOCK_N * stride_kn
+            v_src += BLOCK_N * stride_vn
     return acc, comp, m_i, m_low, l_i, l_comp
 
 
@@ -243,6 +278,7 @@ def attention_forward_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
+    TENSOR_DESCRIPTORS: tl.constexpr,
 ):  # fmt: skip
     """Out = softmax(Q K^T * sm_scale + mask) V and its log-sum-exp, for one BLOCK_M x HEAD_DIM tile.
 
@@ -259,6 +295,8 @@ def attention_forward_kernel(
           0 for rows that see no key.
     kv_group = Hq // Hkv: query head h reads key/value head h // kv_group (GQA/MQA, no copies).
     qk_scale = sm_scale * log2(e) when BASE_2, else sm_scale. Grid: (cdiv(Nq, BLOCK_M), Hq, B).
+    TENSOR_DESCRIPTORS: K and V tiles come through the copy engine (TMA) instead of pointer loads, for
+    layouts that allow it (core._launch.descriptors_fit).
     """
     # Causal tiles near the end of the sequence see the most keys: launch them first so the long
     # programs do not start last and leave the GPU's tail idle.
@@ -281,14 +319,14 @@ def attention_forward_kernel(
         Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + start_m.to(tl.int64) * stride_qm
         + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
     )  # fmt: skip
-    k_ptrs = (
-        K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-        + offs_d[:, None] * stride_kd + tl.arange(0, BLOCK_N)[None, :] * stride_kn
-    )  # fmt: skip
-    v_ptrs = (
-        V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-        + tl.arange(0, BLOCK_N)[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    )  # fmt: skip
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    if TENSOR_DESCRIPTORS:
+        k_src = _head_rows(k_base, n_keys, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v_src = _head_rows(v_base, n_keys, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D)
+    else:
+        k_src = k_base + offs_d[:, None] * stride_kd + tl.arange(0, BLOCK_N)[None, :] * stride_kn
+        v_src = v_base + tl.arange(0, BLOCK_N)[:, None] * stride_vn + offs_d[None, :] * stride_vd
     q = _load_tile(q_ptrs, row_ok, d_ok, False, EVEN_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -313,16 +351,17 @@ def attention_forward_kernel(
         unmasked_end = whole_blocks_end
         key_end = n_keys
     acc, comp, m_i, m_low, l_i, l_comp = _attend_to_key_blocks(
-        acc, comp, m_i, m_low, l_i, l_comp, q, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, unmasked_end, rows,
+        acc, comp, m_i, m_low, l_i, l_comp, q, k_src, v_src, stride_kn, stride_vn, 0, unmasked_end, rows,
         n_keys, diagonal, qk_scale, d_ok, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2, PRECISE_EXP,
-        COMPENSATE,
+        COMPENSATE, TENSOR_DESCRIPTORS,
     )  # fmt: skip
-    k_ptrs += unmasked_end.to(tl.int64) * stride_kn
-    v_ptrs += unmasked_end.to(tl.int64) * stride_vn
+    if not TENSOR_DESCRIPTORS:
+        k_src += unmasked_end.to(tl.int64) * stride_kn
+        v_src += unmasked_end.to(tl.int64) * stride_vn
     acc, comp, m_i, m_low, l_i, l_comp = _attend_to_key_blocks(
-        acc, comp, m_i, m_low, l_i, l_comp, q, k_ptrs, v_ptrs, stride_kn, stride_vn, unmasked_end, key_end,
+        acc, comp, m_i, m_low, l_i, l_comp, q, k_src, v_src, stride_kn, stride_vn, unmasked_end, key_end,
         rows, n_keys, diagonal, qk_scale, d_ok, True, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2,
-        PRECISE_EXP, COMPENSATE,
+        PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS,
     )  # fmt: skip
 
     # l_i >= 1 for every row that saw a key (its max contributes exp(0)); rows that saw none output

@@ -13,7 +13,7 @@ from core import _config
 from core._bwd_kernel import backward_dkdv_kernel, backward_dq_kernel, backward_preprocess_kernel
 from core._fwd_kernel import attention_forward_kernel
 from core._launch_cache import CachedKernel
-from core._runtime import is_interpreted, patch_interpreter
+from core._runtime import install_scratch_allocator, is_interpreted, patch_interpreter
 
 LOG2E = math.log2(math.e)
 
@@ -73,16 +73,43 @@ def _precision_flags(dtype: torch.dtype, interpreted: bool) -> tuple:
     )
 
 
+def descriptors_fit(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels may read these (B, H, N, D) tensors through tensor descriptors (the copy
+    engine, TMA): unit stride along D, and 16-byte aligned start, batch, head and row steps, with rows
+    that do not overlap. Any other layout is read with pointer loads, which take every stride."""
+    for t in tensors:
+        size = t.element_size()
+        batch_stride, head_stride, row_stride, d_stride = t.stride()
+        if d_stride != 1 or t.data_ptr() % 16 or (t.shape[-1] * size) % 16 or row_stride < t.shape[-1]:
+            return False
+        if (batch_stride * size) % 16 or (head_stride * size) % 16 or (row_stride * size) % 16:
+            return False
+    return True
+
+
 @functools.cache
-def _attention_meta(head_dim: int, causal: bool, block_d: int, config, dtype, interpreted: bool):
+def _attention_meta(
+    head_dim: int, causal: bool, block_d: int, config, dtype, interpreted: bool, descriptors: bool
+):
     """(constexprs, options) of the forward, dK/dV and dQ kernels, which share their constexpr list, in
     signature order (core._launch_cache passes constexprs by position). Cached: built once per shape."""
     constexprs = (
         ("HEAD_DIM", head_dim), ("CAUSAL", causal),
         ("BLOCK_M", config.block_m), ("BLOCK_N", config.block_n), ("BLOCK_D", block_d),
         *_precision_flags(dtype, interpreted),
+        ("TENSOR_DESCRIPTORS", descriptors),
     )  # fmt: skip
     return constexprs, (("num_warps", config.num_warps), ("num_stages", config.num_stages))
+
+
+def _use_descriptors(config: _config.KernelConfig, interpreted: bool, *tensors: torch.Tensor) -> bool:
+    """Tensor descriptors where the table asks for them and the layout allows (descriptors_fit); the
+    scratch memory the kernels build them in comes from core's allocator unless the caller set one."""
+    if not (config.descriptors and descriptors_fit(*tensors)):
+        return False
+    if not interpreted:
+        install_scratch_allocator()
+    return True
 
 
 def _prepare_launch(q: torch.Tensor):
@@ -110,7 +137,8 @@ def attention_forward(q, k, v, causal: bool, sm_scale: float, config: _config.Ke
         (*q.stride(), *k.stride(), *v.stride(), *out.stride(), q_heads, q_heads // kv_heads, n_queries,
          n_keys),
         (score_scale(q.dtype, sm_scale),),
-        *_attention_meta(head_dim, causal, block_d, config, q.dtype, interpreted),
+        *_attention_meta(head_dim, causal, block_d, config, q.dtype, interpreted,
+                         _use_descriptors(config, interpreted, k, v)),
     )  # fmt: skip
     return out, lse, lse_low
 
@@ -148,13 +176,15 @@ def attention_backward(dout, dlse, q, k, v, out, lse, lse_low, causal: bool, sm_
         (q, k, v, dout, lse, lse_low, delta, dq),
         (*input_strides, *dq.stride(), *sizes),
         scales,
-        *_attention_meta(head_dim, causal, block_d, dq_config, q.dtype, interpreted),
+        *_attention_meta(head_dim, causal, block_d, dq_config, q.dtype, interpreted,
+                         _use_descriptors(dq_config, interpreted, k, v)),
     )  # fmt: skip
     DKDV.launch(
         (_ceil_div(n_keys, dkdv_config.block_n), kv_heads, batch),
         (q, k, v, dout, lse, lse_low, delta, dk, dv),
         (*input_strides, *dk.stride(), *dv.stride(), *sizes),
         scales,
-        *_attention_meta(head_dim, causal, block_d, dkdv_config, q.dtype, interpreted),
+        *_attention_meta(head_dim, causal, block_d, dkdv_config, q.dtype, interpreted,
+                         _use_descriptors(dkdv_config, interpreted, q, dout)),
     )  # fmt: skip
     return dq, dk, dv

@@ -1,0 +1,278 @@
+"""Kernel-variant sweep: tile shapes and pointer vs tensor-descriptor loads, timed side by side with
+SDPA's FLASH and CUDNN backends in one GPU run, plus a breakdown of the host time per call.
+
+    PYTHONPATH=packages/core/src python packages/core/benchmarks/sweep.py --out DIR [--budget S]
+
+It is the tool behind core._config's table (docs/perf-notes.md says what each run found). Every variant's
+output is checked against FLASH's before it is timed (the bench's 16-ulp rule), so a variant that
+computes something else shows as SUSPECT rather than as fast. Results go to DIR/sweep.json after every
+row, so a run cut short keeps what it measured; a short table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+from core import _config, _launch
+from core._config import KernelConfig
+from core._validation import validate_attention_inputs
+
+TOKENS, WIDTH = 16384, 2048
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+EPS = {"fp16": 2.0**-10, "bf16": 2.0**-7}
+SEQ_LENS = (16384, 4096, 1024)
+
+# Forward variants per head dim: (name, config). The first is the table's current choice; "ptr" reads
+# K and V with pointer loads, "tma" through tensor descriptors.
+FORWARD_VARIANTS = {
+    64: [
+        ("64x64/4w/4s tma", KernelConfig(64, 64, 4, 4, True)),
+        ("64x64/4w/4s ptr", KernelConfig(64, 64, 4, 4, False)),
+        ("64x64/4w/3s tma", KernelConfig(64, 64, 4, 3, True)),
+        ("64x128/4w/3s tma", KernelConfig(64, 128, 4, 3, True)),
+        ("64x32/4w/4s tma", KernelConfig(64, 32, 4, 4, True)),
+        ("128x64/4w/4s ptr (old)", KernelConfig(128, 64, 4, 4, False)),
+    ],
+    128: [
+        ("64x64/4w/3s tma", KernelConfig(64, 64, 4, 3, True)),
+        ("64x64/4w/3s ptr", KernelConfig(64, 64, 4, 3, False)),
+        ("64x64/4w/4s tma", KernelConfig(64, 64, 4, 4, True)),
+        ("64x64/4w/2s tma", KernelConfig(64, 64, 4, 2, True)),
+        ("64x128/4w/2s tma", KernelConfig(64, 128, 4, 2, True)),
+        ("128x64/8w/3s ptr (old)", KernelConfig(128, 64, 8, 3, False)),
+    ],
+}
+
+# Backward variants per head dim: (name, dK/dV config, dQ config).
+BACKWARD_VARIANTS = {
+    64: [
+        (
+            "kv32x128/4w/2s q64x64/4w/3s tma",
+            KernelConfig(32, 128, 4, 2, True),
+            KernelConfig(64, 64, 4, 3, True),
+        ),
+        ("kv64x64/4w/3s tma", KernelConfig(64, 64, 4, 3, True), KernelConfig(64, 64, 4, 3, True)),
+        ("kv32x64/4w/3s tma", KernelConfig(32, 64, 4, 3, True), KernelConfig(64, 64, 4, 3, True)),
+        ("q64x128/4w/2s tma", KernelConfig(32, 128, 4, 2, True), KernelConfig(64, 128, 4, 2, True)),
+        ("q64x32/4w/3s tma", KernelConfig(32, 128, 4, 2, True), KernelConfig(64, 32, 4, 3, True)),
+    ],
+    128: [
+        (
+            "kv64x128/8w/3s q128x64/8w/3s tma",
+            KernelConfig(64, 128, 8, 3, True),
+            KernelConfig(128, 64, 8, 3, True),
+        ),
+        ("kv64x64/4w/3s tma", KernelConfig(64, 64, 4, 3, True), KernelConfig(128, 64, 8, 3, True)),
+        ("kv128x128/8w/2s tma", KernelConfig(128, 128, 8, 2, True), KernelConfig(128, 64, 8, 3, True)),
+        ("q64x64/4w/3s tma", KernelConfig(64, 128, 8, 3, True), KernelConfig(64, 64, 4, 3, True)),
+        ("q128x128/8w/2s tma", KernelConfig(64, 128, 8, 3, True), KernelConfig(128, 128, 8, 2, True)),
+    ],
+}
+
+
+class Sweep:
+    def __init__(self, out_dir: Path, budget_s: float):
+        self.path = out_dir / "sweep.json"
+        self.started = time.monotonic()
+        self.budget_s = budget_s
+        self.results: dict = {
+            "card": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "rows": [],
+            "host": {},
+        }
+        import triton
+
+        self.results["triton"] = triton.__version__
+
+    def out_of_time(self) -> bool:
+        return time.monotonic() - self.started > self.budget_s
+
+    def add(self, row: dict) -> None:
+        row["t_s"] = round(time.monotonic() - self.started, 1)
+        self.results["rows"].append(row)
+        self.path.write_text(json.dumps(self.results, indent=1))
+        print(json.dumps(row), flush=True)
+
+
+def causal_flops(batch: int, heads: int, n: int, d: int) -> float:
+    return 2.0 * batch * heads * n * n * d  # 4 B H N^2 D, halved by the causal mask
+
+
+def time_ms(fn) -> float:
+    return do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def problem(dtype: torch.dtype, d: int, n: int, seed: int = 0):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    shape = (max(1, TOKENS // n), WIDTH // d, n, d)
+    q, k, v, dout = (torch.randn(shape, generator=generator, device="cuda", dtype=dtype) for _ in range(4))
+    return q, k, v, dout
+
+
+def suspect(output: torch.Tensor, reference: torch.Tensor, dtype_name: str) -> bool:
+    difference = (output.float() - reference.float()).abs().max().item()
+    return not math.isfinite(difference) or difference > 16 * EPS[dtype_name] * reference.abs().max().item()
+
+
+def sdpa_times(q, k, v, dout, backend) -> tuple[torch.Tensor, float, float]:
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with sdpa_kernel(backend):
+        out = F.scaled_dot_product_attention(*leaves, is_causal=True)
+        forward = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        backward = do_bench(
+            lambda: out.backward(dout, retain_graph=True),
+            warmup=10,
+            rep=40,
+            grad_to_none=leaves,
+            return_mode="median",
+        )
+    return out.detach(), forward, backward
+
+
+def sweep_forward(sweep: Sweep, dtype_name: str, d: int, variants) -> None:
+    dtype = DTYPES[dtype_name]
+    scale = 1.0 / math.sqrt(d)
+    for n in SEQ_LENS:
+        q, k, v, dout = problem(dtype, d, n)
+        flops = causal_flops(q.shape[0], q.shape[1], n, d)
+        reference, flash_fwd, flash_bwd = sdpa_times(q, k, v, dout, SDPBackend.FLASH_ATTENTION)
+        _, cudnn_fwd, cudnn_bwd = sdpa_times(q, k, v, dout, SDPBackend.CUDNN_ATTENTION)
+        base = {"pass": "fwd", "dtype": dtype_name, "d": d, "n": n}
+        sweep.add({**base, "variant": "FA2", "tflops": flops / flash_fwd / 1e9})
+        sweep.add({**base, "variant": "cuDNN", "tflops": flops / cudnn_fwd / 1e9})
+        sweep.add({**base | {"pass": "bwd"}, "variant": "FA2", "tflops": 2.5 * flops / flash_bwd / 1e9})
+        sweep.add({**base | {"pass": "bwd"}, "variant": "cuDNN", "tflops": 2.5 * flops / cudnn_bwd / 1e9})
+        for name, config in variants:
+            if sweep.out_of_time():
+                return
+            try:
+                out = _launch.attention_forward(q, k, v, True, scale, config)[0]
+                torch.cuda.synchronize()
+                milliseconds = time_ms(
+                    functools.partial(_launch.attention_forward, q, k, v, True, scale, config)
+                )
+                row = {"tflops": flops / milliseconds / 1e9, "suspect": suspect(out, reference, dtype_name)}
+            except Exception as failure:  # a variant that does not compile is a result too
+                row = {"error": f"{type(failure).__name__}: {str(failure)[:300]}"}
+            sweep.add({**base, "variant": name, **row})
+
+
+def sweep_backward(sweep: Sweep, dtype_name: str, d: int, variants) -> None:
+    dtype = DTYPES[dtype_name]
+    scale = 1.0 / math.sqrt(d)
+    for n in SEQ_LENS:
+        q, k, v, dout = problem(dtype, d, n)
+        flops = 2.5 * causal_flops(q.shape[0], q.shape[1], n, d)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            F.scaled_dot_product_attention(*leaves, is_causal=True).backward(dout)
+            reference = [t.grad for t in leaves]
+        out, lse, lse_low = _launch.attention_forward(q, k, v, True, scale)
+        base = {"pass": "bwd", "dtype": dtype_name, "d": d, "n": n}
+        for name, dkdv, dq in variants:
+            if sweep.out_of_time():
+                return
+            _config.backward_configs = lambda *_, pair=(dkdv, dq): pair
+
+            backward = functools.partial(
+                _launch.attention_backward, dout, None, q, k, v, out, lse, lse_low, True, scale
+            )
+            try:
+                grads = backward()
+                torch.cuda.synchronize()
+                bad = any(suspect(g, r, dtype_name) for g, r in zip(grads, reference))
+                row = {"tflops": flops / time_ms(backward) / 1e9, "suspect": bad}
+            except Exception as failure:
+                row = {"error": f"{type(failure).__name__}: {str(failure)[:300]}"}
+            sweep.add({**base, "variant": name, **row})
+
+
+def host_us(call, calls: int = 300, repeats: int = 7) -> float:
+    samples = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(calls):
+            call()
+        samples.append((time.perf_counter() - started) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def host_breakdown(sweep: Sweep) -> None:
+    """Host microseconds per call at a tiny shape, where the GPU's time is next to nothing, with the
+    table's config (descriptors) and the same tiles by pointer loads; each stage alone; and the GPU's
+    own time per call (do_bench), so a cost that is the kernel's does not pass for the host's."""
+    import dataclasses
+
+    import core
+
+    q, k, v = (torch.randn(1, 1, 16, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    table_lookup = _config.forward_config
+    table = table_lookup(64, torch.float16, False)
+    host = {}
+    for config in (table, dataclasses.replace(table, descriptors=False)):
+        _config.forward_config = lambda *_, c=config: c
+        core.attention(q, k, v)
+        name = "descriptors" if config.descriptors else "pointers"
+        host[f"core.attention ({name})"] = host_us(functools.partial(core.attention, q, k, v))
+        host[f"GPU time per call ({name})"] = 1e3 * time_ms(functools.partial(core.attention, q, k, v))
+    _config.forward_config = table_lookup
+    host["validation"] = host_us(
+        functools.partial(validate_attention_inputs, q, k, v, True, None, False, False)
+    )
+    host["torch.empty x 1"] = host_us(functools.partial(torch.empty_like, q))
+    host["sdpa"] = host_us(functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True))
+    sweep.results["host"] = host
+    print(json.dumps(host), flush=True)
+
+
+def summary(results: dict) -> str:
+    lines = [f"{results['card']}, torch {results['torch']}, triton {results['triton']}"]
+    for row in results["rows"]:
+        value = f"{row['tflops']:6.1f}" if "tflops" in row else "   n/a"
+        flag = " SUSPECT" if row.get("suspect") else ""
+        error = f" {row['error'][:70]}" if "error" in row else ""
+        lines.append(
+            f"{row['pass']} {row['dtype']} d{row['d']} n{row['n']:>5} {row['variant']:<30} "
+            f"{value}{flag}{error}"
+        )
+    lines += [f"host {name}: {us:.1f} us" for name, us in results["host"].items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--budget", type=float, default=480.0, help="seconds before the sweep stops")
+    parser.add_argument("--bf16-variants", type=int, default=3, help="forward variants repeated in bf16")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    sweep = Sweep(args.out, args.budget)
+    host_breakdown(sweep)
+    for d in (128, 64):
+        sweep_forward(sweep, "fp16", d, FORWARD_VARIANTS[d])
+    for d in (128, 64):
+        sweep_backward(sweep, "fp16", d, BACKWARD_VARIANTS[d])
+    for d in (128, 64):
+        sweep_forward(sweep, "bf16", d, FORWARD_VARIANTS[d][: args.bf16_variants])
+    sweep.path.write_text(json.dumps(sweep.results, indent=1))
+    print(summary(sweep.results))
+
+
+if __name__ == "__main__":
+    main()
