@@ -81,6 +81,33 @@ BACKWARD_VARIANTS = {
 }
 
 
+# D = 256, causal (the table's entries first), and the non-causal D = 64 backward.
+FORWARD_VARIANTS_256 = [
+    ("128x64/8w/2s tma", KernelConfig(128, 64, 8, 2, True)),
+    ("128x64/8w/2s ptr", KernelConfig(128, 64, 8, 2, False)),
+    ("64x64/4w/2s tma", KernelConfig(64, 64, 4, 2, True)),
+    ("64x64/8w/2s tma", KernelConfig(64, 64, 8, 2, True)),
+    ("64x32/4w/3s tma", KernelConfig(64, 32, 4, 3, True)),
+    ("128x32/8w/3s tma", KernelConfig(128, 32, 8, 3, True)),
+]
+BACKWARD_VARIANTS_256 = [
+    ("kv64x64/8w/2s q128x32/8w/3s tma", KernelConfig(64, 64, 8, 2, True), KernelConfig(128, 32, 8, 3, True)),
+    ("same ptr", KernelConfig(64, 64, 8, 2, False), KernelConfig(128, 32, 8, 3, False)),
+    ("kv32x64/4w/2s tma", KernelConfig(32, 64, 4, 2, True), KernelConfig(128, 32, 8, 3, True)),
+    ("kv64x32/4w/2s tma", KernelConfig(64, 32, 4, 2, True), KernelConfig(128, 32, 8, 3, True)),
+    ("kv32x128/8w/1s tma", KernelConfig(32, 128, 8, 1, True), KernelConfig(128, 32, 8, 3, True)),
+    ("q64x32/4w/3s tma", KernelConfig(64, 64, 8, 2, True), KernelConfig(64, 32, 4, 3, True)),
+    ("q64x64/8w/2s tma", KernelConfig(64, 64, 8, 2, True), KernelConfig(64, 64, 8, 2, True)),
+]
+BACKWARD_VARIANTS_FULL_64 = [
+    ("kv32x128/4w/2s q64x64/4w/3s tma", KernelConfig(32, 128, 4, 2, True), KernelConfig(64, 64, 4, 3, True)),
+    ("kv64x128/8w/2s tma", KernelConfig(64, 128, 8, 2, True), KernelConfig(64, 64, 4, 3, True)),
+    ("kv32x128/4w/3s tma", KernelConfig(32, 128, 4, 3, True), KernelConfig(64, 64, 4, 3, True)),
+    ("kv64x64/4w/3s tma", KernelConfig(64, 64, 4, 3, True), KernelConfig(64, 64, 4, 3, True)),
+    ("q128x64/8w/3s tma", KernelConfig(32, 128, 4, 2, True), KernelConfig(128, 64, 8, 3, True)),
+]
+
+
 class Sweep:
     def __init__(self, out_dir: Path, budget_s: float):
         self.path = out_dir / "sweep.json"
@@ -106,8 +133,8 @@ class Sweep:
         print(json.dumps(row), flush=True)
 
 
-def causal_flops(batch: int, heads: int, n: int, d: int) -> float:
-    return 2.0 * batch * heads * n * n * d  # 4 B H N^2 D, halved by the causal mask
+def forward_flops(batch: int, heads: int, n: int, d: int, causal: bool) -> float:
+    return (2.0 if causal else 4.0) * batch * heads * n * n * d  # 4 B H N^2 D, halved by a causal mask
 
 
 def time_ms(fn) -> float:
@@ -126,11 +153,11 @@ def suspect(output: torch.Tensor, reference: torch.Tensor, dtype_name: str) -> b
     return not math.isfinite(difference) or difference > 16 * EPS[dtype_name] * reference.abs().max().item()
 
 
-def sdpa_times(q, k, v, dout, backend) -> tuple[torch.Tensor, float, float]:
+def sdpa_times(q, k, v, dout, backend, causal: bool) -> tuple[torch.Tensor, float, float]:
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     with sdpa_kernel(backend):
-        out = F.scaled_dot_product_attention(*leaves, is_causal=True)
-        forward = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        out = F.scaled_dot_product_attention(*leaves, is_causal=causal)
+        forward = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
         backward = do_bench(
             lambda: out.backward(dout, retain_graph=True),
             warmup=10,
@@ -141,15 +168,15 @@ def sdpa_times(q, k, v, dout, backend) -> tuple[torch.Tensor, float, float]:
     return out.detach(), forward, backward
 
 
-def sweep_forward(sweep: Sweep, dtype_name: str, d: int, variants) -> None:
+def sweep_forward(sweep: Sweep, dtype_name: str, d: int, variants, causal: bool = True) -> None:
     dtype = DTYPES[dtype_name]
     scale = 1.0 / math.sqrt(d)
     for n in SEQ_LENS:
         q, k, v, dout = problem(dtype, d, n)
-        flops = causal_flops(q.shape[0], q.shape[1], n, d)
-        reference, flash_fwd, flash_bwd = sdpa_times(q, k, v, dout, SDPBackend.FLASH_ATTENTION)
-        _, cudnn_fwd, cudnn_bwd = sdpa_times(q, k, v, dout, SDPBackend.CUDNN_ATTENTION)
-        base = {"pass": "fwd", "dtype": dtype_name, "d": d, "n": n}
+        flops = forward_flops(q.shape[0], q.shape[1], n, d, causal)
+        reference, flash_fwd, flash_bwd = sdpa_times(q, k, v, dout, SDPBackend.FLASH_ATTENTION, causal)
+        _, cudnn_fwd, cudnn_bwd = sdpa_times(q, k, v, dout, SDPBackend.CUDNN_ATTENTION, causal)
+        base = {"pass": "fwd", "dtype": dtype_name, "d": d, "n": n, "causal": causal}
         sweep.add({**base, "variant": "FA2", "tflops": flops / flash_fwd / 1e9})
         sweep.add({**base, "variant": "cuDNN", "tflops": flops / cudnn_fwd / 1e9})
         sweep.add({**base | {"pass": "bwd"}, "variant": "FA2", "tflops": 2.5 * flops / flash_bwd / 1e9})
@@ -158,10 +185,10 @@ def sweep_forward(sweep: Sweep, dtype_name: str, d: int, variants) -> None:
             if sweep.out_of_time():
                 return
             try:
-                out = _launch.attention_forward(q, k, v, True, scale, config)[0]
+                out = _launch.attention_forward(q, k, v, causal, scale, config)[0]
                 torch.cuda.synchronize()
                 milliseconds = time_ms(
-                    functools.partial(_launch.attention_forward, q, k, v, True, scale, config)
+                    functools.partial(_launch.attention_forward, q, k, v, causal, scale, config)
                 )
                 row = {"tflops": flops / milliseconds / 1e9, "suspect": suspect(out, reference, dtype_name)}
             except Exception as failure:  # a variant that does not compile is a result too
@@ -169,25 +196,25 @@ def sweep_forward(sweep: Sweep, dtype_name: str, d: int, variants) -> None:
             sweep.add({**base, "variant": name, **row})
 
 
-def sweep_backward(sweep: Sweep, dtype_name: str, d: int, variants) -> None:
+def sweep_backward(sweep: Sweep, dtype_name: str, d: int, variants, causal: bool = True) -> None:
     dtype = DTYPES[dtype_name]
     scale = 1.0 / math.sqrt(d)
     for n in SEQ_LENS:
         q, k, v, dout = problem(dtype, d, n)
-        flops = 2.5 * causal_flops(q.shape[0], q.shape[1], n, d)
+        flops = 2.5 * forward_flops(q.shape[0], q.shape[1], n, d, causal)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            F.scaled_dot_product_attention(*leaves, is_causal=True).backward(dout)
+            F.scaled_dot_product_attention(*leaves, is_causal=causal).backward(dout)
             reference = [t.grad for t in leaves]
-        out, lse, lse_low = _launch.attention_forward(q, k, v, True, scale)
-        base = {"pass": "bwd", "dtype": dtype_name, "d": d, "n": n}
+        out, lse, lse_low = _launch.attention_forward(q, k, v, causal, scale)
+        base = {"pass": "bwd", "dtype": dtype_name, "d": d, "n": n, "causal": causal}
         for name, dkdv, dq in variants:
             if sweep.out_of_time():
                 return
             _config.backward_configs = lambda *_, pair=(dkdv, dq): pair
 
             backward = functools.partial(
-                _launch.attention_backward, dout, None, q, k, v, out, lse, lse_low, True, scale
+                _launch.attention_backward, dout, None, q, k, v, out, lse, lse_low, causal, scale
             )
             try:
                 grads = backward()
@@ -245,8 +272,9 @@ def summary(results: dict) -> str:
         value = f"{row['tflops']:6.1f}" if "tflops" in row else "   n/a"
         flag = " SUSPECT" if row.get("suspect") else ""
         error = f" {row['error'][:70]}" if "error" in row else ""
+        masking = "causal" if row.get("causal", True) else "full"
         lines.append(
-            f"{row['pass']} {row['dtype']} d{row['d']} n{row['n']:>5} {row['variant']:<30} "
+            f"{row['pass']} {masking} {row['dtype']} d{row['d']} n{row['n']:>5} {row['variant']:<30} "
             f"{value}{flag}{error}"
         )
     lines += [f"host {name}: {us:.1f} us" for name, us in results["host"].items()]
@@ -260,16 +288,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget", type=float, default=480.0, help="seconds before the sweep stops")
     parser.add_argument("--bf16-variants", type=int, default=3, help="forward variants repeated in bf16")
+    parser.add_argument("--plan", choices=("main", "d256"), default="main",
+                        help="main: causal D 64/128 and the host breakdown; d256: causal D 256 and the "
+                        "non-causal D 64 backward")  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sweep = Sweep(args.out, args.budget)
-    host_breakdown(sweep)
-    for d in (128, 64):
-        sweep_forward(sweep, "fp16", d, FORWARD_VARIANTS[d])
-    for d in (128, 64):
-        sweep_backward(sweep, "fp16", d, BACKWARD_VARIANTS[d])
-    for d in (128, 64):
-        sweep_forward(sweep, "bf16", d, FORWARD_VARIANTS[d][: args.bf16_variants])
+    if args.plan == "d256":
+        sweep_backward(sweep, "fp16", 256, BACKWARD_VARIANTS_256)
+        sweep_forward(sweep, "fp16", 256, FORWARD_VARIANTS_256)
+        sweep_backward(sweep, "fp16", 64, BACKWARD_VARIANTS_FULL_64, causal=False)
+    else:
+        host_breakdown(sweep)
+        for d in (128, 64):
+            sweep_forward(sweep, "fp16", d, FORWARD_VARIANTS[d])
+        for d in (128, 64):
+            sweep_backward(sweep, "fp16", d, BACKWARD_VARIANTS[d])
+        for d in (128, 64):
+            sweep_forward(sweep, "bf16", d, FORWARD_VARIANTS[d][: args.bf16_variants])
     sweep.path.write_text(json.dumps(sweep.results, indent=1))
     print(summary(sweep.results))
 
