@@ -15,12 +15,12 @@ import argparse
 import functools
 import json
 import math
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from host_profile import host_us
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
@@ -224,18 +224,6 @@ def sweep_backward(sweep: Sweep, dtype_name: str, d: int, variants, causal: bool
             except Exception as failure:
                 row = {"error": f"{type(failure).__name__}: {str(failure)[:300]}"}
             sweep.add({**base, "variant": name, **row})
-
-
-def host_us(call, calls: int = 300, repeats: int = 7) -> float:
-    samples = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(calls):
-            call()
-        samples.append((time.perf_counter() - started) / calls * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(samples)
 
 
 def host_breakdown(sweep: Sweep) -> None:
