@@ -1,5 +1,5 @@
 """Kernel-variant sweep: tile shapes and pointer vs tensor-descriptor loads, timed side by side with
-SDPA's FLASH and CUDNN backends in one GPU run, plus a breakdown of the host time per call.
+SDPA's FLASH and CUDNN backends in one GPU run (host time per call: host_profile.py).
 
     PYTHONPATH=packages/core/src python packages/core/benchmarks/sweep.py --out DIR [--budget S]
 
@@ -20,17 +20,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from host_profile import host_us
+from attnbench.flops import PASS_FLOP_FACTOR, forward_flops
+from attnbench.runner import DTYPES, compare
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from core import _config, _launch
 from core._config import KernelConfig
-from core._validation import validate_attention_inputs
 
 TOKENS, WIDTH = 16384, 2048
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-EPS = {"fp16": 2.0**-10, "bf16": 2.0**-7}
 SEQ_LENS = (16384, 4096, 1024)
 
 # Forward variants per head dim: (name, config). The first is the table's current choice; "ptr" reads
@@ -117,7 +115,6 @@ class Sweep:
             "card": torch.cuda.get_device_name(),
             "torch": torch.__version__,
             "rows": [],
-            "host": {},
         }
         import triton
 
@@ -133,10 +130,6 @@ class Sweep:
         print(json.dumps(row), flush=True)
 
 
-def forward_flops(batch: int, heads: int, n: int, d: int, causal: bool) -> float:
-    return (2.0 if causal else 4.0) * batch * heads * n * n * d  # 4 B H N^2 D, halved by a causal mask
-
-
 def time_ms(fn) -> float:
     return do_bench(fn, warmup=10, rep=40, return_mode="median")
 
@@ -149,8 +142,8 @@ def problem(dtype: torch.dtype, d: int, n: int, seed: int = 0):
 
 
 def suspect(output: torch.Tensor, reference: torch.Tensor, dtype_name: str) -> bool:
-    difference = (output.float() - reference.float()).abs().max().item()
-    return not math.isfinite(difference) or difference > 16 * EPS[dtype_name] * reference.abs().max().item()
+    """The bench's check (attnbench.runner.compare): more than 16 ulps of the largest output apart."""
+    return compare(output, reference, dtype_name)["suspect"]
 
 
 def sdpa_times(q, k, v, dout, backend, causal: bool) -> tuple[torch.Tensor, float, float]:
@@ -173,14 +166,15 @@ def sweep_forward(sweep: Sweep, dtype_name: str, d: int, variants, causal: bool 
     scale = 1.0 / math.sqrt(d)
     for n in SEQ_LENS:
         q, k, v, dout = problem(dtype, d, n)
-        flops = forward_flops(q.shape[0], q.shape[1], n, d, causal)
+        flops = forward_flops(q.shape[0], q.shape[1], n, n, d, causal)
         reference, flash_fwd, flash_bwd = sdpa_times(q, k, v, dout, SDPBackend.FLASH_ATTENTION, causal)
         _, cudnn_fwd, cudnn_bwd = sdpa_times(q, k, v, dout, SDPBackend.CUDNN_ATTENTION, causal)
         base = {"pass": "fwd", "dtype": dtype_name, "d": d, "n": n, "causal": causal}
         sweep.add({**base, "variant": "FA2", "tflops": flops / flash_fwd / 1e9})
         sweep.add({**base, "variant": "cuDNN", "tflops": flops / cudnn_fwd / 1e9})
-        sweep.add({**base | {"pass": "bwd"}, "variant": "FA2", "tflops": 2.5 * flops / flash_bwd / 1e9})
-        sweep.add({**base | {"pass": "bwd"}, "variant": "cuDNN", "tflops": 2.5 * flops / cudnn_bwd / 1e9})
+        backward_flops = PASS_FLOP_FACTOR["bwd"] * flops
+        sweep.add({**base | {"pass": "bwd"}, "variant": "FA2", "tflops": backward_flops / flash_bwd / 1e9})
+        sweep.add({**base | {"pass": "bwd"}, "variant": "cuDNN", "tflops": backward_flops / cudnn_bwd / 1e9})
         for name, config in variants:
             if sweep.out_of_time():
                 return
@@ -201,7 +195,7 @@ def sweep_backward(sweep: Sweep, dtype_name: str, d: int, variants, causal: bool
     scale = 1.0 / math.sqrt(d)
     for n in SEQ_LENS:
         q, k, v, dout = problem(dtype, d, n)
-        flops = 2.5 * forward_flops(q.shape[0], q.shape[1], n, d, causal)
+        flops = PASS_FLOP_FACTOR["bwd"] * forward_flops(q.shape[0], q.shape[1], n, n, d, causal)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
             F.scaled_dot_product_attention(*leaves, is_causal=causal).backward(dout)
@@ -226,34 +220,6 @@ def sweep_backward(sweep: Sweep, dtype_name: str, d: int, variants, causal: bool
             sweep.add({**base, "variant": name, **row})
 
 
-def host_breakdown(sweep: Sweep) -> None:
-    """Host microseconds per call at a tiny shape, where the GPU's time is next to nothing, with the
-    table's config (descriptors) and the same tiles by pointer loads; each stage alone; and the GPU's
-    own time per call (do_bench), so a cost that is the kernel's does not pass for the host's."""
-    import dataclasses
-
-    import core
-
-    q, k, v = (torch.randn(1, 1, 16, 64, device="cuda", dtype=torch.float16) for _ in range(3))
-    table_lookup = _config.forward_config
-    table = table_lookup(64, torch.float16, False)
-    host = {}
-    for config in (table, dataclasses.replace(table, descriptors=False)):
-        _config.forward_config = lambda *_, c=config: c
-        core.attention(q, k, v)
-        name = "descriptors" if config.descriptors else "pointers"
-        host[f"core.attention ({name})"] = host_us(functools.partial(core.attention, q, k, v))
-        host[f"GPU time per call ({name})"] = 1e3 * time_ms(functools.partial(core.attention, q, k, v))
-    _config.forward_config = table_lookup
-    host["validation"] = host_us(
-        functools.partial(validate_attention_inputs, q, k, v, True, None, False, False)
-    )
-    host["torch.empty x 1"] = host_us(functools.partial(torch.empty_like, q))
-    host["sdpa"] = host_us(functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True))
-    sweep.results["host"] = host
-    print(json.dumps(host), flush=True)
-
-
 def summary(results: dict) -> str:
     lines = [f"{results['card']}, torch {results['torch']}, triton {results['triton']}"]
     for row in results["rows"]:
@@ -265,7 +231,6 @@ def summary(results: dict) -> str:
             f"{row['pass']} {masking} {row['dtype']} d{row['d']} n{row['n']:>5} {row['variant']:<30} "
             f"{value}{flag}{error}"
         )
-    lines += [f"host {name}: {us:.1f} us" for name, us in results["host"].items()]
     return "\n".join(lines)
 
 
@@ -277,7 +242,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=480.0, help="seconds before the sweep stops")
     parser.add_argument("--bf16-variants", type=int, default=3, help="forward variants repeated in bf16")
     parser.add_argument("--plan", choices=("main", "d256"), default="main",
-                        help="main: causal D 64/128 and the host breakdown; d256: causal D 256 and the "
+                        help="main: causal D 64/128; d256: causal D 256 and the "
                         "non-causal D 64 backward")  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -287,7 +252,6 @@ def main() -> None:
         sweep_forward(sweep, "fp16", 256, FORWARD_VARIANTS_256)
         sweep_backward(sweep, "fp16", 64, BACKWARD_VARIANTS_FULL_64, causal=False)
     else:
-        host_breakdown(sweep)
         for d in (128, 64):
             sweep_forward(sweep, "fp16", d, FORWARD_VARIANTS[d])
         for d in (128, 64):
