@@ -18,6 +18,7 @@ if not ON_GPU:
 
 import core  # noqa: E402  (must follow the TRITON_INTERPRET decision)
 import core._launch  # noqa: E402
+import core._plans  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 
@@ -36,3 +37,10 @@ def poisoned_outputs(monkeypatch):
         return allocate(like, shape).fill_(float("nan"))
 
     monkeypatch.setattr(core._launch, "new_buffer", poisoned)
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    """Each test starts with no cached call plans (core._plans), so a test that swaps a config or a
+    layout rule sees its change, and every test exercises both a first call and its repeats."""
+    core._plans.clear()

@@ -1,7 +1,8 @@
 """Tensor descriptors (TMA): which layouts take them, and that they change no bit of any result.
 
 fp16/bf16 kernels read their streamed tiles through tensor descriptors where the layout allows it and
-through pointer loads elsewhere (core._config.KernelConfig.descriptors, core._launch.descriptors_fit).
+through pointer loads elsewhere (core._config.KernelConfig.descriptors, core._launch.descriptors_fit),
+and only where a program's resident rows fill a tile (core._launch.descriptors_pay_off).
 The two paths load the same numbers into the same tiles, so every output and gradient must agree
 exactly, compiled and interpreted.
 """
@@ -49,6 +50,17 @@ def test_descriptors_fit_refuses(why, tensor):
     assert not core._launch.descriptors_fit(tensor), why
 
 
+def test_calls_whose_queries_do_not_fill_a_tile_take_pointer_loads():
+    """A decode step's few queries leave the forward's programs short: descriptors would only cost."""
+    block_m = core._config.forward_config(64, torch.float16, not ON_GPU).block_m
+    short, full = (
+        make_qkv(1, 2, 2, n_queries, 300, 64, torch.float16, seed=37, requires_grad=False)
+        for n_queries in (block_m - 1, block_m)
+    )
+    assert not core._launch.ForwardPlan(*short, causal=True, sm_scale=0.125).descriptors
+    assert core._launch.ForwardPlan(*full, causal=True, sm_scale=0.125).descriptors
+
+
 SHAPES = [  # (B, Hq, Hkv, Nq, Nk, D, causal)
     (2, 4, 2, 37, 53, 64, True),  # GQA, ragged, Nq < Nk
     (1, 2, 2, 50, 20, 16, True),  # Nq > Nk: rows that see no key
@@ -73,6 +85,7 @@ def test_descriptor_and_pointer_paths_agree_bitwise(shape, dtype, monkeypatch):
     fits = core._launch.descriptors_fit
     answers = []
     monkeypatch.setattr(core._launch, "descriptors_fit", lambda *t: answers.append(fits(*t)) or answers[-1])
+    monkeypatch.setattr(core._launch, "descriptors_pay_off", lambda *sizes: True)  # small shapes too
 
     def run():
         qq, kk, vv = (leaf_copy(t) for t in (q, k, v))

@@ -1,10 +1,12 @@
 """The launch cache (core._launch_cache): a relaunch that skips Triton's argument binding must run the
 very kernel that the binding would have picked, with the same arguments.
 
-Each case runs forward and backward three times: through `kernel[grid]` with the cache switched off,
-then twice with it on (the first call fills the cache, the second hits it). All three must agree bit for
-bit. The cases vary what Triton specialises on: pointer alignment (a storage offset of one element),
-strides (BSHD views), integers equal to 1 (one query, one head) and GQA.
+Each case runs forward and backward four times: through `kernel[grid]` with the cache switched off,
+then with it on: a first call fills the cache, a second relaunches through its call plans' bound
+launches (core._launch_cache.BoundLaunch, addresses as integers), and a third, with the plans
+forgotten, finds the compiled kernels under CachedKernel's key. All four must agree bit for bit.
+The cases vary what Triton specialises on: pointer alignment (a storage offset of one element), strides
+(BSHD views), integers equal to 1 (one query, one head) and GQA.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 import core
-from core import _launch
+from core import _launch, _plans
 from core._launch_cache import CachedKernel
 
 from .conftest import DEVICE, ON_GPU
@@ -62,14 +64,40 @@ def test_cached_relaunch_equals_bound_launch(case, monkeypatch):
         bound = _run(q, k, v)
     for launcher in LAUNCHERS:
         launcher.compiled.clear()
+    _plans.clear()
     filling = _run(q, k, v)
     entries = [len(launcher.compiled) for launcher in LAUNCHERS]
-    hitting = _run(q, k, v)
+    bound_hit = _run(q, k, v)
+    _plans.clear()
+    key_hit = _run(q, k, v)
     assert entries == [1, 1, 1, 1], "each kernel should have compiled one entry"
-    assert [len(launcher.compiled) for launcher in LAUNCHERS] == entries, "the second call missed the cache"
-    for name, expected, first, second in zip(("out", "lse", "dq", "dk", "dv"), bound, filling, hitting):
-        assert torch.equal(first, expected), f"{name}: first cached-path call differs from kernel[grid]"
-        assert torch.equal(second, expected), f"{name}: cache hit differs from kernel[grid]"
+    assert [len(launcher.compiled) for launcher in LAUNCHERS] == entries, "a later call missed the cache"
+    for name, expected, *cached in zip(("out", "lse", "dq", "dk", "dv"), bound, filling, bound_hit, key_hit):
+        for how, got in zip(("first cached-path call", "bound-launch hit", "cache-key hit"), cached):
+            assert torch.equal(got, expected), f"{name}: {how} differs from kernel[grid]"
+
+
+@gpu_only
+def test_bound_launch_recompiles_for_another_alignment(monkeypatch):
+    """A bound launch compiled for 16-byte aligned tensors, handed misaligned ones (same shapes and
+    strides), must go back to Triton's specialisation, not reuse the aligned kernel. (Pointer loads
+    here: a plan that chose descriptors is only valid for aligned inputs, and core._plans keys on the
+    alignment; the bound launch's own check guards the outputs, whose alignment is the allocator's.)"""
+    monkeypatch.setattr(_launch, "descriptors_fit", lambda *t: False)
+    shape = (1, 2, 130, 64)
+    storages = [
+        torch.randn(torch.Size(shape).numel() + 1, device=DEVICE, dtype=torch.float16) for _ in range(3)
+    ]
+    aligned = [storage[:-1].view(shape) for storage in storages]
+    misaligned = [storage[1:].view(shape) for storage in storages]  # data_ptr % 16 == 2
+    plan = _launch.ForwardPlan(*aligned, causal=True, sm_scale=0.125)
+    plan(*aligned)
+    plan(*aligned)  # now a bound-launch hit
+    got = plan(*misaligned)
+    assert plan.launch.compiled_for[2][:3] == [2, 2, 2], "the bound launch should now serve misaligned inputs"
+    expected = _launch.ForwardPlan(*misaligned, causal=True, sm_scale=0.125)(*misaligned)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
 
 
 @gpu_only

@@ -7,9 +7,8 @@ import math
 import torch
 
 from core._autograd import FlashAttentionFunction
-from core._launch import attention_forward, uses_base_2
-from core._runtime import is_interpreted
-from core._validation import validate_attention_inputs
+from core._launch import uses_base_2
+from core._plans import forward_plan
 
 
 def attention(
@@ -27,8 +26,9 @@ def attention(
         q: (B, Hq, Nq, D) query. k, v: (B, Hkv, Nk, D) keys and values, with Hq a multiple of Hkv
             (GQA/MQA: query head h uses key/value head h // (Hq // Hkv); k and v are never repeated).
             float16, bfloat16 or float32, all the same dtype, on one CUDA device (or CPU under
-            TRITON_INTERPRET=1). Any strides: BSHD views such as x.view(B, N, H, D).transpose(1, 2) and
-            sliced views are read in place, never copied. 1 <= D <= 256, any Nq, Nk >= 1.
+            TRITON_INTERPRET=1), which need not be the current one. Any strides: BSHD views such as
+            x.view(B, N, H, D).transpose(1, 2) and sliced views are read in place, never copied.
+            1 <= D <= 256, any Nq, Nk >= 1.
         causal: mask key j for query i unless j <= i + (Nk - Nq) (bottom-right aligned, as in
             FlashAttention). Rows that see no key output 0 with LSE -inf and zero gradients.
         sm_scale: the softmax scale; defaults to 1 / sqrt(D).
@@ -38,14 +38,15 @@ def attention(
         out with q's shape and dtype (q's strides when q is dense, else contiguous), or (out, lse) with
         lse (B, Hq, Nq) float32 in natural log. Both are differentiable; the backward pass is
         deterministic (no atomics) and uses O(N) memory.
+
+    The checks and launch parameters of a call are kept per call signature (core._plans), so a
+    repeated call with the same shapes, strides, dtypes and options only allocates and launches.
     """
-    interpreted = is_interpreted()
-    validate_attention_inputs(q, k, v, causal, sm_scale, return_lse, interpreted)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    plan = forward_plan(q, k, v, causal, sm_scale, return_lse)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = FlashAttentionFunction.apply(q, k, v, causal, scale)
+        out, lse = FlashAttentionFunction.apply(q, k, v, plan)
     else:  # no graph to record: skip the autograd Function's ~10 us of host time
-        out, lse, _ = attention_forward(q, k, v, causal, scale)
+        out, lse, _ = plan(q, k, v, keep_statistics=return_lse)
     if not return_lse:
         return out
     return out, (lse * math.log(2.0) if uses_base_2(q.dtype) else lse)

@@ -1,22 +1,21 @@
-"""The autograd Function binding the forward and backward launchers."""
+"""The autograd Function binding the forward and backward plans (core._launch)."""
 
 from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from core._launch import attention_backward, attention_forward
-
 
 class FlashAttentionFunction(torch.autograd.Function):
     """(q, k, v) -> (out, lse), lse the log-sum-exp the kernels share, in their base
-    (core._launch.uses_base_2). Both outputs are differentiable; double backward is not supported."""
+    (core._launch.uses_base_2). `plan` is the call's core._launch.ForwardPlan. Both outputs are
+    differentiable; double backward is not supported."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, sm_scale: float):
-        out, lse, lse_low = attention_forward(q, k, v, causal, sm_scale)
+    def forward(ctx, q, k, v, plan):
+        out, lse, lse_low = plan(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse, lse_low)
-        ctx.causal, ctx.sm_scale = causal, sm_scale
+        ctx.plan = plan
         # Unused outputs arrive in backward as None instead of materialised zero tensors.
         ctx.set_materialize_grads(False)
         return out, lse
@@ -31,5 +30,6 @@ class FlashAttentionFunction(torch.autograd.Function):
             # The preprocess kernel reads dLSE as a contiguous (B, Hq, Nq) float32 vector; autograd may hand
             # it over in any layout (e.g. from lse.transpose(1, 2)). It is one float per row: copy it.
             dlse = dlse.contiguous()
-        dq, dk, dv = attention_backward(dout, dlse, q, k, v, out, lse, lse_low, ctx.causal, ctx.sm_scale)
-        return dq, dk, dv, None, None
+        backward = ctx.plan.backward_plan(dout, dlse, q, k, v)
+        dq, dk, dv = backward(dout, dlse, q, k, v, out, lse, lse_low)
+        return dq, dk, dv, None

@@ -1,5 +1,15 @@
 """Host launchers: allocate outputs, pick tile shapes, launch the kernels. No validation here
 (`core._validation` runs first) and no copies of the inputs: every kernel takes strides.
+
+The work is split in two so that a repeated call does only the second half:
+
+- a plan (`ForwardPlan`, `BackwardPlan`) holds everything that follows from the inputs' shapes,
+  strides, dtypes, alignment and the options: tile shapes, grids, every integer argument, whether the
+  layout allows tensor descriptors, one bound launch per kernel (core._launch_cache.BoundLaunch);
+- calling the plan allocates the outputs and launches.
+
+`attention_forward` and `attention_backward` build a fresh plan and run it; `core._plans` keeps the
+forward plans of validated call signatures, and each forward plan keeps its backward plans.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ import torch
 from core import _config
 from core._bwd_kernel import backward_dkdv_kernel, backward_dq_kernel, backward_preprocess_kernel
 from core._fwd_kernel import attention_forward_kernel
-from core._launch_cache import CachedKernel
+from core._launch_cache import BoundLaunch, CachedKernel
 from core._runtime import install_scratch_allocator, is_interpreted, patch_interpreter
 
 LOG2E = math.log2(math.e)
@@ -39,7 +49,7 @@ def new_buffer(like: torch.Tensor, shape: tuple[int, ...] | None = None) -> torc
     """
     if shape is None:
         return torch.empty_like(like)
-    return torch.empty(shape, dtype=torch.float32, device=like.device)
+    return like.new_empty(shape, dtype=torch.float32)
 
 
 def _or_unused(optional: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
@@ -102,14 +112,22 @@ def _attention_meta(
     return constexprs, (("num_warps", config.num_warps), ("num_stages", config.num_stages))
 
 
-def _use_descriptors(config: _config.KernelConfig, interpreted: bool, *tensors: torch.Tensor) -> bool:
-    """Tensor descriptors where the table asks for them and the layout allows (descriptors_fit); the
-    scratch memory the kernels build them in comes from core's allocator unless the caller set one."""
-    if not (config.descriptors and descriptors_fit(*tensors)):
-        return False
-    if not interpreted:
-        install_scratch_allocator()
-    return True
+def descriptors_pay_off(resident_rows: int, resident_block: int) -> bool:
+    """Whether a problem is big enough for descriptor loads: the rows a program keeps (queries in the
+    forward and dQ kernels, keys in the dK/dV kernel) fill at least one tile. Below that every program
+    is short and bound by memory or by the launch, and descriptors only cost: building them takes ~2 us
+    of device time and their scratch memory ~4 us of host time per launch. Measured on the H200
+    (host_profile.py, fp16): a (1, 1, 16, 64) forward runs 3.8 us on the device with pointer loads
+    against 6.0 with descriptors; a decode step (8, 16, 1 query x 4096 keys, 128) 68.1 against 68.4."""
+    return resident_rows >= resident_block
+
+
+def _use_descriptors(config: _config.KernelConfig, fills_a_tile: bool, *tensors: torch.Tensor) -> bool:
+    """Tensor descriptors where the table asks for them, the problem is big enough
+    (descriptors_pay_off) and the layout allows (descriptors_fit). The scratch memory the compiled
+    kernels build them in comes from core's allocator unless the caller set one: plans that use them
+    call install_scratch_allocator before each launch."""
+    return config.descriptors and fills_a_tile and descriptors_fit(*tensors)
 
 
 def _prepare_launch(q: torch.Tensor):
@@ -119,72 +137,160 @@ def _prepare_launch(q: torch.Tensor):
     return interpreted, _config.padded_head_dim(q.shape[-1])
 
 
+def _layout_of_new_buffer(like: torch.Tensor) -> tuple[int, ...]:
+    """The strides new_buffer(like) will have, without allocating (torch.empty_like's rule)."""
+    return torch.empty_like(like, device="meta").stride()
+
+
+class _OnDevice:
+    """Runs launches on the inputs' GPU: Triton launches on the current device, which need not be the
+    tensors' (a process driving several GPUs). Checking costs a lookup; switching happens only then."""
+
+    def __init__(self, like: torch.Tensor):
+        self.index = like.device.index if like.device.type == "cuda" else None
+
+    def on_device(self, run, *args):
+        if self.index is not None and torch.cuda.current_device() != self.index:
+            with torch.cuda.device(self.index):
+                return run(*args)
+        return run(*args)
+
+
+class ForwardPlan(_OnDevice):
+    """The forward of one call signature. `plan(q, k, v)` returns (out, lse, lse_low): out like q; lse
+    (B, Hq, Nq) float32 contiguous, the log-sum-exp of the scaled scores in the kernels' base
+    (`uses_base_2`: natural LSE = lse * ln 2 in base 2); lse_low its low parts for the backward,
+    (1, B, Hq, Nq) for fp16/bf16 and (2, B, Hq, Nq) for float32, whose second plane is the row max's
+    low part (core._fwd_kernel).
+
+    With keep_statistics False the caller wants only out (no autograd, no LSE): the kernel's LSE and
+    low parts then go to one throwaway buffer, which saves an allocation (~2 us of a small call's host
+    time); both come back as None.
+
+    Valid for inputs with the shapes, strides, dtypes, device and 16-byte alignment of the ones it was
+    built from (core._plans keys on exactly these)."""
+
+    def __init__(self, q, k, v, causal: bool, sm_scale: float, config: _config.KernelConfig | None = None):
+        super().__init__(q)
+        batch, q_heads, n_queries, head_dim = q.shape
+        kv_heads, n_keys = k.shape[1], k.shape[2]
+        interpreted, block_d = _prepare_launch(q)
+        config = config or _config.forward_config(block_d, q.dtype, interpreted)
+        self.causal, self.sm_scale = causal, sm_scale
+        self.lse_shape = (batch, q_heads, n_queries)
+        self.low_shape = (2 if q.dtype == torch.float32 else 1, *self.lse_shape)
+        self.descriptors = _use_descriptors(config, descriptors_pay_off(n_queries, config.block_m), k, v)
+        self.needs_scratch = self.descriptors and not interpreted
+        self.launch = BoundLaunch(
+            FORWARD,
+            (_ceil_div(n_queries, config.block_m), q_heads, batch),
+            (*q.stride(), *k.stride(), *v.stride(), *_layout_of_new_buffer(q), q_heads, q_heads // kv_heads,
+             n_queries, n_keys),
+            (score_scale(q.dtype, sm_scale),),
+            *_attention_meta(head_dim, causal, block_d, config, q.dtype, interpreted, self.descriptors),
+        )  # fmt: skip
+        self.backward_plans: dict[tuple, BackwardPlan] = {}
+
+    def __call__(self, q, k, v, keep_statistics: bool = True):
+        return self.on_device(self._run, q, k, v, keep_statistics)
+
+    def _run(self, q, k, v, keep_statistics):
+        if self.needs_scratch:
+            install_scratch_allocator()
+        out = new_buffer(q)
+        if not keep_statistics:
+            # The kernel writes the rows' LSE and their low parts into this one buffer (the same
+            # addresses, so it ends up holding one or the other), and nothing reads it.
+            discarded = new_buffer(q, self.low_shape)
+            self.launch(self.index, q, k, v, out, discarded, discarded)
+            return out, None, None
+        lse = new_buffer(q, self.lse_shape)
+        lse_low = new_buffer(q, self.low_shape)
+        self.launch(self.index, q, k, v, out, lse, lse_low)
+        return out, lse, lse_low
+
+    def backward_plan(self, dout, dlse, q, k, v) -> BackwardPlan:
+        """The backward for this forward's inputs and a dO of dout's layout (and a dLSE or none)."""
+        key = (dout.stride(), dout.dtype, dout.data_ptr() & 15, dlse is None)
+        plan = self.backward_plans.get(key)
+        if plan is None:
+            if len(self.backward_plans) >= 64:
+                self.backward_plans.clear()
+            plan = self.backward_plans[key] = BackwardPlan(dout, dlse, q, k, v, self.causal, self.sm_scale)
+        return plan
+
+
+class BackwardPlan(_OnDevice):
+    """The backward of one call signature and dO layout. `plan(dout, dlse, q, k, v, out, lse, lse_low)`
+    returns (dq, dk, dv), each laid out like its input. lse is the forward's LSE (in the kernels' base)
+    and dlse its gradient (contiguous float32), or None when the LSE was not used; lse_low is the
+    forward's."""
+
+    def __init__(self, dout, dlse, q, k, v, causal: bool, sm_scale: float):
+        super().__init__(q)
+        batch, q_heads, n_queries, head_dim = q.shape
+        kv_heads, n_keys = k.shape[1], k.shape[2]
+        interpreted, block_d = _prepare_launch(q)
+        dkdv_config, dq_config = _config.backward_configs(block_d, q.dtype, interpreted)
+        dot_precision, base_2, _ = _precision_flags(q.dtype, interpreted)
+        out_strides = _layout_of_new_buffer(q)  # the forward's output is laid out like q
+
+        # float32 saves Delta in two parts (core._bwd_kernel.backward_dq_kernel), like the LSE's low parts.
+        self.delta_shape = (2 if q.dtype == torch.float32 else 1, batch, q_heads, n_queries)
+        rows_per_program = _config.preprocess_block_m(interpreted)
+        self.preprocess = BoundLaunch(
+            PREPROCESS,
+            (_ceil_div(n_queries, rows_per_program), q_heads, batch),
+            (*out_strides, *dout.stride(), q_heads, n_queries),
+            (),
+            (("HEAD_DIM", head_dim), ("HAS_DLSE", dlse is not None), base_2, dot_precision,
+             ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d)),
+            (),
+        )  # fmt: skip
+
+        sizes = (q_heads, q_heads // kv_heads, n_queries, n_keys)
+        scales = (sm_scale, score_scale(q.dtype, sm_scale))
+        input_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+        dq_descriptors = _use_descriptors(dq_config, descriptors_pay_off(n_queries, dq_config.block_m), k, v)
+        dkdv_descriptors = _use_descriptors(
+            dkdv_config, descriptors_pay_off(n_keys, dkdv_config.block_n), q, dout
+        )
+        self.needs_scratch = (dq_descriptors or dkdv_descriptors) and not interpreted
+        self.dq = BoundLaunch(
+            DQ,
+            (_ceil_div(n_queries, dq_config.block_m), q_heads, batch),
+            (*input_strides, *_layout_of_new_buffer(q), *sizes),
+            scales,
+            *_attention_meta(head_dim, causal, block_d, dq_config, q.dtype, interpreted, dq_descriptors),
+        )  # fmt: skip
+        self.dkdv = BoundLaunch(
+            DKDV,
+            (_ceil_div(n_keys, dkdv_config.block_n), kv_heads, batch),
+            (*input_strides, *_layout_of_new_buffer(k), *_layout_of_new_buffer(v), *sizes),
+            scales,
+            *_attention_meta(head_dim, causal, block_d, dkdv_config, q.dtype, interpreted, dkdv_descriptors),
+        )  # fmt: skip
+
+    def __call__(self, dout, dlse, q, k, v, out, lse, lse_low):
+        return self.on_device(self._run, dout, dlse, q, k, v, out, lse, lse_low)
+
+    def _run(self, dout, dlse, q, k, v, out, lse, lse_low):
+        if self.needs_scratch:
+            install_scratch_allocator()
+        delta = new_buffer(q, self.delta_shape)
+        self.preprocess(self.index, out, dout, _or_unused(dlse, lse), delta)
+        dq, dk, dv = new_buffer(q), new_buffer(k), new_buffer(v)
+        # dQ first: for float32 it completes Delta, which the dK/dV kernel reads (core._bwd_kernel).
+        self.dq(self.index, q, k, v, dout, lse, lse_low, delta, dq)
+        self.dkdv(self.index, q, k, v, dout, lse, lse_low, delta, dk, dv)
+        return dq, dk, dv
+
+
 def attention_forward(q, k, v, causal: bool, sm_scale: float, config: _config.KernelConfig | None = None):
-    """Returns (out, lse, lse_low): out like q; lse (B, Hq, Nq) float32 contiguous, the log-sum-exp of
-    the scaled scores in the kernels' base (`uses_base_2`: natural LSE = lse * ln 2 in base 2); lse_low
-    its low parts for the backward, (1, B, Hq, Nq) for fp16/bf16 and (2, B, Hq, Nq) for float32, whose
-    second plane is the row max's low part (core._fwd_kernel)."""
-    batch, q_heads, n_queries, head_dim = q.shape
-    kv_heads, n_keys = k.shape[1], k.shape[2]
-    interpreted, block_d = _prepare_launch(q)
-    config = config or _config.forward_config(block_d, q.dtype, interpreted)
-    out = new_buffer(q)
-    lse = new_buffer(q, (batch, q_heads, n_queries))
-    lse_low = new_buffer(q, (2 if q.dtype == torch.float32 else 1, *lse.shape))
-    FORWARD.launch(
-        (_ceil_div(n_queries, config.block_m), q_heads, batch),
-        (q, k, v, out, lse, lse_low),
-        (*q.stride(), *k.stride(), *v.stride(), *out.stride(), q_heads, q_heads // kv_heads, n_queries,
-         n_keys),
-        (score_scale(q.dtype, sm_scale),),
-        *_attention_meta(head_dim, causal, block_d, config, q.dtype, interpreted,
-                         _use_descriptors(config, interpreted, k, v)),
-    )  # fmt: skip
-    return out, lse, lse_low
+    """(out, lse, lse_low) as ForwardPlan returns them, from a fresh plan (`config` overrides the table)."""
+    return ForwardPlan(q, k, v, causal, sm_scale, config)(q, k, v)
 
 
 def attention_backward(dout, dlse, q, k, v, out, lse, lse_low, causal: bool, sm_scale: float):
-    """Returns (dq, dk, dv), each laid out like its input. lse is attention_forward's LSE (in the
-    kernels' base) and dlse its gradient, or None when the LSE was not used; lse_low is the forward's."""
-    batch, q_heads, n_queries, head_dim = q.shape
-    kv_heads, n_keys = k.shape[1], k.shape[2]
-    interpreted, block_d = _prepare_launch(q)
-    dkdv_config, dq_config = _config.backward_configs(block_d, q.dtype, interpreted)
-
-    dot_precision, base_2, _ = _precision_flags(q.dtype, interpreted)
-
-    # float32 saves Delta in two parts (core._bwd_kernel.backward_dq_kernel), like the LSE's low parts.
-    delta = new_buffer(q, (2 if q.dtype == torch.float32 else 1, *lse.shape))
-    rows_per_program = _config.preprocess_block_m(interpreted)
-    PREPROCESS.launch(
-        (_ceil_div(n_queries, rows_per_program), q_heads, batch),
-        (out, dout, _or_unused(dlse, lse), delta),
-        (*out.stride(), *dout.stride(), q_heads, n_queries),
-        (),
-        (("HEAD_DIM", head_dim), ("HAS_DLSE", dlse is not None), base_2, dot_precision,
-         ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d)),
-        (),
-    )  # fmt: skip
-
-    dq, dk, dv = new_buffer(q), new_buffer(k), new_buffer(v)
-    sizes = (q_heads, q_heads // kv_heads, n_queries, n_keys)
-    scales = (sm_scale, score_scale(q.dtype, sm_scale))
-    input_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    # dQ first: for float32 it completes Delta, which the dK/dV kernel reads (core._bwd_kernel).
-    DQ.launch(
-        (_ceil_div(n_queries, dq_config.block_m), q_heads, batch),
-        (q, k, v, dout, lse, lse_low, delta, dq),
-        (*input_strides, *dq.stride(), *sizes),
-        scales,
-        *_attention_meta(head_dim, causal, block_d, dq_config, q.dtype, interpreted,
-                         _use_descriptors(dq_config, interpreted, k, v)),
-    )  # fmt: skip
-    DKDV.launch(
-        (_ceil_div(n_keys, dkdv_config.block_n), kv_heads, batch),
-        (q, k, v, dout, lse, lse_low, delta, dk, dv),
-        (*input_strides, *dk.stride(), *dv.stride(), *sizes),
-        scales,
-        *_attention_meta(head_dim, causal, block_d, dkdv_config, q.dtype, interpreted,
-                         _use_descriptors(dkdv_config, interpreted, q, dout)),
-    )  # fmt: skip
-    return dq, dk, dv
+    """(dq, dk, dv) as BackwardPlan returns them, from a fresh plan."""
+    return BackwardPlan(dout, dlse, q, k, v, causal, sm_scale)(dout, dlse, q, k, v, out, lse, lse_low)
