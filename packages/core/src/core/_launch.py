@@ -233,7 +233,7 @@ class BackwardPlan(_OnDevice):
         interpreted, block_d = _prepare_launch(q)
         dkdv_config, dq_config = _config.backward_configs(block_d, q.dtype, interpreted)
         dot_precision, base_2, _ = _precision_flags(q.dtype, interpreted)
-        out_strides = _layout_of_new_buffer(q)  # the forward's output is laid out like q
+        q_layout = _layout_of_new_buffer(q)  # the forward's output and dq are laid out like this
 
         # float32 saves Delta in two parts (core._bwd_kernel.backward_dq_kernel), like the LSE's low parts.
         self.delta_shape = (2 if q.dtype == torch.float32 else 1, batch, q_heads, n_queries)
@@ -241,7 +241,7 @@ class BackwardPlan(_OnDevice):
         self.preprocess = BoundLaunch(
             PREPROCESS,
             (_ceil_div(n_queries, rows_per_program), q_heads, batch),
-            (*out_strides, *dout.stride(), q_heads, n_queries),
+            (*q_layout, *dout.stride(), q_heads, n_queries),
             (),
             (("HEAD_DIM", head_dim), ("HAS_DLSE", dlse is not None), base_2, dot_precision,
              ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d)),
@@ -259,7 +259,7 @@ class BackwardPlan(_OnDevice):
         self.dq = BoundLaunch(
             DQ,
             (_ceil_div(n_queries, dq_config.block_m), q_heads, batch),
-            (*input_strides, *_layout_of_new_buffer(q), *sizes),
+            (*input_strides, *q_layout, *sizes),
             scales,
             *_attention_meta(head_dim, causal, block_d, dq_config, q.dtype, interpreted, dq_descriptors),
         )  # fmt: skip
