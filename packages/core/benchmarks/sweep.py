@@ -56,7 +56,12 @@ FORWARD_VARIANTS = {
 BACKWARD_VARIANTS = {
     64: [
         (
-            "kv32x128/4w/2s q64x64/4w/3s tma",
+            "kv32x128/4w/3s prefetch q64x64/4w/3s tma",
+            KernelConfig(32, 128, 4, 3, True, prefetch_row_stats=True),
+            KernelConfig(64, 64, 4, 3, True),
+        ),
+        (
+            "kv32x128/4w/2s q64x64/4w/3s tma (old)",
             KernelConfig(32, 128, 4, 2, True),
             KernelConfig(64, 64, 4, 3, True),
         ),

@@ -2,9 +2,9 @@
 
 Three launches:
 1. `backward_preprocess_kernel`: Delta_i = sum_d dO_id * O_id - dLSE_i, one float per query row (for
-   float32 inputs only the -dLSE_i term).
+   float32 inputs, and fp16/bf16 ones whose LSE has a gradient, only the -dLSE_i term).
 2. `backward_dq_kernel`: one program owns BLOCK_M query rows and streams the keys they see, accumulating
-   dQ; for float32 inputs it first streams them once more to complete Delta_i with sum_j P_ij dP_ij.
+   dQ; in those two cases it first streams them once more to complete Delta_i with sum_j P_ij dP_ij.
 3. `backward_dkdv_kernel`: one program owns BLOCK_N keys of one key/value head and streams every query
    row (of every query head in its GQA group) that can see them, accumulating dK and dV in registers.
 
@@ -50,9 +50,9 @@ def backward_preprocess_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     n_q_heads, n_queries,
     HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BASE_2: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DELTA_IN_DQ: tl.constexpr,
 ):  # fmt: skip
-    """Delta[b, h, i] = sum_d dOut * Out - dLse * (log2(e) if BASE_2 else 1) (float32); for float32 inputs
+    """Delta[b, h, i] = sum_d dOut * Out - dLse * (log2(e) if BASE_2 else 1) (float32); with DELTA_IN_DQ
     only the dLse term, which the dQ kernel completes with sum_j P_ij dP_ij (see backward_dq_kernel).
 
     Out, dOut (B, Hq, Nq, HEAD_DIM), any strides. dLse (B, Hq, Nq) and Delta (1 or 2, B, Hq, Nq: its
@@ -71,7 +71,7 @@ def backward_preprocess_kernel(
     head = tl.program_id(1)
     batch = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    if Out.dtype.element_ty == tl.float32:
+    if DELTA_IN_DQ:
         delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     else:
         offs_d = tl.arange(0, BLOCK_D)
@@ -99,12 +99,17 @@ def backward_preprocess_kernel(
 
 
 @triton.jit
-def _load_row_stats(Lse, LseLow, Delta, row_offsets, row_ok, rows_in_all_heads, TWO_PART_MAX: tl.constexpr):
-    """The saved LSE (+inf for rows past Nq or that saw no key, so their P is 0), its low part, the max's
-    low part (TWO_PART_MAX, float32; else 0) and Delta. Plane [1] of LseLow starts rows_in_all_heads in."""
+def _load_row_stats(Lse, LseLow, Delta, row_offsets, row_ok, rows_in_all_heads, TWO_PART_MAX: tl.constexpr,
+                    LOAD_LOW: tl.constexpr = True):  # fmt: skip
+    """The saved LSE (+inf for rows past Nq or that saw no key, so their P is 0), its low part (0 unless
+    LOAD_LOW), the max's low part (TWO_PART_MAX, float32; else 0) and Delta. Plane [1] of LseLow starts
+    rows_in_all_heads in."""
     lse = tl.load(Lse + row_offsets, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    lse_low = tl.load(LseLow + row_offsets, mask=row_ok, other=0.0)
+    if LOAD_LOW:
+        lse_low = tl.load(LseLow + row_offsets, mask=row_ok, other=0.0)
+    else:
+        lse_low = tl.zeros_like(lse)
     if TWO_PART_MAX:
         max_low = tl.load(LseLow + rows_in_all_heads + row_offsets, mask=row_ok, other=0.0)
     else:
@@ -163,7 +168,7 @@ def _dkdv_from_query_blocks(
     stride_qm, stride_dom, row_start, row_end, keys, n_queries, diagonal, qk_scale, d_ok,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
     use_lse_low, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
-    DESCRIPTORS: tl.constexpr,
+    DESCRIPTORS: tl.constexpr, PREFETCH_ROW_STATS: tl.constexpr,
 ):  # fmt: skip
     """Add the contributions of query rows [row_start, row_end) to one tile's dK and dV.
 
@@ -171,16 +176,31 @@ def _dkdv_from_query_blocks(
     q_src/do_src are tensor descriptors of this head's Q and dO (DESCRIPTORS), or pointer tiles at
     row_start: Q^T (BLOCK_D, BLOCK_M) and dO (BLOCK_M, BLOCK_D).
     MASKED applies the causal rule (the diagonal blocks); other blocks are fully visible.
+    PREFETCH_ROW_STATS loads each block's LSE and Delta one step ahead, in registers: Triton's pipeliner
+    leaves these one-float-per-row loads in the step that uses them (H200: dK/dV +3-8% at D=64 with
+    three stages, but -8% at D=128, N 1k, core._config).
     """
     offs_m = tl.arange(0, BLOCK_M)
+    if PREFETCH_ROW_STATS:
+        next_lse, next_lse_low, next_max_low, next_delta = _load_row_stats(
+            Lse, LseLow, Delta, stat_offset + row_start + offs_m, row_start + offs_m < n_queries,
+            rows_in_all_heads, COMPENSATE, use_lse_low,
+        )  # fmt: skip
     for block_start in range(row_start, row_end, BLOCK_M):
         rows = block_start + offs_m
         row_ok = rows < n_queries
         qT = _load_cols(q_src, block_start, d_ok, row_ok, EVEN_D, False, DESCRIPTORS)
         do = _load_rows(do_src, block_start, row_ok, d_ok, False, EVEN_D, DESCRIPTORS)
-        lse, lse_low, max_low, delta = _load_row_stats(
-            Lse, LseLow, Delta, stat_offset + rows, row_ok, rows_in_all_heads, COMPENSATE
-        )
+        if PREFETCH_ROW_STATS:
+            lse, lse_low, max_low, delta = next_lse, next_lse_low, next_max_low, next_delta
+            next_lse, next_lse_low, next_max_low, next_delta = _load_row_stats(
+                Lse, LseLow, Delta, stat_offset + rows + BLOCK_M, rows + BLOCK_M < n_queries,
+                rows_in_all_heads, COMPENSATE, use_lse_low,
+            )  # fmt: skip
+        else:
+            lse, lse_low, max_low, delta = _load_row_stats(
+                Lse, LseLow, Delta, stat_offset + rows, row_ok, rows_in_all_heads, COMPENSATE, use_lse_low
+            )
         scores_t, scores_low_t = _scores(k, qT, qk_scale, DOT_PRECISION, COMPENSATE)
         pT = _probabilities(
             scores_t, scores_low_t, lse[None, :], lse_low[None, :], max_low[None, :], use_lse_low, BASE_2,
@@ -211,6 +231,7 @@ def _dkdv_from_group(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
     COMPENSATE: tl.constexpr, USE_LSE_LOW: tl.constexpr, DESCRIPTORS: tl.constexpr,
+    PREFETCH_ROW_STATS: tl.constexpr,
 ):  # fmt: skip
     """Add every query row of the kv_group query heads from first_head on that sees these keys: those
     straddling the causal diagonal, [row_start, unmasked_start), masked; those after it unmasked."""
@@ -237,7 +258,7 @@ def _dkdv_from_group(
                 dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
                 rows_in_all_heads, stride_qm, stride_dom, row_start, unmasked_start, keys, n_queries,
                 diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
-                PRECISE_EXP, COMPENSATE, DESCRIPTORS,
+                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS,
             )  # fmt: skip
             if not DESCRIPTORS:
                 q_src += (unmasked_start - row_start).to(tl.int64) * stride_qm
@@ -246,7 +267,7 @@ def _dkdv_from_group(
             dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
             rows_in_all_heads, stride_qm, stride_dom, unmasked_start, n_queries, keys, n_queries, diagonal,
             qk_scale, d_ok, False, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2, PRECISE_EXP,
-            COMPENSATE, DESCRIPTORS,
+            COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS,
         )  # fmt: skip
 
     return dk, dv, dk_comp, dv_comp
@@ -265,7 +286,7 @@ def backward_dkdv_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
-    TENSOR_DESCRIPTORS: tl.constexpr,
+    TENSOR_DESCRIPTORS: tl.constexpr, PREFETCH_ROW_STATS: tl.constexpr,
 ):  # fmt: skip
     """dK, dV for BLOCK_N keys of one key/value head.
 
@@ -276,7 +297,7 @@ def backward_dkdv_kernel(
     over the kv_group = Hq // Hkv query heads that share this key/value head itself, so GQA needs
     neither atomics nor a reduction pass.
     Grid: (cdiv(Nk, BLOCK_N), Hkv, B). TENSOR_DESCRIPTORS: Q and dO tiles come through the copy engine
-    (core._fwd_kernel._head_rows).
+    (core._fwd_kernel._head_rows). PREFETCH_ROW_STATS: see _dkdv_from_query_blocks.
     """
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -322,7 +343,8 @@ def backward_dkdv_kernel(
     first_head = kv_head * kv_group
     # fp16/bf16 save a zero low part for typical rows (core._fwd_kernel). Scanning it first, one float
     # per row against 2 x HEAD_DIM inputs per row in the loop, lets such tiles take a loop without its
-    # subtraction, which cost the backward 4-6% (H100). Up to BLOCK_D 128 both loops fit in shared memory.
+    # subtraction, which cost the backward 4-6% (H100), and without its load (dK/dV +2-5%, H200). Up to
+    # BLOCK_D 128 both loops fit in shared memory.
     use_lse_low = True
     if (not COMPENSATE) and BLOCK_D <= 128:
         nonzero_lows = 0
@@ -336,7 +358,7 @@ def backward_dkdv_kernel(
             stride_qd, stride_dob, stride_doh, stride_dom, stride_dod, batch, first_head, kv_group, n_q_heads,
             rows_in_all_heads, row_start, unmasked_start, keys, n_queries, diagonal, qk_scale, d_ok, offs_d,
             HEAD_DIM, CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, True,
-            TENSOR_DESCRIPTORS,
+            TENSOR_DESCRIPTORS, PREFETCH_ROW_STATS,
         )  # fmt: skip
     else:
         dk, dv, dk_comp, dv_comp = _dkdv_from_group(
@@ -344,7 +366,7 @@ def backward_dkdv_kernel(
             stride_qd, stride_dob, stride_doh, stride_dom, stride_dod, batch, first_head, kv_group, n_q_heads,
             rows_in_all_heads, row_start, unmasked_start, keys, n_queries, diagonal, qk_scale, d_ok, offs_d,
             HEAD_DIM, CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, False,
-            TENSOR_DESCRIPTORS,
+            TENSOR_DESCRIPTORS, PREFETCH_ROW_STATS,
         )  # fmt: skip
 
     dk_ptrs = (
@@ -455,16 +477,16 @@ def backward_dq_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
-    TENSOR_DESCRIPTORS: tl.constexpr,
+    TENSOR_DESCRIPTORS: tl.constexpr, DELTA_IN_DQ: tl.constexpr,
 ):  # fmt: skip
     """dQ for BLOCK_M query rows of one query head.
 
     Q, dOut, dQ (B, Hq, Nq, HEAD_DIM); K, V (B, Hkv, Nk, HEAD_DIM); any strides, 64-bit offsets.
     Lse (B, Hq, Nq), LseLow, the LSE's low parts ((1 or 2, B, Hq, Nq), core._fwd_kernel), and Delta
-    ((1 or 2, B, Hq, Nq)), float32 contiguous; for float32 inputs this kernel completes Delta (both
-    planes) before its dQ loop. Grid: (cdiv(Nq, BLOCK_M), Hq, B), causal tiles that see the most keys
-    launched first. TENSOR_DESCRIPTORS: K and V tiles come through the copy engine
-    (core._fwd_kernel._head_rows).
+    ((1 or 2, B, Hq, Nq)), float32 contiguous. With DELTA_IN_DQ (float32 inputs, and fp16/bf16 ones
+    whose LSE has a gradient) this kernel completes Delta (both planes for float32) before its dQ loop.
+    Grid: (cdiv(Nq, BLOCK_M), Hq, B), causal tiles that see the most keys launched first.
+    TENSOR_DESCRIPTORS: K and V tiles come through the copy engine (core._fwd_kernel._head_rows).
     """
     block_m_index = tl.program_id(0)
     if CAUSAL:
@@ -525,7 +547,7 @@ def backward_dq_kernel(
         k_tail = k_src + unmasked_end.to(tl.int64) * stride_kn
         v_tail = v_src + unmasked_end.to(tl.int64) * stride_vn
     delta_low = delta
-    if COMPENSATE:
+    if DELTA_IN_DQ:
         # float32: Delta = sum_j P_ij dP_ij / sum_j P_ij, summed here in float64 and saved in two parts,
         # not dO . O from the preprocess; and dS = P ((dP - Delta) + (dP_low - Delta_low))
         # (_dp_minus_delta). A nearly one-hot row's dP - Delta is far smaller than Delta: one rounding
@@ -533,8 +555,15 @@ def backward_dq_kernel(
         # is a large part of it, and sm_scale multiplies that into dq and dk (the GPU fuzzer: dk 2.1x
         # float32 eager attention's bound at sm_scale 295). Dividing by the P's own sum makes the row's
         # dS sum to 0 for the P actually used, as the exact ones do, so each dP - Delta is accurate to
-        # float32 relative to itself. A one-hot row still gets dP - Delta = 0 exactly. This pass reads K
-        # and V once more; the dK/dV kernel, launched after this one, reads the Delta it stores.
+        # float32 relative to itself. A one-hot row still gets dP - Delta = 0 exactly.
+        # fp16/bf16 take this pass only when the LSE has a gradient: Delta = dO . O uses O rounded to the
+        # input dtype, so dS summed over a row is dLSE + dO . (O - O rounded) instead of dLSE. The second
+        # term is noise at the output's precision, which a dLSE-only loss turns into all of dq's signal:
+        # q = 0 and equal keys give exactly dq = dLSE sm_scale k, which eager attention reproduces and the
+        # dO . O kernel missed by 3.8x the bound (the H200 fuzzer, bf16, sm_scale 256). Without a dLSE
+        # the noise stays at the eager reference's own level, and the backward skips the pass.
+        # The pass reads K and V once more; the dK/dV kernel, launched after this one, reads the Delta
+        # it stores.
         p_dp_sum, p_sum = _p_dp_row_sums(
             tl.zeros([BLOCK_M], dtype=tl.float64), tl.zeros([BLOCK_M], dtype=tl.float64), q, do, lse, lse_low,
             max_low, k_src, v_src, stride_kn, stride_vn, 0, unmasked_end, rows, n_keys, diagonal, qk_scale,
@@ -550,9 +579,12 @@ def backward_dq_kernel(
         row_sums = tl.where(p_sum > 0.0, p_dp_sum / tl.where(p_sum > 0.0, p_sum, 1.0), 0.0)
         row_sums += delta.to(tl.float64)  # the preprocess's -dLSE term
         delta = row_sums.to(tl.float32)
-        delta_low = (row_sums - delta.to(tl.float64)).to(tl.float32)
         tl.store(Delta + stat_rows, delta, mask=row_ok)
-        tl.store(Delta + rows_in_all_heads + stat_rows, delta_low, mask=row_ok)
+        if COMPENSATE:
+            delta_low = (row_sums - delta.to(tl.float64)).to(tl.float32)
+            tl.store(Delta + rows_in_all_heads + stat_rows, delta_low, mask=row_ok)
+        else:
+            delta_low = delta
     dq, dq_comp = _dq_from_key_blocks(
         dq, dq_comp, q, do, lse, lse_low, max_low, delta, delta_low, k_src, v_src, stride_kn, stride_vn, 0,
         unmasked_end, rows, n_keys, diagonal, qk_scale, d_ok, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION,

@@ -20,6 +20,8 @@ class KernelConfig:
     descriptors: read the streamed tiles (K and V in the forward and dQ kernels, Q and dO in the dK/dV
     kernel) through tensor descriptors, i.e. Hopper's copy engine (TMA), wherever the inputs' layout
     allows it (core._launch.descriptors_fit); other layouts take pointer loads with the same tiles.
+    prefetch_row_stats: the dK/dV kernel only: load each query block's LSE and Delta one step ahead
+    (core._bwd_kernel._dkdv_from_query_blocks).
     """
 
     block_m: int
@@ -27,12 +29,17 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     descriptors: bool = False
+    prefetch_row_stats: bool = False
 
 
 # 16 x 16 tiles cross several block boundaries even at the CPU tests' small shapes. fp16/bf16 read
-# through descriptors there too, as they do on the GPU, so the CPU tests run the same code path.
+# through descriptors there too, as they do on the GPU, and their dK/dV kernel prefetches row statistics
+# where the GPU's does (head dims up to 64), so the CPU tests run the same code paths.
 INTERPRETER = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 INTERPRETER_DESCRIPTORS = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, descriptors=True)
+INTERPRETER_PREFETCH = KernelConfig(
+    16, 16, num_warps=1, num_stages=1, descriptors=True, prefetch_row_stats=True
+)
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -75,7 +82,10 @@ def backward_configs(
     streams keys, so each wants its resident side long and its streamed side short.
     """
     if interpreted:
-        return _interpreter_config(dtype), _interpreter_config(dtype)
+        dkdv = (
+            INTERPRETER_PREFETCH if dtype != torch.float32 and block_d <= 64 else _interpreter_config(dtype)
+        )
+        return dkdv, _interpreter_config(dtype)
     if dtype == torch.float32:
         small = KernelConfig(32, 32, num_warps=4, num_stages=1)
         return small, small
@@ -83,8 +93,15 @@ def backward_configs(
     # wide 64 x 128 tiles with 8 warps win for both kernels (+10% each over 32 x 64 / 64 x 32). H200
     # sweep: streaming through the copy engine adds 1-6% (D=128 16k: 351 vs 330 TFLOP/s), and at D=64 a
     # 64 x 64 dQ tile with 4 warps another 5-11% (312/285/202 at N 16k/4k/1k against 292/258/183).
+    # H200 dK/dV sweep (bf16 causal, N 16k/4k/1k, the kernel alone): at D=64 three stages with the row
+    # statistics prefetched 412/369/266 TFLOP/s against 388/350/258 with two stages and none. At D=128
+    # prefetching in one of the kernel's two loops gained 1% from 4k and lost 8% at 1k (244 against 265);
+    # in both, the 64 x 128 tiles with three stages need 262 KB of shared memory (227 KB): off there.
     if block_d <= 64:
-        return KernelConfig(32, 128, 4, 2, descriptors=True), KernelConfig(64, 64, 4, 3, descriptors=True)
+        return (
+            KernelConfig(32, 128, 4, 3, descriptors=True, prefetch_row_stats=True),
+            KernelConfig(64, 64, 4, 3, descriptors=True),
+        )
     if block_d <= 128:
         return KernelConfig(64, 128, 8, 3, descriptors=True), KernelConfig(128, 64, 8, 3, descriptors=True)
     # D=256 (bf16 causal, N 1k/16k): dK/dV 64 x 64 with 8 warps and 2 stages, backward 119/180 TFLOP/s against

@@ -101,8 +101,9 @@ def descriptors_fit(*tensors: torch.Tensor) -> bool:
 def _attention_meta(
     head_dim: int, causal: bool, block_d: int, config, dtype, interpreted: bool, descriptors: bool
 ):
-    """(constexprs, options) of the forward, dK/dV and dQ kernels, which share their constexpr list, in
-    signature order (core._launch_cache passes constexprs by position). Cached: built once per shape."""
+    """(constexprs, options) of the forward, dK/dV and dQ kernels, which share their constexpr list (the
+    dK/dV and dQ kernels' end with one more each), in signature order (core._launch_cache passes constexprs by
+    position). Cached: built once per shape."""
     constexprs = (
         ("HEAD_DIM", head_dim), ("CAUSAL", causal),
         ("BLOCK_M", config.block_m), ("BLOCK_N", config.block_n), ("BLOCK_D", block_d),
@@ -237,6 +238,8 @@ class BackwardPlan(_OnDevice):
 
         # float32 saves Delta in two parts (core._bwd_kernel.backward_dq_kernel), like the LSE's low parts.
         self.delta_shape = (2 if q.dtype == torch.float32 else 1, batch, q_heads, n_queries)
+        # The dQ kernel sums Delta from P and dP for float32, and for a gradient of the LSE in any dtype.
+        delta_in_dq = ("DELTA_IN_DQ", q.dtype == torch.float32 or dlse is not None)
         rows_per_program = _config.preprocess_block_m(interpreted)
         self.preprocess = BoundLaunch(
             PREPROCESS,
@@ -244,7 +247,7 @@ class BackwardPlan(_OnDevice):
             (*q_layout, *dout.stride(), q_heads, n_queries),
             (),
             (("HEAD_DIM", head_dim), ("HAS_DLSE", dlse is not None), base_2, dot_precision,
-             ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d)),
+             ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d), delta_in_dq),
             (),
         )  # fmt: skip
 
@@ -256,19 +259,27 @@ class BackwardPlan(_OnDevice):
             dkdv_config, descriptors_pay_off(n_keys, dkdv_config.block_n), q, dout
         )
         self.needs_scratch = (dq_descriptors or dkdv_descriptors) and not interpreted
+        dq_constexprs, dq_options = _attention_meta(
+            head_dim, causal, block_d, dq_config, q.dtype, interpreted, dq_descriptors
+        )
         self.dq = BoundLaunch(
             DQ,
             (_ceil_div(n_queries, dq_config.block_m), q_heads, batch),
             (*input_strides, *q_layout, *sizes),
             scales,
-            *_attention_meta(head_dim, causal, block_d, dq_config, q.dtype, interpreted, dq_descriptors),
+            (*dq_constexprs, delta_in_dq),
+            dq_options,
         )  # fmt: skip
+        dkdv_constexprs, dkdv_options = _attention_meta(
+            head_dim, causal, block_d, dkdv_config, q.dtype, interpreted, dkdv_descriptors
+        )
         self.dkdv = BoundLaunch(
             DKDV,
             (_ceil_div(n_keys, dkdv_config.block_n), kv_heads, batch),
             (*input_strides, *_layout_of_new_buffer(k), *_layout_of_new_buffer(v), *sizes),
             scales,
-            *_attention_meta(head_dim, causal, block_d, dkdv_config, q.dtype, interpreted, dkdv_descriptors),
+            (*dkdv_constexprs, ("PREFETCH_ROW_STATS", dkdv_config.prefetch_row_stats)),
+            dkdv_options,
         )  # fmt: skip
 
     def __call__(self, dout, dlse, q, k, v, out, lse, lse_low):
@@ -280,7 +291,7 @@ class BackwardPlan(_OnDevice):
         delta = new_buffer(q, self.delta_shape)
         self.preprocess(self.index, out, dout, _or_unused(dlse, lse), delta)
         dq, dk, dv = new_buffer(q), new_buffer(k), new_buffer(v)
-        # dQ first: for float32 it completes Delta, which the dK/dV kernel reads (core._bwd_kernel).
+        # dQ first: it may complete Delta, which the dK/dV kernel reads (core._bwd_kernel, DELTA_IN_DQ).
         self.dq(self.index, q, k, v, dout, lse, lse_low, delta, dq)
         self.dkdv(self.index, q, k, v, dout, lse, lse_low, delta, dk, dv)
         return dq, dk, dv
