@@ -72,9 +72,16 @@ def _database(name: str) -> DirectoryBasedExampleDatabase:
 
 
 def _settings(
-    *, derandomize: bool, database, climb: bool, shrink: bool, explain: bool, multiple_bugs: bool
+    *,
+    derandomize: bool,
+    database,
+    climb: bool,
+    shrink: bool,
+    explain: bool,
+    multiple_bugs: bool,
+    generate: bool = True,
 ) -> settings:
-    phases = [Phase.explicit, Phase.reuse, Phase.generate]
+    phases = [Phase.explicit, Phase.reuse, Phase.generate] if generate else [Phase.explicit]
     # The target phase hill-climbs the error/bound ratios that the properties report with target().
     # It may run far past max_examples once it meets a failure (hypothesis keeps climbing the target it
     # is on), so time-boxed profiles leave it out; their failures still print the best target scores.
@@ -191,6 +198,23 @@ PROFILES = {
                 shrink=True,
                 explain=True,
                 multiple_bugs=True,
+            ),
+        ),
+        # The pinned cases alone (every @example: the failures found so far, each with where it came
+        # from), on either machine: a fix for a GPU finding is confirmed on the GPU in a minute or two.
+        Profile(
+            name="pinned",
+            needs_gpu=False,
+            limits=GPU_LARGE,
+            examples=_examples(1, 1, 1, 1, 1, 1),  # nothing is generated; hypothesis wants a budget
+            settings=_settings(
+                derandomize=True,
+                database=None,
+                climb=False,
+                shrink=False,
+                explain=False,
+                multiple_bugs=True,
+                generate=False,
             ),
         ),
         # Time-boxed GPU smoke: 2,040 examples (2,140 with --nonfinite). No shrinking: a failure prints

@@ -1,0 +1,104 @@
+"""The dK/dV kernel's ways of loading the query rows' LSE and Delta change no bit of any gradient:
+
+- prefetched one step ahead (core._config.KernelConfig.prefetch_row_stats) or loaded in the step that
+  uses them;
+- for whole query blocks (Nq a multiple of BLOCK_M, core._launch.whole_query_blocks), unmasked aligned
+  vectors or the masked loads every other length takes.
+
+Each pair is the same loads of the same numbers. Both of the kernel's loops are covered: the one for rows
+whose LSE low parts are all 0 (typical logits), and the one that subtracts them (|LSE| beyond 2^8 in
+base 2, core._fwd_kernel)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import core
+import core._config
+import core._launch
+import core._plans
+
+from .conftest import DEVICE, ON_GPU
+from .helpers import leaf_copy, make_qkv
+
+# (B, Hq, Hkv, Nq, Nk, D, causal). Prefetching: head dims up to 64, where the table prefetches (D=128's
+# tiles would run out of shared memory). Whole blocks: Nq a multiple of the dK/dV kernel's BLOCK_M (16
+# under the interpreter; 32 at D <= 64 and 64 at D = 128 on the GPU), ragged Nk.
+PREFETCH_SHAPES = [
+    (2, 4, 2, 37, 53, 32, True),  # GQA, ragged, Nq < Nk
+    (1, 2, 2, 50, 20, 16, True),  # Nq > Nk: rows that see no key
+    (1, 2, 1, 45, 64, 64, False),  # MQA
+    (1, 2, 1, 64, 40, 32, True),  # whole blocks
+]
+WHOLE_SHAPES = [  # Nq a multiple of 64: whole on either machine
+    (2, 4, 2, 64, 53, 32, True),
+    (1, 2, 2, 32, 20, 16, True),  # Nq > Nk: rows that see no key
+    (1, 2, 1, 64, 64, 64, False),
+]
+if ON_GPU:
+    PREFETCH_SHAPES += [
+        (2, 8, 2, 1000, 1337, 64, True), (1, 4, 4, 513, 700, 64, False), (1, 2, 2, 300, 300, 40, True),
+        (2, 4, 2, 1024, 1100, 64, True),
+    ]  # fmt: skip
+    WHOLE_SHAPES += [
+        (2, 8, 2, 1024, 1337, 64, True), (1, 4, 4, 512, 700, 64, False), (2, 4, 2, 1024, 999, 128, True),
+        (1, 4, 1, 256, 256, 128, False),
+    ]  # fmt: skip
+CASES = [("prefetch", shape) for shape in PREFETCH_SHAPES] + [
+    ("whole-blocks", shape) for shape in WHOLE_SHAPES
+]
+
+
+def _gradients(q, k, v, dout, causal, sm_scale, monkeypatch, prefetch: bool | None, whole: bool | None):
+    """(lse, dq, dk, dv), with the table's prefetch choice and the whole-block rule overridden where
+    not None."""
+    table = core._config.backward_configs
+    rule = core._launch.whole_query_blocks
+
+    def configs(block_d, dtype, interpreted):
+        dkdv, dq = table(block_d, dtype, interpreted)
+        if prefetch is not None:
+            dkdv = dataclasses.replace(dkdv, prefetch_row_stats=prefetch)
+        return dkdv, dq
+
+    monkeypatch.setattr(core._config, "backward_configs", configs)
+    monkeypatch.setattr(
+        core._launch, "whole_query_blocks", rule if whole is None else (lambda n_queries, block_m: whole)
+    )
+    core._plans.clear()  # a cached plan would keep the other choice
+    qq, kk, vv = (leaf_copy(t) for t in (q, k, v))
+    out, lse = core.attention(qq, kk, vv, causal=causal, sm_scale=sm_scale, return_lse=True)
+    out.backward(dout)
+    return lse, qq.grad, kk.grad, vv.grad
+
+
+def _ids(case):
+    variant, shape = case
+    return variant + "-B{}-H{}/{}-Nq{}-Nk{}-D{}-{}".format(*shape)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sm_scale", [None, 40.0], ids=["typical-logits", "lse-low-parts"])
+def test_row_statistics_loads_give_the_same_bits(case, dtype, sm_scale, monkeypatch):
+    variant, (*sizes, causal) = case
+    q, k, v = make_qkv(*sizes, dtype, seed=41)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(42)).to(DEVICE, dtype)
+    if variant == "prefetch":
+        lse, *tested = _gradients(q, k, v, dout, causal, sm_scale, monkeypatch, prefetch=True, whole=None)
+        _, *plain = _gradients(q, k, v, dout, causal, sm_scale, monkeypatch, prefetch=False, whole=None)
+    else:
+        dkdv_block_m = core._config.backward_configs(
+            core._config.padded_head_dim(q.shape[-1]), dtype, not ON_GPU
+        )[0].block_m
+        assert core._launch.whole_query_blocks(q.shape[2], dkdv_block_m), "the shape must have whole blocks"
+        lse, *tested = _gradients(q, k, v, dout, causal, sm_scale, monkeypatch, prefetch=None, whole=None)
+        _, *plain = _gradients(q, k, v, dout, causal, sm_scale, monkeypatch, prefetch=None, whole=False)
+    if sm_scale is not None:  # the case is meant to take the subtracting loop: some |LSE2| >= 2^8
+        assert bool((lse.abs() >= 256).any())
+    for name, a, b in zip(("dq", "dk", "dv"), tested, plain):
+        assert not torch.isnan(a).any(), f"{name} has unwritten (NaN) elements"
+        assert torch.equal(a, b), f"{name} differs between the two ways of loading ({variant})"
