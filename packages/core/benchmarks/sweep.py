@@ -102,6 +102,24 @@ BACKWARD_VARIANTS_256 = [
     ("q64x32/4w/3s tma", KernelConfig(64, 64, 8, 2, True), KernelConfig(64, 32, 4, 3, True)),
     ("q64x64/8w/2s tma", KernelConfig(64, 64, 8, 2, True), KernelConfig(64, 64, 8, 2, True)),
 ]
+# The dK/dV kernel's tiles once whole query blocks load their row statistics unmasked (the table's first).
+DKDV_VARIANTS = {
+    64: [
+        ("kv32x128/4w/3s prefetch", KernelConfig(32, 128, 4, 3, True, prefetch_row_stats=True)),
+        ("kv32x128/4w/3s", KernelConfig(32, 128, 4, 3, True)),
+        ("kv64x64/4w/3s", KernelConfig(64, 64, 4, 3, True)),
+        ("kv64x64/4w/4s", KernelConfig(64, 64, 4, 4, True)),
+        ("kv64x128/8w/3s", KernelConfig(64, 128, 8, 3, True)),
+        ("kv64x128/8w/3s prefetch", KernelConfig(64, 128, 8, 3, True, prefetch_row_stats=True)),
+    ],
+    128: [
+        ("kv64x128/8w/3s", KernelConfig(64, 128, 8, 3, True)),
+        ("kv64x128/8w/4s", KernelConfig(64, 128, 8, 4, True)),
+        ("kv64x128/8w/2s", KernelConfig(64, 128, 8, 2, True)),
+        ("kv32x128/8w/3s", KernelConfig(32, 128, 8, 3, True)),
+    ],
+}
+DQ_OF_TABLE = {64: KernelConfig(64, 64, 4, 3, True), 128: KernelConfig(128, 64, 8, 3, True)}
 BACKWARD_VARIANTS_FULL_64 = [
     ("kv32x128/4w/2s q64x64/4w/3s tma", KernelConfig(32, 128, 4, 2, True), KernelConfig(64, 64, 4, 3, True)),
     ("kv64x128/8w/2s tma", KernelConfig(64, 128, 8, 2, True), KernelConfig(64, 64, 4, 3, True)),
@@ -246,13 +264,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget", type=float, default=480.0, help="seconds before the sweep stops")
     parser.add_argument("--bf16-variants", type=int, default=3, help="forward variants repeated in bf16")
-    parser.add_argument("--plan", choices=("main", "d256"), default="main",
+    parser.add_argument("--plan", choices=("main", "d256", "dkdv"), default="main",
                         help="main: causal D 64/128; d256: causal D 256 and the "
-                        "non-causal D 64 backward")  # fmt: skip
+                        "non-causal D 64 backward; dkdv: the dK/dV kernel's tiles (bf16)")  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sweep = Sweep(args.out, args.budget)
-    if args.plan == "d256":
+    if args.plan == "dkdv":
+        for d in (128, 64):
+            variants = [(name, dkdv, DQ_OF_TABLE[d]) for name, dkdv in DKDV_VARIANTS[d]]
+            sweep_backward(sweep, "bf16", d, variants)
+    elif args.plan == "d256":
         sweep_backward(sweep, "fp16", 256, BACKWARD_VARIANTS_256)
         sweep_forward(sweep, "fp16", 256, FORWARD_VARIANTS_256)
         sweep_backward(sweep, "fp16", 64, BACKWARD_VARIANTS_FULL_64, causal=False)

@@ -298,3 +298,28 @@ def test_report_mode_of_the_cli_regenerates_docs_without_a_gpu(tmp_path, capsys)
     bench.main(["--report", str(path), "--docs", str(tmp_path / "docs")])
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith(f"results: {path}")
     assert "core/FLASH" in markdown_report(load_results(path), "x", {}, tmp_path)
+
+
+def test_ab_loads_its_baseline_as_a_package_of_its_own():
+    """ab.py times a baseline copy of core beside core: the copy must not fall back on core's modules
+    (then both sides would run the same kernels and every A/B would read 1.00x)."""
+    import pathlib
+    import sys
+
+    import ab
+
+    import core
+    import core._bwd_kernel
+    import core._launch
+
+    baseline = ab.load_baseline(pathlib.Path(core.__file__).parent)
+    assert baseline.__name__ == "core_baseline"
+    assert baseline._launch.DKDV.kernel is baseline._bwd_kernel.backward_dkdv_kernel
+    assert baseline._bwd_kernel.backward_dkdv_kernel is not core._bwd_kernel.backward_dkdv_kernel
+    assert baseline._launch.BackwardPlan is not core._launch.BackwardPlan
+    copies = [module for name, module in sys.modules.items() if name.startswith("core_baseline.")]
+    assert len(copies) >= 8
+    for module in copies:  # every module of the copy imports the copy's modules, never core's
+        assert module.__file__.startswith(str(pathlib.Path(baseline.__file__).parent))
+        source = pathlib.Path(module.__file__).read_text()
+        assert "from core." not in source and "from core import" not in source, module.__name__
