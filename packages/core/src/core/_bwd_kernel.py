@@ -200,6 +200,10 @@ def _dkdv_from_query_blocks(
     no row of any block is past it (backward_dkdv_kernel's WHOLE_QUERY_BLOCKS).
     """
     offs_m = tl.arange(0, BLOCK_M)
+    # The whole-block and masked loads are written out side by side rather than through one helper:
+    # each masked path keeps the exact offset expressions it was measured with, since ptxas's
+    # register allocation (and its wgmma serialisation, C7515) changed with their association alone
+    # (docs/perf-notes.md).
     if PREFETCH_ROW_STATS:
         if WHOLE_BLOCKS:
             # Unmasked, from a start kept inside the rows: the step after the last reloads a block it
