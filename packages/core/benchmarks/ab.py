@@ -28,15 +28,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from attnbench.flops import PASS_FLOP_FACTOR, forward_flops
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from attnbench.runner import DTYPES
+from sweep import problem, sdpa_times
+from torch.nn.attention import SDPBackend
 from triton.testing import do_bench
 
 import core
 
-TOKENS, WIDTH = 16384, 2048
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # The dK/dV kernel computes S, dP, dV and dK: 4 of the backward's 5 counted matmuls (core's split adds
 # S and dP again in the dQ kernel), so it is credited with 4/5 of the backward's flops.
 KERNEL_SHARE = 4 / 5
@@ -57,12 +56,6 @@ def load_baseline(source: Path):
         path.write_text(text)
     sys.path.insert(0, str(root))
     return importlib.import_module("core_baseline")
-
-
-def problem(dtype, d, n, seed=0):
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    shape = (max(1, TOKENS // n), WIDTH // d, n, d)
-    return [torch.randn(shape, generator=generator, device="cuda", dtype=dtype) for _ in range(4)]
 
 
 def time_ms(fn, grads=None) -> float:
@@ -103,18 +96,6 @@ class Side:
         return run
 
 
-def sdpa_backward_ms(q, k, v, dout, backend, causal) -> float:
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    with sdpa_kernel(backend):
-        out = F.scaled_dot_product_attention(*leaves, is_causal=causal)
-        return time_ms(lambda: out.backward(dout, retain_graph=True), grads=leaves)
-
-
-def sdpa_forward_ms(q, k, v, backend, causal) -> float:
-    with sdpa_kernel(backend):
-        return time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-
-
 def dlse_backward_ms(q, k, v, dout, causal) -> tuple[float, float]:
     """The candidate's backward through autograd without and with a loss on the LSE, in ms."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -147,8 +128,9 @@ def measure(baseline, dtype_name: str, d: int, n: int, causal: bool, rounds: int
         row[f"{name}_dkdv"] = KERNEL_SHARE * backward / min(times[name]["dkdv"]) / 1e9
         row[f"{name}_ms"] = times[name]
     for label, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-        row[f"{label}_fwd"] = forward / sdpa_forward_ms(q, k, v, backend, causal) / 1e9
-        row[f"{label}_bwd"] = backward / sdpa_backward_ms(q, k, v, dout, backend, causal) / 1e9
+        _, forward_ms, backward_ms = sdpa_times(q, k, v, dout, backend, causal)
+        row[f"{label}_fwd"] = forward / forward_ms / 1e9
+        row[f"{label}_bwd"] = backward / backward_ms / 1e9
     if dlse:
         plain, both = dlse_backward_ms(q, k, v, dout, causal)
         row["dlse_cost"] = both / plain
