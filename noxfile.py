@@ -84,9 +84,11 @@ def numerics(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """GPU benchmark vs SDPA FLASH/CUDNN/EFFICIENT and FlexAttention; writes docs/benchmarks.md."""
+    """Benchmarks and kernel tools, one entry point: `nox -s bench -- TOOL [ARGS]` (kernels, e2e, host,
+    sweep, ab, report; packages/core/benchmarks/run.py lists them). Without a tool: `kernels`."""
     env = _prepare(session)
-    session.run("python", str(CORE / "benchmarks" / "bench.py"), *session.posargs, env=env)
+    args = session.posargs or ["kernels"]
+    session.run("python", str(CORE / "benchmarks" / "run.py"), *args, env=env)
 
 
 @nox.session

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 import pytest
 
 import core
-from core import _launch
+import core.testing
 from fuzz import profiles, report, sharding
 
 
@@ -72,13 +72,7 @@ def kernel_family(request):
 @pytest.fixture(scope="session", autouse=True)
 def nan_poisoned_outputs():
     """Every kernel output starts as NaN, so an element the kernels never write cannot pass as a value."""
-    unpoisoned = _launch.new_buffer
-
-    def poisoned(like, shape=None):
-        return unpoisoned(like, shape).fill_(float("nan"))
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_launch, "new_buffer", poisoned)
+    with core.testing.poisoned_outputs():
         yield
 
 

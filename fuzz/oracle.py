@@ -22,7 +22,7 @@ import torch
 from hypothesis import event, target
 
 import core
-from core._launch import score_scale
+from core.testing import score_scale
 from fuzz import report
 from fuzz.cases import Case, Inputs, bits
 
@@ -104,7 +104,7 @@ def all_finite(*tensors: torch.Tensor) -> bool:
 
 
 def logits_in_kernel_range(case: Case, inputs: Inputs) -> bool:
-    """Whether every logit as the kernels hold it (q.k times core._launch.score_scale: sm_scale, times
+    """Whether every logit as the kernels hold it (q.k times core.testing.score_scale: sm_scale, times
     log2(e) in base 2) fits float32 (taken in float64). README's support matrix states the same range.
 
     Beyond it a kernel's scores are inf and its outputs may be too, where eager attention in a wider

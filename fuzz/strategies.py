@@ -19,7 +19,7 @@ import torch
 from hypothesis import strategies as st
 
 import core
-from core import _config
+from core.testing import portable
 from fuzz import profiles, sharding
 from fuzz.cases import DISTRIBUTIONS, Case, Layout, Problem, Upstream, Values
 
@@ -34,11 +34,11 @@ LOG2E = math.log2(math.e)
 def kernel_block_sizes() -> tuple[int, ...]:
     """Every tile size (BLOCK_M, BLOCK_N) the kernels use here, read from core's own config table."""
     interpreted = core.is_interpreted()
-    sizes = {_config.preprocess_block_m(interpreted)}
+    sizes = {portable.config.preprocess_block_m(interpreted)}
     for dtype in DTYPES:
         for block_d in (16, 32, 64, 128, 256):
-            forward = _config.forward_config(block_d, dtype, interpreted)
-            for config in (forward, *_config.backward_configs(block_d, dtype, interpreted)):
+            forward = portable.config.forward_config(block_d, dtype, interpreted)
+            for config in (forward, *portable.config.backward_configs(block_d, dtype, interpreted)):
                 sizes |= {config.block_m, config.block_n}
     return tuple(sorted(sizes))
 

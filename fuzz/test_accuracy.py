@@ -60,7 +60,8 @@ def check_against_float64(case: Case, backward: bool) -> None:
     )
 ).via("discovered failure")  # fmt: skip
 # float32 on an H100, one key per row: the LSE is the score itself, and the score's sequential FMA-chain
-# dot over D = 64 was 4 ulps off (1.12x the bound). Scores are now float64-summed dots (core._fwd_kernel).
+# dot over D = 64 was 4 ulps off (1.12x the bound). Scores are now float64-summed dots
+# (core.kernels.shared._dot_parts).
 @example(
     case=Case(
         problem=Problem(n_queries=348, n_keys=1, head_dim=64, dtype=torch.float32, sm_scale=-0.125),
@@ -94,13 +95,14 @@ def test_forward_matches_float64(kernel, case):
     )
 ).via("discovered failure")
 # Peaky softmax, float32: P recomputed in the backward was off by ~eps32 * |LSE| relative (dv 233x):
-# fixed by the two-part LSE (core._fwd_kernel) and order-independent interpreter dots (core._runtime).
+# fixed by the two-part LSE (the portable forward kernel) and order-independent interpreter dots
+# (core._runtime).
 @example(case=Case(problem=Problem(head_dim=64, dtype=torch.float32, causal=False, sm_scale=100.0))).via(
     "discovered failure"
 )
 # One-hot rows, float16: dS = P (dP - Delta) kept float32 cancellation noise where the eager reference
 # gets exactly 0, and sm_scale multiplied it into dq and dk (6.6x the bound): Delta is now the same dot
-# as dP (core._bwd_kernel, backward_preprocess_kernel).
+# as dP (core.kernels.portable.backward, backward_preprocess_kernel).
 @example(
     case=Case(
         problem=Problem(q_heads=2, kv_heads=2, n_queries=4, n_keys=4, head_dim=127, causal=False,
@@ -144,7 +146,7 @@ def test_forward_matches_float64(kernel, case):
 ).via("discovered failure")  # fmt: skip
 # float32 on an H100 (gpu-2k run 4): out 1.69x the bound (3.5e-7 against eager's 4.5e-8) at sm_scale
 # -9880: two keys 8.7 apart in logit at ~4e4, whose gap the dot's rounding to float32 moved by 1.2e-3. The
-# scores now keep that rounding error (core._fwd_kernel._scores): 0.29x on the GPU. The inputs are
+# scores now keep that rounding error (core.kernels.shared._scores): 0.29x on the GPU. The inputs are
 # generated on the device, so the CPU run sees other values (it passed there before the fix too).
 @example(
     case=Case(
@@ -158,7 +160,7 @@ def test_forward_matches_float64(kernel, case):
 # float32 on an H100 (gpu-2k run 5): dk 2.14x and dq 1.41x the bound at sm_scale 295. Nearly one-hot rows:
 # dP - Delta ~1e-6 lost its precision to the roundings of Delta (then dO . O), dP and the largest P. The
 # backward now sums Delta = sum P dP / sum P in float64 and keeps dP and Delta in two parts
-# (core._bwd_kernel). With the GPU's inputs replayed on the CPU: dk 2.14x -> 0.00x.
+# (core.kernels.portable.backward). With the GPU's inputs replayed on the CPU: dk 2.14x -> 0.00x.
 @example(
     case=Case(
         problem=Problem(batch=2, q_heads=2, kv_heads=1, n_queries=32, n_keys=3350, head_dim=64,
@@ -171,7 +173,7 @@ def test_forward_matches_float64(kernel, case):
 # bf16 on the H200 (2026-12-02 gpu-2k): dq 3.84x and 2.50x the bound with a gradient on the LSE. q = 0 and
 # two equal keys ("ties"), so the softmax part of dq is exactly 0 and dq = dLSE sm_scale k, which eager
 # attention gets exactly; Delta = dO . O used O rounded to bf16, and dS summed over the row missed dLSE by
-# dO . (O - O rounded). With a dLSE the dQ kernel now sums Delta from P and dP (core._bwd_kernel). The
+# dO . (O - O rounded). With a dLSE the dQ kernel now sums Delta from P and dP (the portable backward). The
 # second reproduces on the CPU (1.82x before the fix, exact after).
 @example(
     case=Case(

@@ -11,8 +11,7 @@ import pytest
 from hypothesis import example, given
 
 import core
-from core import _launch
-from core._launch_cache import CachedKernel
+import core.testing
 from fuzz import profiles, report
 from fuzz.cases import Case, Problem, build
 from fuzz.invalid_inputs import CATALOGUE
@@ -28,14 +27,14 @@ HANG_SECONDS = 30
 
 @contextlib.contextmanager
 def launches_forbidden():
-    """Every kernel core._launch can launch, and its output allocator, fail loudly if reached."""
+    """Every kernel launch and the kernels' output allocator fail loudly if reached."""
 
     def launched(*args, **kwargs):
         raise AssertionError("core allocated a kernel output or launched a kernel for an invalid input")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_launch, "new_buffer", launched)
-        patch.setattr(CachedKernel, "launch", launched)  # every core launch goes through it
+        patch.setattr(core.testing.portable.plans, "new_buffer", launched)
+        patch.setattr(core.testing.portable.launch.BoundLaunch, "__call__", launched)  # every launch
         yield
 
 

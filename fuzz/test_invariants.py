@@ -83,7 +83,7 @@ def test_repeated_runs_are_bitwise_identical(kernel, case):
     )
 ).via("discovered failure")  # fmt: skip
 # float32 on an H100: dq 2x and dk 1.7x the bound. dP and Delta were sequential FMA-chain dots over the
-# head dim; they are now float64-summed dots like the scores (core._fwd_kernel._head_dim_dot).
+# head dim; they are now float64-summed dots like the scores (core.kernels.shared._dot_parts).
 @example(
     case=Case(
         problem=Problem(batch=2, q_heads=2, n_queries=384, n_keys=2, head_dim=128, dtype=torch.float32,
@@ -95,7 +95,7 @@ def test_repeated_runs_are_bitwise_identical(kernel, case):
 ).via("discovered failure")  # fmt: skip
 # float32, huge logits, on an H100 (gpu-2k run 4): out 1.30x the bound. Two keys 0.42 apart in logit at
 # |q . k| ~ 6e5, where rounding the dot to float32 moved their gap by 3e-3; the scores now keep the dot's
-# rounding error (core._fwd_kernel._scores). Generated on the GPU, so on the CPU its inputs differ.
+# rounding error (core.kernels.shared._scores). Generated on the GPU, so on the CPU its inputs differ.
 @example(
     case=Case(
         problem=Problem(batch=2, q_heads=4, kv_heads=2, n_queries=403, n_keys=128, head_dim=128,

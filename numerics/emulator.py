@@ -26,7 +26,7 @@ the backward subtracts (`two_part_lse`). With both two-part knobs, in float32 op
     lse    = m + ln l,  lse_low = TwoSum's error of that add, saved with m_low
     backward: P = exp(((s - lse) + (s_low - m_low)) - lse_low)
 
-The kernel's float32 score dots (forward q k^T, backward q k^T and k q^T; core._fwd_kernel's _scores)
+The kernel's float32 score dots (forward q k^T, backward q k^T and k q^T; core.kernels.shared._scores)
 are float64 dots of the float32 operands: rounded once to float32 they are `_dot` itself, and their low
 part raw_low, which sees the float64 sum's last bits, comes from a sum in one fixed order (`_dot_parts`).
 
@@ -312,13 +312,13 @@ def forward(
 
 def _score_scale(scale: float, base2: bool, wide) -> np.ndarray:
     """The kernels' qk_scale, one constant in the carrier that multiplies the dot: sm_scale * log2(e)
-    rounded once in base 2, sm_scale itself in natural base (core._launch.score_scale)."""
+    rounded once in base 2, sm_scale itself in natural base (core.kernels.portable.plans.score_scale)."""
     return wide(scale * LOG2E if base2 else scale)
 
 
 def _dot_parts(a: np.ndarray, b: np.ndarray, arith: Arithmetic, two_part: bool | None = None):
     """(hi, lo): the dot a @ b, and when `two_part` (default: `two_part_scores`) on a float32 carrier what
-    rounding it to float32 lost (else None), as core._fwd_kernel._dot_parts computes them: a float64
+    rounding it to float32 lost (else None), as core.kernels.shared._dot_parts computes them: a float64
     dot, summed in one fixed order (k ascending in long double, as core._runtime.float64_dot has the
     interpreter do), whose last bits reach lo, so they must be the interpreted kernel's."""
     two_part = arith.two_part_scores if two_part is None else two_part

@@ -6,10 +6,7 @@ place that imports core and every experiment reaches the kernel through this mod
 
 from __future__ import annotations
 
-import math
 import os
-
-import torch
 
 __all__ = ["block_config", "forward", "forward_backward", "load"]
 
@@ -32,7 +29,9 @@ def load(mode: str):
 
 def block_config(block_m: int, block_n: int, head_dim: int = 64):
     """A launch config with these tiles: one warp under the interpreter, a sensible GPU setting otherwise."""
-    from core._config import KernelConfig
+    from core.testing import portable
+
+    KernelConfig = portable.config.KernelConfig
 
     if _core.is_interpreted():
         return KernelConfig(block_m, block_n, num_warps=1, num_stages=1)
@@ -40,27 +39,25 @@ def block_config(block_m: int, block_n: int, head_dim: int = 64):
 
 
 def forward(q, k, v, *, causal: bool = False, sm_scale: float | None = None, config=None):
-    """(out, lse, lse_low) of the kernel as core._launch.attention_forward returns them: lse the LSE it
+    """(out, lse, lse_low) of the kernel as core.testing.forward returns them: lse the LSE it
     saves, in its base (base 2 for fp16/bf16: natural LSE = lse * ln 2; natural for fp32), lse_low its
-    low parts ((1 or 2, B, H, N), core._launch.attention_forward). `config` (block_config) overrides the
+    low parts ((1 or 2, B, H, N), core.ops). `config` (block_config) overrides the
     default tiles."""
-    from core import _launch
+    import core.testing
 
-    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    with torch.no_grad():
-        return _launch.attention_forward(q, k, v, causal, scale, config)
+    return core.testing.forward(q, k, v, causal=causal, sm_scale=sm_scale, config=config)
 
 
 def forward_backward(q, k, v, dout, *, causal: bool = False, sm_scale: float | None = None) -> dict:
     """out, lse, lse_low (as `forward` returns them) and the gradients of sum(out * dout), by core's
     launchers with the default tiles, as core.attention's autograd function calls them when only out is
     used (no LSE gradient). The launchers, not the autograd function, because it keeps lse_low to itself."""
-    from core import _launch
+    import core.testing
 
-    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    with torch.no_grad():
-        out, lse, lse_low = _launch.attention_forward(q, k, v, causal, scale)
-        dq, dk, dv = _launch.attention_backward(dout, None, q, k, v, out, lse, lse_low, causal, scale)
+    out, lse, lse_low = core.testing.forward(q, k, v, causal=causal, sm_scale=sm_scale)
+    dq, dk, dv = core.testing.backward(
+        dout, None, q, k, v, out, lse, lse_low, causal=causal, sm_scale=sm_scale
+    )
     return {"out": out, "lse": lse, "lse_low": lse_low, "dq": dq, "dk": dk, "dv": dv}
 
 
@@ -69,9 +66,10 @@ def arithmetic(input_format: str, block_m: int, block_n: int):
     (base 2, round to nearest everywhere, a Kahan-compensated row sum) and, for fp32 inputs, natural
     base, Kahan-summed dots, two-part scores and running max (the dot's and the scale's rounding errors);
     a two-part LSE for every format, whose low part fp16/bf16 drop below |LSE2| = 2^8, and for fp32 the
-    backward's Delta summed from P * dP (core._launch.uses_base_2, core._fwd_kernel's COMPENSATE and
-    _scores, core._bwd_kernel's _probabilities and backward_dq_kernel). The fp32 dots are float64 dots
-    rounded once to float32, the exact-sum dot the emulator takes for every dot, so they need no setting.
+    backward's Delta summed from P * dP (core.testing.uses_base_2; the portable forward kernel's
+    COMPENSATE and _scores; the portable backward's _probabilities and backward_dq_kernel). The fp32
+    dots are float64 dots rounded once to float32, the exact-sum dot the emulator takes for every
+    dot, so they need no setting.
 
     Under the interpreter core patches Triton's bf16 casts to round to nearest and its dots to round
     their exact sums once (`core._runtime.patch_interpreter`), so the interpreted kernel and the compiled

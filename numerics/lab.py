@@ -3,7 +3,6 @@ results go. Results are small JSON files; plots and docs are regenerated from th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -17,18 +16,15 @@ import torch
 __all__ = ["RESULTS", "Lab", "kernel_fingerprint", "load_results"]
 
 RESULTS = Path(__file__).parent / "results"
-KERNEL_SOURCES = ("_fwd_kernel.py", "_bwd_kernel.py")
 
 
 def kernel_fingerprint() -> str:
-    """A short hash of core's kernel sources, saved with every result so that the report can tell runs
-    of different kernels apart (the CPU and GPU parts are run at different times, on different machines)."""
-    import core
+    """A short hash of core's kernel sources (core.testing.kernel_fingerprint), saved with every result so
+    that the report can tell runs of different kernels apart (the CPU and GPU parts are run at different
+    times, on different machines)."""
+    import core.testing
 
-    digest = hashlib.sha256()
-    for name in KERNEL_SOURCES:
-        digest.update((Path(core.__file__).parent / name).read_bytes())
-    return digest.hexdigest()[:12]
+    return core.testing.kernel_fingerprint()
 
 
 @dataclass

@@ -94,7 +94,7 @@ def attention(
     if n % block_m or n % block_n:
         raise ValueError(f"N={n} must be a multiple of the tiles {block_m} x {block_n}")
     q, k, v = (x.contiguous() for x in (q, k, v))
-    from core._runtime import is_interpreted, patch_interpreter
+    from core.testing import is_interpreted, patch_interpreter
 
     if is_interpreted():  # the interpreter's bf16 casts and all its dots, made the GPU's (as core does)
         patch_interpreter()

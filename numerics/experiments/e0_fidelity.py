@@ -64,10 +64,10 @@ def _compare(quantity, got, emulated, fmt) -> dict:
 
 def _backward_blocks(lab, dtype, head_dim):
     """The tiles of the kernel's dK/dV pass (the emulator uses one tile shape for both passes)."""
-    from core import _config
+    from core.testing import portable
 
-    block_d = _config.padded_head_dim(head_dim)
-    dkdv, _ = _config.backward_configs(block_d, TORCH_DTYPES[dtype], not lab.on_gpu)
+    block_d = portable.config.padded_head_dim(head_dim)
+    dkdv, _ = portable.config.backward_configs(block_d, TORCH_DTYPES[dtype], not lab.on_gpu)
     return dkdv.block_m, dkdv.block_n
 
 

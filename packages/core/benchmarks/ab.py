@@ -11,7 +11,7 @@ inputs in alternating rounds, and SDPA's FLASH and CUDNN backends are timed in t
 scale. For each row it reports the full backward and the dK/dV kernel alone (KERNEL_SHARE says which
 flops it is credited with), and whether the two gave the same bits. With --dlse it
 also times the candidate's backward with a loss on the LSE, which takes the dQ kernel's Delta pass
-(core._bwd_kernel, DELTA_IN_DQ).
+(the portable backward, DELTA_IN_DQ).
 
 Results go to DIR/ab.json; a short table is printed last.
 """
@@ -47,7 +47,7 @@ def load_baseline(source: Path):
     root = Path(tempfile.mkdtemp(prefix="ab-"))
     target = root / "core_baseline"
     shutil.copytree(source, target)
-    for path in target.glob("*.py"):
+    for path in target.rglob("*.py"):
         text = path.read_text()
         text = text.replace("from core.", "from core_baseline.").replace(
             "from core import", "from core_baseline import"
@@ -55,6 +55,7 @@ def load_baseline(source: Path):
         text = text.replace("import core.", "import core_baseline.")
         path.write_text(text)
     sys.path.insert(0, str(root))
+    importlib.import_module("core_baseline.testing")
     return importlib.import_module("core_baseline")
 
 
@@ -67,7 +68,7 @@ class Side:
 
     def __init__(self, package, q, k, v, dout, causal: bool):
         self.package = package
-        launch = package._launch
+        launch = package.testing.portable.plans
         scale = 1.0 / math.sqrt(q.shape[-1])
         self.forward = launch.ForwardPlan(q, k, v, causal, scale)
         self.out, self.lse, self.lse_low = self.forward(q, k, v)
@@ -90,7 +91,7 @@ class Side:
 
         def run():
             if plan.needs_scratch:
-                self.package._runtime.install_scratch_allocator()
+                self.package.testing.portable.plans.install_scratch_allocator()
             plan.dkdv(plan.index, self.q, self.k, self.v, self.dout, self.lse, self.lse_low, delta, dk, dv)
 
         return run
@@ -137,7 +138,7 @@ def measure(baseline, dtype_name: str, d: int, n: int, causal: bool, rounds: int
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -149,7 +150,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bf16,fp16")
     parser.add_argument("--non-causal", action="store_true", help="also the non-causal rows")
     parser.add_argument("--dlse", action="store_true", help="also the cost of a loss on the LSE")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     baseline = load_baseline(args.baseline)
     results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}

@@ -1,11 +1,13 @@
-"""Where the time of a small `core.attention` call goes: host microseconds per call and per stage, a
-cProfile of the call, and the kernels' own device time from the profiler (not from events around the
-call, which also count the GPU waiting for the host), for descriptor and pointer loads side by side.
+"""Where the time of a small `core.attention` call goes: host microseconds per call for every route a
+call can take, side by side with SDPA in one loop, a cProfile of the eager call, and the kernels' own
+device time from the profiler (not from events around the call, which also count the GPU waiting for
+the host), for descriptor and pointer loads.
 
-    PYTHONPATH=packages/core/src python packages/core/benchmarks/host_profile.py
+    python packages/core/benchmarks/run.py host       # or: nox -s bench -- host
 
-A repeated call finds its plan (core._plans) and then only allocates and launches; the stages that a
-hit skips (validation, building the plan) are timed too, to show what the cache saves.
+Routes: eager without autograd (the cached plan straight to the kernels), eager with inputs that
+require grad (the registered op and its autograd), the op called directly, a torch.compile'd function,
+the host cache switched off (core.testing.host_cache), and a CUDA graph replay.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import cProfile
 import functools
 import io
 import pstats
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +24,10 @@ from attnbench.machine import host_us_per_call
 from torch.profiler import ProfilerActivity, profile
 
 import core
-from core import _launch, _launch_cache, _plans, _runtime, _validation
+import core.testing
 
 SHAPES = {"tiny (1, 1, 16, 64)": (1, 1, 16, 16, 64), "decode (8, 16, 1 x 4096, 128)": (8, 16, 1, 4096, 128)}
+TINY = SHAPES["tiny (1, 1, 16, 64)"]
 
 
 def host_us(call) -> float:
@@ -48,9 +52,55 @@ def inputs(batch, heads, n_queries, n_keys, head_dim, requires_grad=False):
     return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))
 
 
-def calls_table() -> None:
-    """Host and device time per call: with core's choice of loads, then with each one forced."""
-    fits, pays_off = _launch.descriptors_fit, _launch.descriptors_pay_off
+def graph_replay(call):
+    """A CUDA graph of one call, and its replay."""
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay
+
+
+def routes_table() -> list[tuple[str, float]]:
+    """Host us per call of each route on the tiny problem, every route in one loop (so one host's noise)."""
+    q, k, v = inputs(*TINY)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    scale = 1.0 / 8.0
+    compiled = torch.compile(functools.partial(core.attention, causal=True), fullgraph=True)
+    compiled_sdpa = torch.compile(
+        functools.partial(F.scaled_dot_product_attention, is_causal=True), fullgraph=True
+    )
+
+    def uncached():
+        with core.testing.host_cache(False):
+            core.attention(q, k, v)
+
+    routes = {
+        "core eager, no grad (plan -> kernels)": functools.partial(core.attention, q, k, v),
+        "core eager, inputs require grad (op + autograd)": functools.partial(core.attention, qg, kg, vg),
+        "torch.ops.core.attention_forward (dispatcher)": functools.partial(
+            torch.ops.core.attention_forward, q, k, v, True, scale
+        ),
+        "core under torch.compile (fullgraph)": functools.partial(compiled, q, k, v),
+        "core, host cache off": uncached,
+        "core eager, CUDA graph replay": graph_replay(functools.partial(core.attention, q, k, v)),
+        "SDPA eager, no grad": functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True),
+        "SDPA eager, inputs require grad": functools.partial(
+            F.scaled_dot_product_attention, qg, kg, vg, is_causal=True
+        ),
+        "SDPA under torch.compile (fullgraph)": functools.partial(compiled_sdpa, q, k, v),
+    }
+    rows = []
+    for label, call in routes.items():
+        rows.append((label, host_us(call)))
+    return rows
+
+
+def loads_table() -> None:
+    """Host and device time per call with core's choice of loads, then with each one forced."""
+    plans = core.testing.portable.plans
+    fits, pays_off = plans.descriptors_fit, plans.descriptors_pay_off
     variants = {
         "core's choice": (fits, pays_off),
         "descriptors": (lambda *t: True, lambda *sizes: True),
@@ -61,63 +111,16 @@ def calls_table() -> None:
         q, k, v = inputs(*shape)
         sdpa = host_us(functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True))
         for name, (fit_rule, size_rule) in variants.items():
-            _launch.descriptors_fit, _launch.descriptors_pay_off = fit_rule, size_rule
-            _plans.clear()  # the plans hold the load path they were built with
+            plans.descriptors_fit, plans.descriptors_pay_off = fit_rule, size_rule
+            core.testing.clear_plans()  # the plans hold the load path they were built with
             call = functools.partial(core.attention, q, k, v)
             print(f"{label:<32} {name:<14} {host_us(call):8.1f} {kernel_us(call):10.1f} {sdpa:13.1f}")
-        _launch.descriptors_fit, _launch.descriptors_pay_off = fits, pays_off
-        _plans.clear()
-    q, k, v = inputs(*SHAPES["tiny (1, 1, 16, 64)"], requires_grad=True)
-    grad_call = functools.partial(core.attention, q, k, v)
-    sdpa_grad = functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
-    print(f"tiny, inputs requiring grad: core {host_us(grad_call):.1f} us, SDPA {host_us(sdpa_grad):.1f} us")
-
-
-def stages_table() -> None:
-    """Each stage of the tiny call on its own, in the order the call runs them."""
-    q, k, v = inputs(*SHAPES["tiny (1, 1, 16, 64)"])
-    plan = _plans.forward_plan(q, k, v, True, None, False)
-    out, lse, lse_low = plan(q, k, v)
-    tensors = (q, k, v, out, lse, lse_low)
-    plan(q, k, v)  # the bound launch now holds its compiled kernel
-    device = torch.cuda.current_device()
-    big = inputs(4, 8, 1024, 1024, 64)  # a call that takes descriptors, for the scratch stages
-    big_plan = _plans.forward_plan(*big, True, None, False)
-    grid, tail = plan.launch.arguments[0], plan.launch.tail
-    addresses = [t.data_ptr() for t in tensors]
-    stream = torch.cuda.current_stream().cuda_stream
-    stages = {
-        "hit: _plans._signature (the key)": functools.partial(_plans._signature, q, k, v, True, None, False),
-        "hit: _plans.forward_plan (key + lookup)": functools.partial(
-            _plans.forward_plan, q, k, v, True, None, False
-        ),
-        "hit: plan(q, k, v, keep_statistics=False)": functools.partial(plan, q, k, v, False),
-        "hit: plan(q, k, v) (out, LSE, low parts)": functools.partial(plan, q, k, v),
-        "  new_buffer(q) (torch.empty_like)": functools.partial(_launch.new_buffer, q),
-        "  new_buffer(q, lse shape) (torch.empty)": functools.partial(_launch.new_buffer, q, plan.lse_shape),
-        "  install_scratch_allocator (descriptors only)": _runtime.install_scratch_allocator,
-        "  _reused_scratch (the allocator)": functools.partial(_runtime._reused_scratch, 256, 128, stream),
-        "  of which is_current_stream_capturing": torch.cuda.is_current_stream_capturing,
-        "  bound launch (addresses as integers)": functools.partial(plan.launch, device, *tensors),
-        "  launcher, tensors as pointers": functools.partial(
-            _launch_cache.run, plan.launch.entry, device, grid, tensors, tail
-        ),
-        "  launcher, addresses as pointers": functools.partial(
-            _launch_cache.run, plan.launch.entry, device, grid, addresses, tail
-        ),
-        "miss: validate_attention_inputs": functools.partial(
-            _validation.validate_attention_inputs, q, k, v, True, None, False, False
-        ),
-        "miss: ForwardPlan(...)": functools.partial(_launch.ForwardPlan, q, k, v, True, 0.125),
-        "miss: descriptors_fit(k, v)": functools.partial(_launch.descriptors_fit, k, v),
-        "(1024 queries, descriptors) plan(q, k, v, False)": functools.partial(big_plan, *big, False),
-    }
-    for label, call in stages.items():
-        print(f"stage {label:<45} {host_us(call):6.2f} us")
+        plans.descriptors_fit, plans.descriptors_pay_off = fits, pays_off
+        core.testing.clear_plans()
 
 
 def call_profile() -> None:
-    q, k, v = inputs(*SHAPES["tiny (1, 1, 16, 64)"])
+    q, k, v = inputs(*TINY)
     core.attention(q, k, v)
     profiler = cProfile.Profile()
     profiler.enable()
@@ -130,7 +133,17 @@ def call_profile() -> None:
     print(text.getvalue()[-4000:])
 
 
-if __name__ == "__main__":
-    stages_table()  # first: the profiler (kernel_us) leaves the launch path slower for the rest of a process
+def main(argv: list[str] | None = None) -> None:
+    del argv  # no options
+    rows = (
+        routes_table()
+    )  # first: the profiler (kernel_us) leaves the launch path slower for the rest of a process
     call_profile()
-    calls_table()
+    loads_table()
+    print(f"\nhost time per call, tiny fp16 (1, 1, 16, 64) causal forward, {torch.cuda.get_device_name()}:")
+    for label, us in rows:
+        print(f"  {label:<50} {us:7.1f} us")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

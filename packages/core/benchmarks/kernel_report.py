@@ -6,8 +6,8 @@ ptxas's performance warnings, and the instruction mix of every loop, from an sm_
 
 Use the Triton release the GPU machine runs (3.6 here): the report is its compiler's, and ptxas ships in
 Triton's wheel. The kernels are compiled as core launches them for contiguous (B, H, N, D) inputs of
-16k tokens (the benchmark's shapes): the table's tiles (core._config), tensor descriptors, whole query
-blocks. Two things it finds that a timing only hints at (docs/perf-notes.md, H200 2026-12-02 later):
+16k tokens (the benchmark's shapes): the portable tile table's tiles, tensor descriptors, whole query
+blocks. Two things it finds that a timing only hints at (docs/perf-notes.md):
 
 - per-element work in a loop: the dK/dV kernel's masked one-float-per-row loads of LSE and Delta were a
   third of its D=128 loop (706 instructions per step, 463 without them);
@@ -34,9 +34,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from core import _config, _launch
-from core._bwd_kernel import backward_dkdv_kernel, backward_dq_kernel
-from core._fwd_kernel import attention_forward_kernel
+from core.testing import portable
+
+_config, _launch = portable.config, portable.plans
+backward_dkdv_kernel = portable.backward.backward_dkdv_kernel
+backward_dq_kernel = portable.backward.backward_dq_kernel
+attention_forward_kernel = portable.forward.attention_forward_kernel
 
 HOPPER = GPUTarget("cuda", 90, 32)
 TOKENS, WIDTH = 16384, 2048
@@ -167,7 +170,7 @@ def loops(cubin: bytes) -> list[tuple[int, collections.Counter]]:
     return report
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -175,7 +178,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--kernels", default="forward,dq,dkdv")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch_dtype, element = DTYPES[args.dtype]
     kernels = {"forward": attention_forward_kernel, "dq": backward_dq_kernel, "dkdv": backward_dkdv_kernel}
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, causal, N {args.n}")

@@ -3,10 +3,10 @@ SDPA's FLASH and CUDNN backends in one GPU run (host time per call: host_profile
 
     PYTHONPATH=packages/core/src python packages/core/benchmarks/sweep.py --out DIR [--budget S]
 
-It is the tool behind core._config's table (docs/perf-notes.md says what each run found). Every variant's
-output is checked against FLASH's before it is timed (the bench's 16-ulp rule), so a variant that
-computes something else shows as SUSPECT rather than as fast. Results go to DIR/sweep.json after every
-row, so a run cut short keeps what it measured; a short table is printed last.
+It is the tool behind the portable family's tile table (docs/perf-notes.md says what each run found).
+Every variant's output is checked against FLASH's before it is timed (the bench's 16-ulp rule), so a
+variant that computes something else shows as SUSPECT rather than as fast. Results go to
+DIR/sweep.json after every row, so a run cut short keeps what it measured; a short table is printed last.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from attnbench.runner import DTYPES, compare
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-from core import _config, _launch
-from core._config import KernelConfig
+import core.testing
+from core.testing import portable
+
+KernelConfig = portable.config.KernelConfig
 
 TOKENS, WIDTH = 16384, 2048
 SEQ_LENS = (16384, 4096, 1024)
@@ -202,11 +204,12 @@ def sweep_forward(sweep: Sweep, dtype_name: str, d: int, variants, causal: bool 
             if sweep.out_of_time():
                 return
             try:
-                out = _launch.attention_forward(q, k, v, causal, scale, config)[0]
-                torch.cuda.synchronize()
-                milliseconds = time_ms(
-                    functools.partial(_launch.attention_forward, q, k, v, causal, scale, config)
+                forward = functools.partial(
+                    core.testing.forward, q, k, v, causal=causal, sm_scale=scale, config=config
                 )
+                out = forward()[0]
+                torch.cuda.synchronize()
+                milliseconds = time_ms(forward)
                 row = {"tflops": flops / milliseconds / 1e9, "suspect": suspect(out, reference, dtype_name)}
             except Exception as failure:  # a variant that does not compile is a result too
                 row = {"error": f"{type(failure).__name__}: {str(failure)[:300]}"}
@@ -223,15 +226,14 @@ def sweep_backward(sweep: Sweep, dtype_name: str, d: int, variants, causal: bool
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
             F.scaled_dot_product_attention(*leaves, is_causal=causal).backward(dout)
             reference = [t.grad for t in leaves]
-        out, lse, lse_low = _launch.attention_forward(q, k, v, causal, scale)
+        out, lse, lse_low = core.testing.forward(q, k, v, causal=causal, sm_scale=scale)
         base = {"pass": "bwd", "dtype": dtype_name, "d": d, "n": n, "causal": causal}
         for name, dkdv, dq in variants:
             if sweep.out_of_time():
                 return
-            _config.backward_configs = lambda *_, pair=(dkdv, dq): pair
-
+            portable.config.backward_configs = lambda *_, pair=(dkdv, dq): pair
             backward = functools.partial(
-                _launch.attention_backward, dout, None, q, k, v, out, lse, lse_low, causal, scale
+                core.testing.backward, dout, None, q, k, v, out, lse, lse_low, causal=causal, sm_scale=scale
             )
             try:
                 grads = backward()
@@ -257,7 +259,7 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -267,7 +269,7 @@ def main() -> None:
     parser.add_argument("--plan", choices=("main", "d256", "dkdv"), default="main",
                         help="main: causal D 64/128; d256: causal D 256 and the "
                         "non-causal D 64 backward; dkdv: the dK/dV kernel's tiles (bf16)")  # fmt: skip
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     sweep = Sweep(args.out, args.budget)
     if args.plan == "dkdv":

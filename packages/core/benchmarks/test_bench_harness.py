@@ -309,14 +309,14 @@ def test_ab_loads_its_baseline_as_a_package_of_its_own():
     import ab
 
     import core
-    import core._bwd_kernel
-    import core._launch
+    import core.testing
 
     baseline = ab.load_baseline(pathlib.Path(core.__file__).parent)
     assert baseline.__name__ == "core_baseline"
-    assert baseline._launch.DKDV.kernel is baseline._bwd_kernel.backward_dkdv_kernel
-    assert baseline._bwd_kernel.backward_dkdv_kernel is not core._bwd_kernel.backward_dkdv_kernel
-    assert baseline._launch.BackwardPlan is not core._launch.BackwardPlan
+    ours, theirs = core.testing.portable, baseline.testing.portable
+    assert theirs.plans.backward_dkdv_kernel is theirs.backward.backward_dkdv_kernel
+    assert theirs.backward.backward_dkdv_kernel is not ours.backward.backward_dkdv_kernel
+    assert theirs.plans.BackwardPlan is not ours.plans.BackwardPlan
     copies = [module for name, module in sys.modules.items() if name.startswith("core_baseline.")]
     assert len(copies) >= 8
     for module in copies:  # every module of the copy imports the copy's modules, never core's

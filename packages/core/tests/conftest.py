@@ -17,8 +17,7 @@ if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import core  # noqa: E402  (must follow the TRITON_INTERPRET decision)
-import core._launch  # noqa: E402
-import core._plans  # noqa: E402
+import core.testing  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 
@@ -28,19 +27,23 @@ def pytest_report_header(config):
     return f"core kernels: {target}"
 
 
+@pytest.fixture(autouse=True, params=core.testing.families())
+def family(request):
+    """Every test runs once per kernel family, the family preferred for every call it supports (calls it
+    does not support take core's usual choice), so each family passes the same properties."""
+    with core.testing.use_family(request.param, strict=False):
+        yield request.param
+
+
 @pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
+def poisoned_outputs():
     """Every kernel output starts as NaN, so an element the kernel forgot to write fails the test."""
-    allocate = core._launch.new_buffer
-
-    def poisoned(like, shape=None):
-        return allocate(like, shape).fill_(float("nan"))
-
-    monkeypatch.setattr(core._launch, "new_buffer", poisoned)
+    with core.testing.poisoned_outputs():
+        yield
 
 
 @pytest.fixture(autouse=True)
 def fresh_plans():
-    """Each test starts with no cached call plans (core._plans), so a test that swaps a config or a
-    layout rule sees its change, and every test exercises both a first call and its repeats."""
-    core._plans.clear()
+    """Each test starts with no cached call plans, so a test that swaps a config or a layout rule sees
+    its change, and every test exercises both a first call and its repeats."""
+    core.testing.clear_plans()

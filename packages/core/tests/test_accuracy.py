@@ -90,7 +90,7 @@ def test_float32_logits_near_the_row_max_keep_the_dots_rounding_error():
     carry weight. Once the dot q . k is rounded to float32, such a logit is only good to about
     eps32 * 1e5 ~ 1e-2: the kernel once lost that much in the gap between the two keys, and the output up
     to 1.7x float32 eager attention's bound (GPU fuzzer, sm_scale -9880). The scores now carry the dot's
-    rounding error with the scale's (core._fwd_kernel._scores): the output is as close to the float64
+    rounding error with the scale's (core.kernels.shared._scores): the output is as close to the float64
     truth as float32 can hold it, a few ulps, where eager float32 attention is ~1e4x further off."""
     gen = torch.Generator().manual_seed(3)
     q, k, v = make_qkv(1, 2, 2, 48, 16, 64, torch.float32, seed=12, requires_grad=False)
@@ -111,7 +111,7 @@ def test_float32_gradients_of_nearly_one_hot_rows_keep_float32_precision():
     dS = P (dP - Delta) is a tiny difference of two numbers ~1: a rounding of Delta, of dP, of O or of
     that key's P (whose 1 - P is the row's whole remaining weight) was a large part of it, and sm_scale
     multiplied it into dq and dk (GPU fuzzer, sm_scale 295: dk 2.1x the bound). float32's backward now
-    sums Delta = sum P dP / sum P in float64 and takes dP - Delta in two parts (core._bwd_kernel): dq
+    sums Delta = sum P dP / sum P in float64 and takes dP - Delta in two parts (the portable backward): dq
     and dk are within a few ulps of the float64 truth's largest element (float32 eager attention is
     ~1000 ulps off here, the kernel before this fix 8-11)."""
     q, k, v = make_qkv(1, 2, 1, 32, 512, 64, torch.float32, seed=3)

@@ -1,8 +1,8 @@
 """Tensor descriptors (TMA): which layouts take them, and that they change no bit of any result.
 
 fp16/bf16 kernels read their streamed tiles through tensor descriptors where the layout allows it and
-through pointer loads elsewhere (core._config.KernelConfig.descriptors, core._launch.descriptors_fit),
-and only where a program's resident rows fill a tile (core._launch.descriptors_pay_off).
+through pointer loads elsewhere (the portable family's KernelConfig.descriptors and
+plans.descriptors_fit), and only where a program's resident rows fill a tile (plans.descriptors_pay_off).
 The two paths load the same numbers into the same tiles, so every output and gradient must agree
 exactly, compiled and interpreted.
 """
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import core
-import core._launch
+import core.testing
 
 from .conftest import DEVICE, ON_GPU
 from .helpers import leaf_copy, make_qkv
@@ -28,11 +28,13 @@ def _dense(*shape, dtype=torch.float16):
 
 
 def test_descriptors_fit_accepts_dense_and_model_layouts():
-    assert core._launch.descriptors_fit(_dense(2, 4, 33, 64))
-    assert core._launch.descriptors_fit(_dense(2, 33, 4, 64).transpose(1, 2))  # BSHD
-    assert core._launch.descriptors_fit(_dense(2, 4, 33, 72))  # 144-byte rows
-    assert core._launch.descriptors_fit(_dense(1, 4, 33, 64).expand(3, 4, 33, 64))  # batch stride 0
-    assert core._launch.descriptors_fit(_dense(2, 4, 33, 64, dtype=torch.bfloat16)[:, 1:3, 5:])
+    assert core.testing.portable.plans.descriptors_fit(_dense(2, 4, 33, 64))
+    assert core.testing.portable.plans.descriptors_fit(_dense(2, 33, 4, 64).transpose(1, 2))  # BSHD
+    assert core.testing.portable.plans.descriptors_fit(_dense(2, 4, 33, 72))  # 144-byte rows
+    assert core.testing.portable.plans.descriptors_fit(
+        _dense(1, 4, 33, 64).expand(3, 4, 33, 64)
+    )  # batch stride 0
+    assert core.testing.portable.plans.descriptors_fit(_dense(2, 4, 33, 64, dtype=torch.bfloat16)[:, 1:3, 5:])
 
 
 @pytest.mark.parametrize(
@@ -47,18 +49,18 @@ def test_descriptors_fit_accepts_dense_and_model_layouts():
     ],
 )
 def test_descriptors_fit_refuses(why, tensor):
-    assert not core._launch.descriptors_fit(tensor), why
+    assert not core.testing.portable.plans.descriptors_fit(tensor), why
 
 
 def test_calls_whose_queries_do_not_fill_a_tile_take_pointer_loads():
     """A decode step's few queries leave the forward's programs short: descriptors would only cost."""
-    block_m = core._config.forward_config(64, torch.float16, not ON_GPU).block_m
+    block_m = core.testing.portable.config.forward_config(64, torch.float16, not ON_GPU).block_m
     short, full = (
         make_qkv(1, 2, 2, n_queries, 300, 64, torch.float16, seed=37, requires_grad=False)
         for n_queries in (block_m - 1, block_m)
     )
-    assert not core._launch.ForwardPlan(*short, causal=True, sm_scale=0.125).descriptors
-    assert core._launch.ForwardPlan(*full, causal=True, sm_scale=0.125).descriptors
+    assert not core.testing.portable.plans.ForwardPlan(*short, causal=True, sm_scale=0.125).descriptors
+    assert core.testing.portable.plans.ForwardPlan(*full, causal=True, sm_scale=0.125).descriptors
 
 
 SHAPES = [  # (B, Hq, Hkv, Nq, Nk, D, causal)
@@ -82,10 +84,14 @@ def test_descriptor_and_pointer_paths_agree_bitwise(shape, dtype, monkeypatch):
     *sizes, causal = shape
     q, k, v = make_qkv(*sizes, dtype, seed=31)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(32)).to(DEVICE, dtype)
-    fits = core._launch.descriptors_fit
+    fits = core.testing.portable.plans.descriptors_fit
     answers = []
-    monkeypatch.setattr(core._launch, "descriptors_fit", lambda *t: answers.append(fits(*t)) or answers[-1])
-    monkeypatch.setattr(core._launch, "descriptors_pay_off", lambda *sizes: True)  # small shapes too
+    monkeypatch.setattr(
+        core.testing.portable.plans, "descriptors_fit", lambda *t: answers.append(fits(*t)) or answers[-1]
+    )
+    monkeypatch.setattr(
+        core.testing.portable.plans, "descriptors_pay_off", lambda *sizes: True
+    )  # small shapes too
 
     def run():
         qq, kk, vv = (leaf_copy(t) for t in (q, k, v))
@@ -95,7 +101,7 @@ def test_descriptor_and_pointer_paths_agree_bitwise(shape, dtype, monkeypatch):
 
     with_descriptors = run()
     assert answers and all(answers), "the dense inputs should have been read through descriptors"
-    monkeypatch.setattr(core._launch, "descriptors_fit", lambda *t: False)
+    monkeypatch.setattr(core.testing.portable.plans, "descriptors_fit", lambda *t: False)
     with_pointers = run()
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), with_descriptors, with_pointers):
         assert torch.equal(a, b), f"{name} differs between descriptor and pointer loads"

@@ -1,4 +1,4 @@
-"""The interpreter patches (core._runtime.patch_interpreter): dots and bf16 casts as on the GPU."""
+"""The interpreter patches (core.testing.patch_interpreter): dots and bf16 casts as on the GPU."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 import core
+import core.testing
 
 from .conftest import ON_GPU
 
@@ -23,7 +24,7 @@ def _dot_kernel(A, B, C, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
 
 
 def test_patched_bf16_dot_multiplies_values_not_bit_patterns():
-    core._runtime.patch_interpreter()
+    core.testing.patch_interpreter()
     gen = torch.Generator().manual_seed(31)
     a = torch.randn(16, 32, generator=gen).bfloat16()
     b = torch.randn(32, 16, generator=gen).bfloat16()
@@ -44,7 +45,7 @@ def _cast_kernel(X, Y, N: tl.constexpr):
 
 
 def test_patched_float32_to_bf16_cast_rounds_to_nearest_even():
-    core._runtime.patch_interpreter()
+    core.testing.patch_interpreter()
     gen = torch.Generator().manual_seed(37)
     x = torch.cat([torch.randn(1022, generator=gen) * 100, torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8])])
     y = torch.empty(x.shape, dtype=torch.bfloat16)
@@ -56,7 +57,7 @@ def test_patched_float32_to_bf16_cast_rounds_to_nearest_even():
 def test_patched_dot_gives_the_same_bits_whatever_the_operand_order(dtype):
     """Element (i, j) of a @ b and element (j, i) of b^T @ a^T are the same float32 number, as on the
     GPU: the kernels' backward relies on recomputing the forward's scores exactly."""
-    core._runtime.patch_interpreter()
+    core.testing.patch_interpreter()
     gen = torch.Generator().manual_seed(41)
     a = (torch.randn(16, 128, generator=gen) * 10).to(dtype)
     b = (torch.randn(128, 16, generator=gen) * 10).to(dtype)

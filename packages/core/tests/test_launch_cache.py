@@ -1,12 +1,11 @@
-"""The launch cache (core._launch_cache): a relaunch that skips Triton's argument binding must run the
+"""Bound launches (core.kernels.launch): a relaunch that skips Triton's argument binding must run the
 very kernel that the binding would have picked, with the same arguments.
 
-Each case runs forward and backward four times: through `kernel[grid]` with the cache switched off,
-then with it on: a first call fills the cache, a second relaunches through its call plans' bound
-launches (core._launch_cache.BoundLaunch, addresses as integers), and a third, with the plans
-forgotten, finds the compiled kernels under CachedKernel's key. All four must agree bit for bit.
-The cases vary what Triton specialises on: pointer alignment (a storage offset of one element), strides
-(BSHD views), integers equal to 1 (one query, one head) and GQA.
+Each case runs forward and backward three times: with the host cache switched off (every launch through
+`kernel[grid]`), then with it on: a first call binds each launch, a second relaunches through the
+bound launches (addresses as integers). All three must agree bit for bit. The cases vary what Triton
+specialises on: pointer alignment (a storage offset of one element), strides (BSHD views), integers
+equal to 1 (one query, one head) and GQA.
 """
 
 from __future__ import annotations
@@ -15,13 +14,12 @@ import pytest
 import torch
 
 import core
-from core import _launch, _plans
-from core._launch_cache import CachedKernel
+import core.testing
 
 from .conftest import DEVICE, ON_GPU
 
-LAUNCHERS = (_launch.FORWARD, _launch.PREPROCESS, _launch.DKDV, _launch.DQ)
-gpu_only = pytest.mark.skipif(not ON_GPU, reason="the cache only serves compiled kernels")
+plans = core.testing.portable.plans
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="bound launches only serve compiled kernels")
 
 
 def _views(case: str, dtype=torch.float16):
@@ -56,24 +54,17 @@ def _run(q, k, v):
 
 @gpu_only
 @pytest.mark.parametrize("case", ["contiguous", "bshd", "misaligned", "ones", "gqa"])
-def test_cached_relaunch_equals_bound_launch(case, monkeypatch):
+def test_bound_relaunch_equals_kernel_grid(case):
     q, k, v = _views(case)
-    with monkeypatch.context() as patch:
-        for launcher in LAUNCHERS:
-            patch.setattr(launcher, "enabled", False)
-        bound = _run(q, k, v)
-    for launcher in LAUNCHERS:
-        launcher.compiled.clear()
-    _plans.clear()
-    filling = _run(q, k, v)
-    entries = [len(launcher.compiled) for launcher in LAUNCHERS]
-    bound_hit = _run(q, k, v)
-    _plans.clear()
-    key_hit = _run(q, k, v)
-    assert entries == [1, 1, 1, 1], "each kernel should have compiled one entry"
-    assert [len(launcher.compiled) for launcher in LAUNCHERS] == entries, "a later call missed the cache"
-    for name, expected, *cached in zip(("out", "lse", "dq", "dk", "dv"), bound, filling, bound_hit, key_hit):
-        for how, got in zip(("first cached-path call", "bound-launch hit", "cache-key hit"), cached):
+    with core.testing.host_cache(False):
+        unbound = _run(q, k, v)
+    core.testing.clear_plans()
+    binding = _run(q, k, v)
+    plan = core.testing.cached_plans()[0]
+    assert plan.launch.entry is not None, "the forward's launch should now be bound"
+    bound = _run(q, k, v)
+    for name, expected, *cached in zip(("out", "lse", "dq", "dk", "dv"), unbound, binding, bound):
+        for how, got in zip(("binding call", "bound relaunch"), cached):
             assert torch.equal(got, expected), f"{name}: {how} differs from kernel[grid]"
 
 
@@ -81,36 +72,23 @@ def test_cached_relaunch_equals_bound_launch(case, monkeypatch):
 def test_bound_launch_recompiles_for_another_alignment(monkeypatch):
     """A bound launch compiled for 16-byte aligned tensors, handed misaligned ones (same shapes and
     strides), must go back to Triton's specialisation, not reuse the aligned kernel. (Pointer loads
-    here: a plan that chose descriptors is only valid for aligned inputs, and core._plans keys on the
+    here: a plan that chose descriptors is only valid for aligned inputs, and the plan cache keys on the
     alignment; the bound launch's own check guards the outputs, whose alignment is the allocator's.)"""
-    monkeypatch.setattr(_launch, "descriptors_fit", lambda *t: False)
+    monkeypatch.setattr(plans, "descriptors_fit", lambda *t: False)
     shape = (1, 2, 130, 64)
     storages = [
         torch.randn(torch.Size(shape).numel() + 1, device=DEVICE, dtype=torch.float16) for _ in range(3)
     ]
     aligned = [storage[:-1].view(shape) for storage in storages]
     misaligned = [storage[1:].view(shape) for storage in storages]  # data_ptr % 16 == 2
-    plan = _launch.ForwardPlan(*aligned, causal=True, sm_scale=0.125)
+    plan = plans.ForwardPlan(*aligned, causal=True, sm_scale=0.125)
     plan(*aligned)
     plan(*aligned)  # now a bound-launch hit
     got = plan(*misaligned)
     assert plan.launch.compiled_for[2][:3] == [2, 2, 2], "the bound launch should now serve misaligned inputs"
-    expected = _launch.ForwardPlan(*misaligned, causal=True, sm_scale=0.125)(*misaligned)
+    expected = plans.ForwardPlan(*misaligned, causal=True, sm_scale=0.125)(*misaligned)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
-
-
-@gpu_only
-def test_alignment_and_strides_are_part_of_the_key():
-    """Same shapes and strides at another alignment, or same shapes in another layout: a new entry each."""
-    shape = (2, 4, 130, 64)
-    storage = torch.randn(torch.Size(shape).numel() + 1, device=DEVICE, dtype=torch.float16)
-    aligned, misaligned = storage[:-1].view(shape), storage[1:].view(shape)
-    bshd = aligned.transpose(1, 2).contiguous().transpose(1, 2)
-    _launch.FORWARD.compiled.clear()
-    for q in (aligned, misaligned, bshd, aligned, misaligned, bshd):
-        core.attention(q, aligned, aligned)
-    assert len(_launch.FORWARD.compiled) == 3
 
 
 @gpu_only
@@ -134,12 +112,12 @@ def test_profiler_hooks_still_see_every_launch():
 
 
 def test_constexprs_out_of_signature_order_are_refused():
-    """A hit passes constexprs by position, so a launcher that names them out of order must fail."""
-    launcher = CachedKernel(_launch.attention_forward_kernel)
+    """A bound relaunch passes constexprs by position, so one that names them out of order must fail."""
     in_order = ["HEAD_DIM", "CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D"]
     in_order += ["DOT_PRECISION", "BASE_2", "PRECISE_EXP", "TENSOR_DESCRIPTORS"]
-    positional = len(launcher.kernel.arg_names) - len(in_order)
-    launcher._check_order(positional, tuple((name, None) for name in in_order))
+    kernel = core.testing.portable.forward.attention_forward_kernel
+    bind = core.testing.portable.launch.BoundLaunch
+    bind(kernel, (1, 1, 1), (), (), tuple((name, None) for name in in_order), ())
     swapped = [in_order[1], in_order[0], *in_order[2:]]
     with pytest.raises(TypeError, match="in this order"):
-        launcher._check_order(positional, tuple((name, None) for name in swapped))
+        bind(kernel, (1, 1, 1), (), (), tuple((name, None) for name in swapped), ())

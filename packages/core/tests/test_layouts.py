@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import core
-import core._launch_cache
+import core.testing
 
 from .conftest import ON_GPU
 from .helpers import assert_all_within_tolerance, compare_with_reference, leaf_copy, make_qkv
@@ -27,13 +27,13 @@ def test_views_match_contiguous_copies_bitwise(layout, monkeypatch):
     q, k, v = make_qkv(*SHAPE, torch.float16, seed=23, layout=layout)
     # Reading a view must not copy it: the forward kernel's launch gets the very tensors we passed.
     launched_with = []
-    launch = core._launch_cache.BoundLaunch.__call__
+    launch = core.testing.portable.launch.BoundLaunch.__call__
 
     def spy(self, device, *tensors):
         launched_with.append(tuple((t.data_ptr(), t.stride()) for t in tensors[:3]))
         return launch(self, device, *tensors)
 
-    monkeypatch.setattr(core._launch_cache.BoundLaunch, "__call__", spy)
+    monkeypatch.setattr(core.testing.portable.launch.BoundLaunch, "__call__", spy)
     out = core.attention(q, k, v, causal=True)
     assert launched_with[0] == tuple((t.data_ptr(), t.stride()) for t in (q, k, v))
 

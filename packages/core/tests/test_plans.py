@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import core
-from core import _plans
+import core.testing
 
 from .conftest import DEVICE, ON_GPU
 from .helpers import leaf_copy, make_qkv
@@ -23,9 +23,9 @@ def _qkv(**kwargs):
 def test_a_repeated_call_reuses_its_plan_and_gives_the_same_bits():
     q, k, v = _qkv()
     first = core.attention(q, k, v, return_lse=True)
-    plan = next(iter(_plans._PLANS.values()))
+    plan = next(iter(core.testing.cached_plans()))
     second = core.attention(q.clone(), k.clone(), v.clone(), return_lse=True)  # new storage, same layout
-    assert list(_plans._PLANS.values()) == [plan]
+    assert list(core.testing.cached_plans()) == [plan]
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -39,7 +39,7 @@ def test_layout_dtype_and_options_each_get_their_own_plan():
     core.attention(q, k, v, causal=False)
     core.attention(q, k, v, sm_scale=0.5)
     core.attention(q, k, v, return_lse=True)  # the same plan: the LSE is always computed
-    assert len(_plans._PLANS) == 5
+    assert len(core.testing.cached_plans()) == 5
 
 
 @pytest.mark.parametrize(
@@ -83,7 +83,7 @@ def test_uncached_calls_give_the_cached_result():
         pass
 
     assert torch.equal(core.attention(q.as_subclass(Marked), k, v, sm_scale=1.0), keyed)
-    assert len(_plans._PLANS) == 1
+    assert len(core.testing.cached_plans()) == 1
 
 
 def test_plans_hold_no_tensors():
@@ -94,7 +94,7 @@ def test_plans_hold_no_tensors():
     alive = [weakref.ref(t) for t in (q, k, v, out)]
     del q, k, v, out
     gc.collect()
-    assert _plans._PLANS and all(ref() is None for ref in alive)
+    assert core.testing.cached_plans() and all(ref() is None for ref in alive)
 
 
 def test_gradients_through_a_cached_plan_match_a_fresh_one():
@@ -108,7 +108,7 @@ def test_gradients_through_a_cached_plan_match_a_fresh_one():
 
     fresh = grads()
     cached = grads()
-    plan = next(iter(_plans._PLANS.values()))
+    plan = next(iter(core.testing.cached_plans()))
     assert len(plan.backward_plans) == 1
     for a, b in zip(fresh, cached):
         assert torch.equal(a, b)

@@ -1,13 +1,13 @@
 """The dK/dV kernel's ways of loading the query rows' LSE and Delta change no bit of any gradient:
 
-- prefetched one step ahead (core._config.KernelConfig.prefetch_row_stats) or loaded in the step that
-  uses them;
-- for whole query blocks (Nq a multiple of BLOCK_M, core._launch.whole_query_blocks), unmasked aligned
-  vectors or the masked loads every other length takes.
+- prefetched one step ahead (the portable config's KernelConfig.prefetch_row_stats) or loaded in the
+  step that uses them;
+- for whole query blocks (Nq a multiple of BLOCK_M, the portable plans' whole_query_blocks), unmasked
+  aligned vectors or the masked loads every other length takes.
 
 Each pair is the same loads of the same numbers. Both of the kernel's loops are covered: the one for rows
 whose LSE low parts are all 0 (typical logits), and the one that subtracts them (|LSE| beyond 2^8 in
-base 2, core._fwd_kernel)."""
+base 2, core.kernels.portable.forward)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,7 @@ import pytest
 import torch
 
 import core
-import core._config
-import core._launch
-import core._plans
+import core.testing
 
 from .conftest import DEVICE, ON_GPU
 from .helpers import leaf_copy, make_qkv
@@ -55,8 +53,8 @@ CASES = [("prefetch", shape) for shape in PREFETCH_SHAPES] + [
 def _gradients(q, k, v, dout, causal, sm_scale, monkeypatch, prefetch: bool | None, whole: bool | None):
     """(lse, dq, dk, dv), with the table's prefetch choice and the whole-block rule overridden where
     not None."""
-    table = core._config.backward_configs
-    rule = core._launch.whole_query_blocks
+    table = core.testing.portable.config.backward_configs
+    rule = core.testing.portable.plans.whole_query_blocks
 
     def configs(block_d, dtype, interpreted):
         dkdv, dq = table(block_d, dtype, interpreted)
@@ -64,11 +62,13 @@ def _gradients(q, k, v, dout, causal, sm_scale, monkeypatch, prefetch: bool | No
             dkdv = dataclasses.replace(dkdv, prefetch_row_stats=prefetch)
         return dkdv, dq
 
-    monkeypatch.setattr(core._config, "backward_configs", configs)
+    monkeypatch.setattr(core.testing.portable.config, "backward_configs", configs)
     monkeypatch.setattr(
-        core._launch, "whole_query_blocks", rule if whole is None else (lambda n_queries, block_m: whole)
+        core.testing.portable.plans,
+        "whole_query_blocks",
+        rule if whole is None else (lambda n_queries, block_m: whole),
     )
-    core._plans.clear()  # a cached plan would keep the other choice
+    core.testing.clear_plans()  # a cached plan would keep the other choice
     qq, kk, vv = (leaf_copy(t) for t in (q, k, v))
     out, lse = core.attention(qq, kk, vv, causal=causal, sm_scale=sm_scale, return_lse=True)
     out.backward(dout)
@@ -91,10 +91,12 @@ def test_row_statistics_loads_give_the_same_bits(case, dtype, sm_scale, monkeypa
         lse, *tested = _gradients(q, k, v, dout, causal, sm_scale, monkeypatch, prefetch=True, whole=None)
         _, *plain = _gradients(q, k, v, dout, causal, sm_scale, monkeypatch, prefetch=False, whole=None)
     else:
-        dkdv_block_m = core._config.backward_configs(
-            core._config.padded_head_dim(q.shape[-1]), dtype, not ON_GPU
+        dkdv_block_m = core.testing.portable.config.backward_configs(
+            core.testing.portable.config.padded_head_dim(q.shape[-1]), dtype, not ON_GPU
         )[0].block_m
-        assert core._launch.whole_query_blocks(q.shape[2], dkdv_block_m), "the shape must have whole blocks"
+        assert core.testing.portable.plans.whole_query_blocks(q.shape[2], dkdv_block_m), (
+            "the shape must have whole blocks"
+        )
         lse, *tested = _gradients(q, k, v, dout, causal, sm_scale, monkeypatch, prefetch=None, whole=None)
         _, *plain = _gradients(q, k, v, dout, causal, sm_scale, monkeypatch, prefetch=None, whole=False)
     if sm_scale is not None:  # the case is meant to take the subtracting loop: some |LSE2| >= 2^8

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import core
-import core._launch
-import core._launch_cache
+import core.testing
 
 from .conftest import DEVICE, ON_GPU
 
@@ -19,8 +18,8 @@ def no_launch(monkeypatch):
     def launched(*args, **kwargs):
         raise AssertionError("a kernel output was allocated or a kernel launched for invalid input")
 
-    monkeypatch.setattr(core._launch, "new_buffer", launched)
-    monkeypatch.setattr(core._launch_cache.CachedKernel, "launch", launched)
+    monkeypatch.setattr(core.testing.portable.plans, "new_buffer", launched)
+    monkeypatch.setattr(core.testing.portable.launch.BoundLaunch, "__call__", launched)
 
 
 def qkv(b=1, hq=2, hkv=2, nq=8, nk=8, d=16, dtype=torch.float16, device=DEVICE):

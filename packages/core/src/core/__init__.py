@@ -5,13 +5,14 @@
     out, lse = core.attention(q, k, v, return_lse=True)  # lse (B, Hq, Nq) float32, natural log
 
 `core.attention_reference` is the float64 ground truth with the same semantics, and `core.tolerance`
-is the one tolerance policy that judges the kernel against it.
+is the one tolerance policy that judges the kernel against it. The kernels are also registered as
+PyTorch operators (`torch.ops.core.*`, core.ops), which is what torch.compile traces.
 """
 
-from core import tolerance
-from core._api import attention
+from core import ops, tolerance
 from core._runtime import is_interpreted
+from core.api import attention
 from core.reference import attention_reference
 
-__all__ = ["attention", "attention_reference", "is_interpreted", "tolerance"]
+__all__ = ["attention", "attention_reference", "is_interpreted", "ops", "tolerance"]
 __version__ = "0.1.0"

@@ -1,17 +1,22 @@
-"""Validated call signatures and their forward plans, so that a repeated call skips the host work.
+"""Core's host cache: validated call signatures and their forward plans, so that a repeated call skips
+the host work. It is the one cache layer (with the bound launches its plans hold, core.kernels.launch),
+and `core.testing.host_cache(False)` or CORE_HOST_CACHE=0 switches it off: then every call is validated,
+planned and launched afresh.
 
 Everything `core.attention` does on the host before allocating its outputs, its checks
-(core._validation) and its plan (core._launch.ForwardPlan: tiles, grid, integer arguments, descriptor
-choice), depends only on the inputs' metadata and the options. A model calls attention with the same
-shapes and strides step after step, so both are kept under a key of exactly what they read:
+(core._validation), the choice of kernel family (core.kernels.choose) and the family's plan (tiles,
+grid, integer arguments, descriptor choice), depends only on the inputs' metadata and the options. A
+model calls attention with the same shapes and strides step after step, so both are kept under a key
+of exactly what they read, and of the forced family (core.testing.use_family):
 
 - for each of q, k, v: dtype, device, shape, strides and the address mod 16 (the descriptor layout
   check and Triton's specialisation read the alignment). The layout needs no entry: a tensor that is
   not strided has no sizes (nested) or no storage (sparse, mkldnn), so reading the key raises and the
   call goes to validation, which refuses it;
 - causal and sm_scale, whose types are checked first: only a bool causal, a bool return_lse and a float
-  or None sm_scale are keyed (True == 1 == 1.0 as dict keys), anything else is validated afresh, as
-  are tensor subclasses and tensors whose metadata cannot be read (nested, sparse).
+  or None sm_scale are keyed (True == 1 == 1.0 as dict keys; None as the scale it stands for, so that the
+  public function and the registered op share one plan), anything else is validated afresh, as are
+  tensor subclasses and tensors whose metadata cannot be read (nested, sparse).
 
 A call signature enters the cache only after passing validation, so a hit is a call that would pass it
 again, and invalid input is still refused before anything is allocated or launched.
@@ -23,13 +28,14 @@ import math
 
 import torch
 
-from core._launch import ForwardPlan
+from core import kernels
 from core._runtime import is_interpreted
 from core._validation import validate_attention_inputs
+from core.kernels.launch import HostCache
 
 MAX_PLANS = 512  # distinct call signatures kept; a model has a handful
 
-_PLANS: dict[tuple, ForwardPlan] = {}
+_PLANS: dict[tuple, object] = {}
 
 
 def _signature(q, k, v, causal, sm_scale, return_lse) -> tuple | None:
@@ -42,30 +48,40 @@ def _signature(q, k, v, causal, sm_scale, return_lse) -> tuple | None:
         return None
     try:
         return (
-            causal, sm_scale,
+            kernels.Forced.name, kernels.Forced.strict, causal, default_scale(q, sm_scale),
             q.dtype, q.device, q.shape, q.stride(), q.data_ptr() & 15,
             k.dtype, k.device, k.shape, k.stride(), k.data_ptr() & 15,
             v.dtype, v.device, v.shape, v.stride(), v.data_ptr() & 15,
         )  # fmt: skip
-    except RuntimeError:  # no sizes, strides or storage: let validation say what is wrong
+    except (RuntimeError, IndexError, ZeroDivisionError):
+        # No sizes, strides or storage, no dims, or D = 0: let validation say what is wrong.
         return None
 
 
-def forward_plan(q, k, v, causal, sm_scale, return_lse) -> ForwardPlan:
-    """The plan for this call, validating the inputs first unless this signature passed before.
-    Raises validation's TypeError/ValueError for invalid input."""
-    key = _signature(q, k, v, causal, sm_scale, return_lse)
+def forward_plan(q, k, v, causal, sm_scale, return_lse):
+    """The forward plan (of the family core.kernels.choose picks) for this call, validating the inputs
+    first unless this signature passed before. Raises validation's TypeError/ValueError for invalid input."""
+    key = _signature(q, k, v, causal, sm_scale, return_lse) if HostCache.enabled else None
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
     validate_attention_inputs(q, k, v, causal, sm_scale, return_lse, is_interpreted())
-    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    plan = ForwardPlan(q, k, v, causal, scale)
+    plan = kernels.choose(q, k, v, causal).ForwardPlan(q, k, v, causal, default_scale(q, sm_scale))
     if key is not None:
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = plan
     return plan
+
+
+def default_scale(q, sm_scale) -> float:
+    """The softmax scale of a call: sm_scale, or 1 / sqrt(D) when it is None."""
+    return 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+
+
+def cached() -> list:
+    """The plans kept now, oldest first (core.testing.cached_plans)."""
+    return list(_PLANS.values())
 
 
 def clear() -> None:

@@ -14,7 +14,7 @@ import numpy as np
 @functools.cache
 def is_interpreted() -> bool:
     """True when core's kernels were built for Triton's CPU interpreter."""
-    from core._fwd_kernel import attention_forward_kernel
+    from core.kernels.portable.forward import attention_forward_kernel
 
     return type(attention_forward_kernel).__name__ == "InterpretedFunction"
 
@@ -69,14 +69,14 @@ def patch_interpreter() -> None:
       positions: element (i, j) of q @ k^T and element (j, i) of k @ q^T can differ in the last bit.
       The kernels rely on such pairs agreeing exactly, as they do on the GPU, where an element's sum
       does not depend on the tile shape (and float32 head-dim dots are float64 dots rounded once,
-      core._fwd_kernel._head_dim_dot): the scores that the backward recomputes must be the forward's
+      core.kernels.shared._dot_parts): the scores that the backward recomputes must be the forward's
       (else a peaky row's P = exp(s - LSE) is off by eps32 * |s| relative), and Delta = rowsum(dO * O)
       must equal dP = dO . v for a one-hot row, whose O is v (else dS keeps noise that sm_scale
       multiplies into dq and dk, where eager attention gets exactly 0). Both were found by the fuzzer.
       Here every dot sums its exact products in float64 and rounds once to float32, which no summation
       order can change (short of a float64 sum landing within 1e-16 of a float32 rounding boundary).
       float32 kernels take their dots in float64 and keep the score dot's rounding error to float32
-      (core._fwd_kernel._scores), which does see a float64 sum's last bits: those dots sum in one fixed
+      (core.kernels.shared._scores), which does see a float64 sum's last bits: those dots sum in one fixed
       order, k ascending in extended precision (numpy's non-BLAS long double matmul), whatever the
       operands' shapes.
     - float32 -> bf16 casts truncate the mantissa instead of rounding to nearest even as the GPU does,

@@ -14,8 +14,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 # CUDA limits grid dimensions y and z (heads, batch) to 65535 programs.
 MAX_GRID_YZ = 65535
-# The kernels take the scale as a float32, with log2(e) folded in for fp16/bf16 (core._launch.score_scale):
-# beyond this it is inf, and even a zero logit would come out NaN. One limit for every dtype.
+# The kernels take the scale as a float32, with log2(e) folded in for fp16/bf16
+# (core.kernels.host.score_scale): beyond this it is inf, and even a zero logit would come out NaN.
+# One limit for every dtype.
 MAX_SM_SCALE = torch.finfo(torch.float32).max / math.log2(math.e)  # 2.36e38
 
 

@@ -12,7 +12,7 @@ Every gradient element is summed by exactly one program in a fixed order, so res
 identical from run to run (no atomics, unlike FlashAttention-2's dQ and cuDNN).
 
 Probabilities are recomputed as P = exp2(S * qk_scale - LSE2) from the forward's saved LSE, in the
-forward's base (natural for float32: P = exp(S * sm_scale - LSE), see core._fwd_kernel): no division,
+forward's base (natural for float32: P = exp(S * sm_scale - LSE), see forward.py): no division,
 and no N x N buffer. A row that saw no key has LSE = -inf; it is read as +inf so its P is
 exp2(-inf) = 0 and all its gradients are 0. Rows past Nq are read with LSE = +inf for the same reason,
 so they need no mask. Keys past Nk load as zeros, which is harmless for dK/dV (those rows are never
@@ -27,7 +27,7 @@ up the factor sm_scale once at the end.
 import triton
 import triton.language as tl
 
-from core._fwd_kernel import (
+from core.kernels.shared import (
     _accumulate_dot,
     _dot_parts,
     _exp,
@@ -196,7 +196,7 @@ def _dkdv_from_query_blocks(
     MASKED applies the causal rule (the diagonal blocks); other blocks are fully visible.
     PREFETCH_ROW_STATS loads each block's LSE and Delta one step ahead, in registers: Triton's pipeliner
     leaves these one-float-per-row loads in the step that uses them (H200: dK/dV +3-8% at D=64 with
-    three stages, but -8% at D=128, N 1k, core._config). WHOLE_BLOCKS: Nq is a multiple of BLOCK_M, so
+    three stages, but -8% at D=128, N 1k, config.py). WHOLE_BLOCKS: Nq is a multiple of BLOCK_M, so
     no row of any block is past it (backward_dkdv_kernel's WHOLE_QUERY_BLOCKS).
     """
     offs_m = tl.arange(0, BLOCK_M)
@@ -337,13 +337,13 @@ def backward_dkdv_kernel(
     """dK, dV for BLOCK_N keys of one key/value head.
 
     Q, dOut (B, Hq, Nq, HEAD_DIM); K, V, dK, dV (B, Hkv, Nk, HEAD_DIM); any strides, 64-bit offsets.
-    Lse (B, Hq, Nq), LseLow, the LSE's low parts ((1 or 2, B, Hq, Nq), core._fwd_kernel), and Delta
+    Lse (B, Hq, Nq), LseLow, the LSE's low parts ((1 or 2, B, Hq, Nq), forward.py), and Delta
     ((1 or 2, B, Hq, Nq): float32's in two parts, see backward_dq_kernel), float32 contiguous. The
     program sums
     over the kv_group = Hq // Hkv query heads that share this key/value head itself, so GQA needs
     neither atomics nor a reduction pass.
     Grid: (cdiv(Nk, BLOCK_N), Hkv, B). TENSOR_DESCRIPTORS: Q and dO tiles come through the copy engine
-    (core._fwd_kernel._head_rows). PREFETCH_ROW_STATS: see _dkdv_from_query_blocks. WHOLE_QUERY_BLOCKS:
+    (core.kernels.shared._head_rows). PREFETCH_ROW_STATS: see _dkdv_from_query_blocks. WHOLE_QUERY_BLOCKS:
     Nq is a multiple of BLOCK_M, so the query rows' LSE and Delta load unmasked, as aligned vectors. The
     masks and per-element predicates of those one-float-per-row loads were a third of the D=128 loop's
     instructions (sm_90 SASS of Triton 3.6: 706 per step, 463 without them; H200: dK/dV +22-31%).
@@ -390,7 +390,7 @@ def backward_dkdv_kernel(
 
     rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
     first_head = kv_head * kv_group
-    # fp16/bf16 save a zero low part for typical rows (core._fwd_kernel). Scanning it first, one float
+    # fp16/bf16 save a zero low part for typical rows (forward.py). Scanning it first, one float
     # per row against 2 x HEAD_DIM inputs per row in the loop, lets such tiles take a loop without its
     # subtraction, which cost the backward 4-6% (H100), and without its load (dK/dV +2-5%, H200). Up to
     # BLOCK_D 128 both loops fit in shared memory.
@@ -535,11 +535,11 @@ def backward_dq_kernel(
     """dQ for BLOCK_M query rows of one query head.
 
     Q, dOut, dQ (B, Hq, Nq, HEAD_DIM); K, V (B, Hkv, Nk, HEAD_DIM); any strides, 64-bit offsets.
-    Lse (B, Hq, Nq), LseLow, the LSE's low parts ((1 or 2, B, Hq, Nq), core._fwd_kernel), and Delta
+    Lse (B, Hq, Nq), LseLow, the LSE's low parts ((1 or 2, B, Hq, Nq), forward.py), and Delta
     ((1 or 2, B, Hq, Nq)), float32 contiguous. With DELTA_IN_DQ (float32 inputs, and fp16/bf16 ones
     whose LSE has a gradient) this kernel completes Delta (both planes for float32) before its dQ loop.
     Grid: (cdiv(Nq, BLOCK_M), Hq, B), causal tiles that see the most keys launched first.
-    TENSOR_DESCRIPTORS: K and V tiles come through the copy engine (core._fwd_kernel._head_rows).
+    TENSOR_DESCRIPTORS: K and V tiles come through the copy engine (core.kernels.shared._head_rows).
     """
     block_m_index = tl.program_id(0)
     if CAUSAL:

@@ -19,9 +19,9 @@ class KernelConfig:
 
     descriptors: read the streamed tiles (K and V in the forward and dQ kernels, Q and dO in the dK/dV
     kernel) through tensor descriptors, i.e. Hopper's copy engine (TMA), wherever the inputs' layout
-    allows it (core._launch.descriptors_fit); other layouts take pointer loads with the same tiles.
+    allows it (plans.py: descriptors_fit); other layouts take pointer loads with the same tiles.
     prefetch_row_stats: the dK/dV kernel only: load each query block's LSE and Delta one step ahead
-    (core._bwd_kernel._dkdv_from_query_blocks).
+    (backward.py: _dkdv_from_query_blocks).
     """
 
     block_m: int

@@ -1,72 +1,38 @@
-"""Host launchers: allocate outputs, pick tile shapes, launch the kernels. No validation here
-(`core._validation` runs first) and no copies of the inputs: every kernel takes strides.
+"""The portable family's host side: allocate outputs, pick tile shapes, launch the kernels. No
+validation here (core._validation runs first) and no copies of the inputs: every kernel takes strides.
 
 The work is split in two so that a repeated call does only the second half:
 
 - a plan (`ForwardPlan`, `BackwardPlan`) holds everything that follows from the inputs' shapes,
   strides, dtypes, alignment and the options: tile shapes, grids, every integer argument, whether the
-  layout allows tensor descriptors, one bound launch per kernel (core._launch_cache.BoundLaunch);
+  layout allows tensor descriptors, one bound launch per kernel (core.kernels.launch.BoundLaunch);
 - calling the plan allocates the outputs and launches.
 
-`attention_forward` and `attention_backward` build a fresh plan and run it; `core._plans` keeps the
-forward plans of validated call signatures, and each forward plan keeps its backward plans.
+core._plans keeps the forward plans of validated call signatures, and each forward plan keeps its
+backward plans.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
-from core import _config
-from core._bwd_kernel import backward_dkdv_kernel, backward_dq_kernel, backward_preprocess_kernel
-from core._fwd_kernel import attention_forward_kernel
-from core._launch_cache import BoundLaunch, CachedKernel
 from core._runtime import install_scratch_allocator, is_interpreted, patch_interpreter
-
-LOG2E = math.log2(math.e)
-
-# Every launch goes through these: a repeated (shape, stride, alignment) skips Triton's argument binding.
-FORWARD = CachedKernel(attention_forward_kernel)
-PREPROCESS = CachedKernel(backward_preprocess_kernel)
-DKDV = CachedKernel(backward_dkdv_kernel)
-DQ = CachedKernel(backward_dq_kernel)
-
-
-def _ceil_div(a: int, b: int) -> int:
-    """Grid sizes. Plain Python: triton.cdiv is a constexpr_function in triton >= 3.9, whose wrapper
-    cost ~8 us of host time per call (measured on the CPU machine)."""
-    return -(-a // b)
-
-
-def new_buffer(like: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Uninitialised kernel output on `like`'s device.
-
-    Without `shape`: the layout of `like` (its strides when it is dense, else contiguous). With `shape`:
-    a contiguous float32 buffer (LSE, Delta). Every kernel output is allocated here, so the tests can
-    poison them all (NaN-fill) by patching this one function.
-    """
-    if shape is None:
-        return torch.empty_like(like)
-    return like.new_empty(shape, dtype=torch.float32)
+from core.kernels.host import OnDevice, ceil_div, layout_of_new_buffer, new_buffer, score_scale, uses_base_2
+from core.kernels.launch import BoundLaunch
+from core.kernels.portable import config as _config
+from core.kernels.portable.backward import (
+    backward_dkdv_kernel,
+    backward_dq_kernel,
+    backward_preprocess_kernel,
+)
+from core.kernels.portable.forward import attention_forward_kernel
 
 
 def _or_unused(optional: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
     """A pointer argument the kernel never reads (dLSE when the LSE was not used) still needs a tensor."""
     return stand_in if optional is None else optional
-
-
-def uses_base_2(dtype: torch.dtype) -> bool:
-    """Whether the kernels work in base 2 for this input dtype (fp16/bf16: the scale folded into exp2) or
-    in natural base (float32: one rounding fewer per logit, see core._fwd_kernel). The LSE that the
-    forward saves and the backward reads is in this base."""
-    return dtype != torch.float32
-
-
-def score_scale(dtype: torch.dtype, sm_scale: float) -> float:
-    """The kernels' qk_scale: sm_scale * log2(e) in base 2, sm_scale itself in natural base."""
-    return sm_scale * LOG2E if uses_base_2(dtype) else sm_scale
 
 
 @functools.cache
@@ -102,8 +68,8 @@ def _attention_meta(
     head_dim: int, causal: bool, block_d: int, config, dtype, interpreted: bool, descriptors: bool
 ):
     """(constexprs, options) of the forward, dK/dV and dQ kernels, which share their constexpr list (the
-    dK/dV and dQ kernels' end with one more each), in signature order (core._launch_cache passes constexprs by
-    position). Cached: built once per shape."""
+    dK/dV and dQ kernels' end with one more each), in signature order (a bound launch passes
+    constexprs by position). Cached: built once per shape."""
     constexprs = (
         ("HEAD_DIM", head_dim), ("CAUSAL", causal),
         ("BLOCK_M", config.block_m), ("BLOCK_N", config.block_n), ("BLOCK_D", block_d),
@@ -115,7 +81,7 @@ def _attention_meta(
 
 def whole_query_blocks(n_queries: int, block_m: int) -> bool:
     """Whether the dK/dV kernel's query blocks are all whole (Nq a multiple of BLOCK_M): then it loads
-    the rows' LSE and Delta without masks, as aligned vectors (core._bwd_kernel._whole_block_offsets).
+    the rows' LSE and Delta without masks, as aligned vectors (backward.py: _whole_block_offsets).
     One more compiled variant per shape class, for a third fewer instructions in its loop at D=128."""
     return n_queries > 0 and n_queries % block_m == 0
 
@@ -145,31 +111,12 @@ def _prepare_launch(q: torch.Tensor):
     return interpreted, _config.padded_head_dim(q.shape[-1])
 
 
-def _layout_of_new_buffer(like: torch.Tensor) -> tuple[int, ...]:
-    """The strides new_buffer(like) will have, without allocating (torch.empty_like's rule)."""
-    return torch.empty_like(like, device="meta").stride()
-
-
-class _OnDevice:
-    """Runs launches on the inputs' GPU: Triton launches on the current device, which need not be the
-    tensors' (a process driving several GPUs). Checking costs a lookup; switching happens only then."""
-
-    def __init__(self, like: torch.Tensor):
-        self.index = like.device.index if like.device.type == "cuda" else None
-
-    def on_device(self, run, *args):
-        if self.index is not None and torch.cuda.current_device() != self.index:
-            with torch.cuda.device(self.index):
-                return run(*args)
-        return run(*args)
-
-
-class ForwardPlan(_OnDevice):
+class ForwardPlan(OnDevice):
     """The forward of one call signature. `plan(q, k, v)` returns (out, lse, lse_low): out like q; lse
     (B, Hq, Nq) float32 contiguous, the log-sum-exp of the scaled scores in the kernels' base
     (`uses_base_2`: natural LSE = lse * ln 2 in base 2); lse_low its low parts for the backward,
     (1, B, Hq, Nq) for fp16/bf16 and (2, B, Hq, Nq) for float32, whose second plane is the row max's
-    low part (core._fwd_kernel).
+    low part (forward.py).
 
     With keep_statistics False the caller wants only out (no autograd, no LSE): the kernel's LSE and
     low parts then go to one throwaway buffer, which saves an allocation (~2 us of a small call's host
@@ -190,9 +137,9 @@ class ForwardPlan(_OnDevice):
         self.descriptors = _use_descriptors(config, descriptors_pay_off(n_queries, config.block_m), k, v)
         self.needs_scratch = self.descriptors and not interpreted
         self.launch = BoundLaunch(
-            FORWARD,
-            (_ceil_div(n_queries, config.block_m), q_heads, batch),
-            (*q.stride(), *k.stride(), *v.stride(), *_layout_of_new_buffer(q), q_heads, q_heads // kv_heads,
+            attention_forward_kernel,
+            (ceil_div(n_queries, config.block_m), q_heads, batch),
+            (*q.stride(), *k.stride(), *v.stride(), *layout_of_new_buffer(q), q_heads, q_heads // kv_heads,
              n_queries, n_keys),
             (score_scale(q.dtype, sm_scale),),
             *_attention_meta(head_dim, causal, block_d, config, q.dtype, interpreted, self.descriptors),
@@ -228,7 +175,7 @@ class ForwardPlan(_OnDevice):
         return plan
 
 
-class BackwardPlan(_OnDevice):
+class BackwardPlan(OnDevice):
     """The backward of one call signature and dO layout. `plan(dout, dlse, q, k, v, out, lse, lse_low)`
     returns (dq, dk, dv), each laid out like its input. lse is the forward's LSE (in the kernels' base)
     and dlse its gradient (contiguous float32), or None when the LSE was not used; lse_low is the
@@ -241,16 +188,16 @@ class BackwardPlan(_OnDevice):
         interpreted, block_d = _prepare_launch(q)
         dkdv_config, dq_config = _config.backward_configs(block_d, q.dtype, interpreted)
         dot_precision, base_2, _ = _precision_flags(q.dtype, interpreted)
-        q_layout = _layout_of_new_buffer(q)  # the forward's output and dq are laid out like this
+        q_layout = layout_of_new_buffer(q)  # the forward's output and dq are laid out like this
 
-        # float32 saves Delta in two parts (core._bwd_kernel.backward_dq_kernel), like the LSE's low parts.
+        # float32 saves Delta in two parts (backward.py: backward_dq_kernel), like the LSE's low parts.
         self.delta_shape = (2 if q.dtype == torch.float32 else 1, batch, q_heads, n_queries)
         # The dQ kernel sums Delta from P and dP for float32, and for a gradient of the LSE in any dtype.
         delta_in_dq = ("DELTA_IN_DQ", q.dtype == torch.float32 or dlse is not None)
         rows_per_program = _config.preprocess_block_m(interpreted)
         self.preprocess = BoundLaunch(
-            PREPROCESS,
-            (_ceil_div(n_queries, rows_per_program), q_heads, batch),
+            backward_preprocess_kernel,
+            (ceil_div(n_queries, rows_per_program), q_heads, batch),
             (*q_layout, *dout.stride(), q_heads, n_queries),
             (),
             (("HEAD_DIM", head_dim), ("HAS_DLSE", dlse is not None), base_2, dot_precision,
@@ -270,8 +217,8 @@ class BackwardPlan(_OnDevice):
             head_dim, causal, block_d, dq_config, q.dtype, interpreted, dq_descriptors
         )
         self.dq = BoundLaunch(
-            DQ,
-            (_ceil_div(n_queries, dq_config.block_m), q_heads, batch),
+            backward_dq_kernel,
+            (ceil_div(n_queries, dq_config.block_m), q_heads, batch),
             (*input_strides, *q_layout, *sizes),
             scales,
             (*dq_constexprs, delta_in_dq),
@@ -281,9 +228,9 @@ class BackwardPlan(_OnDevice):
             head_dim, causal, block_d, dkdv_config, q.dtype, interpreted, dkdv_descriptors
         )
         self.dkdv = BoundLaunch(
-            DKDV,
-            (_ceil_div(n_keys, dkdv_config.block_n), kv_heads, batch),
-            (*input_strides, *_layout_of_new_buffer(k), *_layout_of_new_buffer(v), *sizes),
+            backward_dkdv_kernel,
+            (ceil_div(n_keys, dkdv_config.block_n), kv_heads, batch),
+            (*input_strides, *layout_of_new_buffer(k), *layout_of_new_buffer(v), *sizes),
             scales,
             (
                 *dkdv_constexprs,
@@ -302,17 +249,7 @@ class BackwardPlan(_OnDevice):
         delta = new_buffer(q, self.delta_shape)
         self.preprocess(self.index, out, dout, _or_unused(dlse, lse), delta)
         dq, dk, dv = new_buffer(q), new_buffer(k), new_buffer(v)
-        # dQ first: it may complete Delta, which the dK/dV kernel reads (core._bwd_kernel, DELTA_IN_DQ).
+        # dQ first: it may complete Delta, which the dK/dV kernel reads (backward.py, DELTA_IN_DQ).
         self.dq(self.index, q, k, v, dout, lse, lse_low, delta, dq)
         self.dkdv(self.index, q, k, v, dout, lse, lse_low, delta, dk, dv)
         return dq, dk, dv
-
-
-def attention_forward(q, k, v, causal: bool, sm_scale: float, config: _config.KernelConfig | None = None):
-    """(out, lse, lse_low) as ForwardPlan returns them, from a fresh plan (`config` overrides the table)."""
-    return ForwardPlan(q, k, v, causal, sm_scale, config)(q, k, v)
-
-
-def attention_backward(dout, dlse, q, k, v, out, lse, lse_low, causal: bool, sm_scale: float):
-    """(dq, dk, dv) as BackwardPlan returns them, from a fresh plan."""
-    return BackwardPlan(dout, dlse, q, k, v, causal, sm_scale)(dout, dlse, q, k, v, out, lse, lse_low)

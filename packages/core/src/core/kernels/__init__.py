@@ -1,0 +1,47 @@
+"""Kernel families, and the one function that chooses among them.
+
+A family is a package here with one small contract:
+
+- `NAME`: how tests and users refer to it (core.testing.use_family);
+- `supports(q, k, v, causal) -> bool`: whether it takes this (validated) call;
+- `ForwardPlan(q, k, v, causal, sm_scale)`: the forward of one call signature; calling it with tensors
+  of that signature returns (out, lse, lse_low) with the conventions of core.kernels.host (out laid out
+  by new_buffer, lse (B, Hq, Nq) float32 in the base uses_base_2 names, lse_low its low parts), and
+  its `backward_plan(dout, dlse, q, k, v)` returns a callable giving (dq, dk, dv).
+
+Every family's forward output is consumable by every family's backward: that is what the LSE
+conventions are for. `choose` takes the first family in `PRIORITY` that supports a call, unless a test
+prefers or forces one (core.testing.use_family).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from core.kernels import portable
+
+FAMILIES: dict[str, ModuleType] = {portable.NAME: portable}
+PRIORITY: tuple[str, ...] = (portable.NAME,)
+
+
+class Forced:
+    """The family a test puts first (core.testing.use_family), else None. Strict: calls it does not
+    support raise instead of taking the usual choice."""
+
+    name: str | None = None
+    strict: bool = True
+
+
+def choose(q, k, v, causal: bool) -> ModuleType:
+    """The family that runs this validated call."""
+    if Forced.name is not None:
+        family = FAMILIES[Forced.name]
+        if family.supports(q, k, v, causal):
+            return family
+        if Forced.strict:
+            raise ValueError(f"the forced kernel family {Forced.name!r} does not support this call")
+    for name in PRIORITY:
+        family = FAMILIES[name]
+        if family.supports(q, k, v, causal):
+            return family
+    raise AssertionError("the portable family supports every validated call")

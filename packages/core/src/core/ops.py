@@ -1,0 +1,106 @@
+"""core's attention as PyTorch operators: the ops, their fake kernels and their autograd, side by side.
+
+    torch.ops.core.attention_forward(q, k, v, causal, sm_scale) -> (out, lse, lse_low)
+    torch.ops.core.attention_backward(dout, q, k, v, out, lse, lse_low, dlse, causal, sm_scale)
+        -> (dq, dk, dv)
+
+They are opaque `torch.library.custom_op`s: torch.compile (Dynamo, AOTAutograd, Inductor) sees their
+fake kernels, never the host code, so the call plans and bound launches (core._plans) stay out of its
+sight and a compiled graph calls the same kernels as eager code. The public functions (core.api)
+validate their inputs before calling these, eagerly and while tracing alike.
+
+Conventions of both ops (core.kernels.host): `lse` is the log-sum-exp of each row's scaled scores,
+(B, Hq, Nq) float32, in the kernels' base for q's dtype (`uses_base_2(dtype)`: base 2 for fp16/bf16,
+natural = lse * ln 2; natural for float32), -inf for rows that see no key. `lse_low` holds its low parts ((1, B, Hq, Nq) for
+fp16/bf16, (2, B, Hq, Nq) for float32), which let the backward rebuild the forward's exponent
+exactly; a caller that merged partial results (context parallelism) passes its merged `out` and `lse`
+and zeros for `lse_low`. `dlse` is the gradient of `lse` (same base, any layout) or None.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from core import _plans
+from core.kernels.host import uses_base_2
+
+__all__ = ["attention_backward", "attention_forward", "uses_base_2"]
+
+
+@torch.library.custom_op("core::attention_forward", mutates_args=())
+def attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, lse_low) of softmax(q k^T * sm_scale + mask) v; inputs validated by the caller."""
+    return _plans.forward_plan(q, k, v, causal, sm_scale, True)(q, k, v)
+
+
+@attention_forward.register_fake
+def _(q, k, v, causal, sm_scale):
+    batch, q_heads, n_queries, _ = q.shape
+    low_planes = 2 if q.dtype == torch.float32 else 1
+    return (
+        torch.empty_like(q),  # core.kernels.host.new_buffer's layout rule
+        q.new_empty((batch, q_heads, n_queries), dtype=torch.float32),
+        q.new_empty((low_planes, batch, q_heads, n_queries), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("core::attention_backward", mutates_args=())
+def attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    lse_low: torch.Tensor,
+    dlse: torch.Tensor | None,
+    causal: bool,
+    sm_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each laid out like its input when that input is dense, else contiguous.
+    Deterministic: every gradient element is summed in one fixed order."""
+    if dlse is not None:
+        # The kernels read dLSE as a contiguous (B, Hq, Nq) float32 vector; autograd may hand it over
+        # in any layout (e.g. from lse.transpose(1, 2)). It is one float per row: copy it.
+        dlse = dlse.contiguous()
+    plan = _plans.forward_plan(q, k, v, causal, sm_scale, True).backward_plan(dout, dlse, q, k, v)
+    return plan(dout, dlse, q, k, v, out, lse, lse_low)
+
+
+@attention_backward.register_fake
+def _(dout, q, k, v, out, lse, lse_low, dlse, causal, sm_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, sm_scale = inputs
+    out, lse, lse_low = output
+    ctx.save_for_backward(q, k, v, out, lse, lse_low)
+    ctx.causal, ctx.sm_scale = causal, sm_scale
+    ctx.mark_non_differentiable(lse_low)
+    # An unused output's gradient arrives as None rather than as a materialised zero tensor: a zero dLSE
+    # would still take the backward's LSE-gradient path.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dlse, _dlse_low):
+    q, k, v, out, lse, lse_low = ctx.saved_tensors
+    if dout is None:  # only the LSE was used: dO = 0 leaves just the LSE term
+        dout = torch.zeros_like(out)
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, lse_low, dlse, ctx.causal, ctx.sm_scale)
+    return dq, dk, dv, None, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "core.attention does not support double backward (a gradient of its gradients); "
+        "use core.attention_reference where second derivatives are needed"
+    )
+
+
+torch.library.register_autograd("core::attention_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "core::attention_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+)

@@ -1,0 +1,148 @@
+"""What tests, the fuzzer, the numerics lab and the benchmarks may reach inside core, in one place.
+
+Code outside the package imports `core`, `core.testing`, `core.ops`, `core.reference`,
+`core.tolerance`, `core.distributed` and `core.integrations.*`, never a private module
+(`packages/core/tests/test_imports.py` checks it). This module is that seam:
+
+- switches: `poisoned_outputs()` (NaN-fill every kernel output), `host_cache(enabled)` (the plan cache
+  and bound launches), `use_family(name)` (force a kernel family);
+- introspection: `cached_plans()`, `clear_plans()`, `families()`, `kernel_fingerprint()`;
+- the kernels' raw passes and conventions: `forward`, `backward` (the LSE in the kernels' base with its
+  low parts, as core.ops documents), `uses_base_2`, `score_scale`;
+- the interpreter's GPU-faithful arithmetic: `patch_interpreter`, `float64_dot`;
+- `portable`: the portable family's modules (tile table, plans, kernels, and the bound launches its
+  plans hold), for tests that swap a tile config or a layout rule with monkeypatch and for tools that
+  compile its kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from core import _plans, kernels
+from core._runtime import float64_dot, is_interpreted, patch_interpreter
+from core.kernels import launch as _launch
+from core.kernels.host import OutputPoison, score_scale, uses_base_2
+from core.kernels.launch import HostCache
+from core.kernels.portable import backward as _portable_backward
+from core.kernels.portable import config as _portable_config
+from core.kernels.portable import forward as _portable_forward
+from core.kernels.portable import plans as _portable_plans
+
+__all__ = [
+    "backward",
+    "cached_plans",
+    "clear_plans",
+    "families",
+    "family",
+    "float64_dot",
+    "forward",
+    "host_cache",
+    "is_interpreted",
+    "kernel_fingerprint",
+    "patch_interpreter",
+    "poisoned_outputs",
+    "portable",
+    "score_scale",
+    "use_family",
+    "uses_base_2",
+]
+
+portable = SimpleNamespace(
+    config=_portable_config,
+    plans=_portable_plans,
+    forward=_portable_forward,
+    backward=_portable_backward,
+    launch=_launch,
+)
+
+
+@contextlib.contextmanager
+def poisoned_outputs(enabled: bool = True):
+    """Every kernel output starts as NaN inside the block, so an element a kernel forgot to write shows."""
+    previous, OutputPoison.enabled = OutputPoison.enabled, enabled
+    try:
+        yield
+    finally:
+        OutputPoison.enabled = previous
+
+
+@contextlib.contextmanager
+def host_cache(enabled: bool):
+    """Switch core's host cache (call plans and bound launches) on or off inside the block. Off, every
+    call is validated, planned and launched through `kernel[grid]` afresh."""
+    previous, HostCache.enabled = HostCache.enabled, enabled
+    _plans.clear()
+    try:
+        yield
+    finally:
+        HostCache.enabled = previous
+        _plans.clear()
+
+
+@contextlib.contextmanager
+def use_family(name: str, strict: bool = True):
+    """Run every call inside the block on this kernel family. A call it does not support raises, or
+    with strict=False takes core's usual choice (how the suite runs every test on every family)."""
+    if name not in kernels.FAMILIES:
+        raise ValueError(f"unknown kernel family {name!r}; core has {sorted(kernels.FAMILIES)}")
+    previous = kernels.Forced.name, kernels.Forced.strict
+    kernels.Forced.name, kernels.Forced.strict = name, strict
+    try:
+        yield
+    finally:
+        kernels.Forced.name, kernels.Forced.strict = previous
+
+
+def families() -> tuple[str, ...]:
+    """The kernel families, in the order core.kernels.choose tries them."""
+    return kernels.PRIORITY
+
+
+def family(name: str):
+    """The kernel family `name` (its module, which keeps core.kernels' contract)."""
+    return kernels.FAMILIES[name]
+
+
+def cached_plans() -> list:
+    """The forward plans core keeps now, oldest first."""
+    return _plans.cached()
+
+
+def clear_plans() -> None:
+    """Forget every cached plan (after swapping a tile config or a layout rule)."""
+    _plans.clear()
+
+
+def forward(q, k, v, *, causal: bool, sm_scale: float | None = None, config=None):
+    """(out, lse, lse_low) from a fresh plan of the chosen family (no autograd): lse in the kernels' base,
+    lse_low its low parts (core.ops). `config` (a portable KernelConfig) overrides the portable tiles."""
+    scale = _plans.default_scale(q, sm_scale)
+    with torch.no_grad():
+        if config is not None:
+            return _portable_plans.ForwardPlan(q, k, v, causal, scale, config)(q, k, v)
+        return kernels.choose(q, k, v, causal).ForwardPlan(q, k, v, causal, scale)(q, k, v)
+
+
+def backward(dout, dlse, q, k, v, out, lse, lse_low, *, causal: bool, sm_scale: float | None = None):
+    """(dq, dk, dv) from a fresh plan of the chosen family, for `forward`'s outputs."""
+    scale = _plans.default_scale(q, sm_scale)
+    with torch.no_grad():
+        plan = kernels.choose(q, k, v, causal).ForwardPlan(q, k, v, causal, scale)
+        return plan.backward_plan(dout, dlse, q, k, v)(dout, dlse, q, k, v, out, lse, lse_low)
+
+
+def kernel_fingerprint() -> str:
+    """A short hash of every kernel source of every family: results saved with it tell runs of different
+    kernels apart."""
+    digest = hashlib.sha256()
+    root = Path(kernels.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
