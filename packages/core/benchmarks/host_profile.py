@@ -3,7 +3,10 @@ call can take, side by side with SDPA in one loop, a cProfile of the eager call,
 device time from the profiler (not from events around the call, which also count the GPU waiting for
 the host), for descriptor and pointer loads.
 
-    python packages/core/benchmarks/run.py host       # or: nox -s bench -- host
+    python packages/core/benchmarks/run.py host [--baseline DIR]      # or: nox -s bench -- host
+
+--baseline DIR (a copy of packages/core/src/core from another commit, as ab.py takes) adds that
+version's eager routes to the same loop, for a before/after from one host.
 
 Routes: eager without autograd (the cached plan straight to the kernels), eager with inputs that
 require grad (the registered op and its autograd), the op called directly, a torch.compile'd function,
@@ -62,7 +65,7 @@ def graph_replay(call):
     return graph.replay
 
 
-def routes_table() -> list[tuple[str, float]]:
+def routes_table(baseline=None) -> list[tuple[str, float]]:
     """Host us per call of each route on the tiny problem, every route in one loop (so one host's noise)."""
     q, k, v = inputs(*TINY)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
@@ -91,10 +94,14 @@ def routes_table() -> list[tuple[str, float]]:
         ),
         "SDPA under torch.compile (fullgraph)": functools.partial(compiled_sdpa, q, k, v),
     }
-    rows = []
-    for label, call in routes.items():
-        rows.append((label, host_us(call)))
-    return rows
+    if baseline is not None:
+        routes["baseline eager, no grad"] = functools.partial(baseline.attention, q, k, v)
+        routes["baseline eager, inputs require grad"] = functools.partial(baseline.attention, qg, kg, vg)
+    samples = {label: [] for label in routes}
+    for _ in range(3):  # interleaved rounds: a slow stretch of the host hits every route alike
+        for label, call in routes.items():
+            samples[label].append(host_us(call))
+    return [(label, min(values)) for label, values in samples.items()]
 
 
 def loads_table() -> None:

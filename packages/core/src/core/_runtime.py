@@ -35,8 +35,8 @@ _SCRATCH: dict = {}
 
 
 def _reused_scratch(size: int, alignment: int, stream: int):
-    """Triton's allocator protocol. A fresh torch.empty per launch costs ~6 us of host time on the H200
-    machine, as much as a quarter of a small call; reusing the stream's buffer costs a dict lookup.
+    """Triton's allocator protocol. A fresh torch.empty per launch costs a large part of a small
+    call's host time; reusing the stream's buffer costs a dict lookup.
     Under CUDA graph capture a graph-private buffer is allocated instead, so replays never share memory
     with launches outside the graph."""
     import torch

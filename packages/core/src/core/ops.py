@@ -11,10 +11,11 @@ validate their inputs before calling these, eagerly and while tracing alike.
 
 Conventions of both ops (core.kernels.host): `lse` is the log-sum-exp of each row's scaled scores,
 (B, Hq, Nq) float32, in the kernels' base for q's dtype (`uses_base_2(dtype)`: base 2 for fp16/bf16,
-natural = lse * ln 2; natural for float32), -inf for rows that see no key. `lse_low` holds its low parts ((1, B, Hq, Nq) for
-fp16/bf16, (2, B, Hq, Nq) for float32), which let the backward rebuild the forward's exponent
-exactly; a caller that merged partial results (context parallelism) passes its merged `out` and `lse`
-and zeros for `lse_low`. `dlse` is the gradient of `lse` (same base, any layout) or None.
+natural = lse * ln 2; natural for float32), -inf for rows that see no key. `lse_low` holds its low
+parts ((1, B, Hq, Nq) for fp16/bf16, (2, B, Hq, Nq) for float32), which let the backward rebuild the
+forward's exponent exactly; a caller that merged partial results (context parallelism) passes its
+merged `out` and `lse` and zeros for `lse_low`. `dlse` is the gradient of `lse` (same base, any
+layout) or None.
 """
 
 from __future__ import annotations

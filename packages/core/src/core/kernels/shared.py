@@ -22,11 +22,11 @@ def _dot_parts(a, bT, DOT_PRECISION: tl.constexpr, TWO_PART: tl.constexpr):
 
     TWO_PART takes the dot in float64 (exact products, summed with 29 more bits, on Hopper's float64
     tensor cores). A float32 "ieee" dot is one sequential FMA chain per element whose rounding error
-    grows with the head dim: the fuzzer measured LSE, output, dq and dk up to 2x float32 eager
-    attention's bound on an H100 (D 64 to 200). It is also 2.4-3.4x faster than the FMA dot at D
-    128-256. hi is that dot rounded once, which no summation order changes (short of a float64 sum
-    within 1e-16 of a float32 rounding boundary); lo sees the float64 sum's last bits, which are the same
-    wherever the same products are summed in the same order (the interpreter: core._runtime).
+    grows with the head dim: the fuzzer found LSE, output, dq and dk up to twice float32 eager
+    attention's bound at large head dims. It is also faster than the FMA dot from D 128. hi is that dot
+    rounded once, which no summation order changes (short of a float64 sum within 1e-16 of a float32 rounding
+    boundary); lo sees the float64 sum's last bits, which are the same wherever the same products are summed
+    in the same order (the interpreter: core._runtime).
     fp16/bf16 dots run on the tensor cores, exact products summed in float32.
     """
     if TWO_PART:
@@ -46,7 +46,7 @@ def _scaled_scores(dot, qk_scale):
     then the row's max score minus m is not 0 but m's own rounding error, eps32 * |m|, and a one-hot
     row's P comes out exp(that) instead of exactly 1. At large logits (|m| ~ 1e4) that is 3e-3 off
     in float16 and inf/NaN gradients in float32 at sm_scale 1e37, where eager attention is exact
-    (found by the fuzzer on an H100). Every kernel scales its scores here, so the forward's scores and
+    (found by the fuzzer). Every kernel scales its scores here, so the forward's scores and
     the backward's recomputed ones are the same rounded numbers. It costs one multiply per score.
     """
     if ROUND_SCORES_EXPLICITLY:
@@ -62,8 +62,8 @@ def _scores(a, bT, qk_scale, DOT_PRECISION: tl.constexpr, TWO_PART: tl.constexpr
     scale lost (else zeros). Every kernel gets its scores here, so the backward's are bitwise the forward's.
 
     float32 logits are as precise as float32 allows: both the dot's rounding to float32 (_dot_parts) and
-    the scale's (an FMA) go into scores_low. Measured on an H100 at sm_scale -9880 (logits ~4e4): the
-    dot's rounding alone, eps32 * |raw| * |sm_scale|, moved the exponent of a key 8.7 below the row max
+    the scale's (an FMA) go into scores_low. At logits ~4e4 (a pinned fuzz example): the dot's rounding
+    alone, eps32 * |raw| * |sm_scale|, moved the exponent of a key 8.7 below the row max
     by 1.2e-3, and the output to 1.7x float32 eager attention's bound (1.3x with huge logits at sm_scale
     1/sqrt(128)).
     """
@@ -117,7 +117,7 @@ def _accumulate_dot(acc, comp, a, b, DOT_PRECISION: tl.constexpr, COMPENSATE: tl
     fp16/bf16 operands accumulate straight into acc on the tensor cores (comp is unused and unchanged).
     float32 operands (COMPENSATE) take each block's dot in float64, rounded once to float32 (as the
     head-dim dots do, see _dot_parts), and Kahan-sum the blocks, comp carrying the rounding error of
-    acc. Both halves were measured on an H100. A float32 "ieee" dot is one sequential FMA chain per
+    acc. A float32 "ieee" dot is one sequential FMA chain per
     element: across a 32-key block it left the output at 1.3-1.7x float32 eager attention's bound at
     large logits, and the compiler folds `acc + a @ b` into one dot continuing acc's chain, so a whole
     row or column of N products would be summed sequentially (18x the eager error at 4096 rows). With

@@ -195,8 +195,8 @@ def _dkdv_from_query_blocks(
     row_start: Q^T (BLOCK_D, BLOCK_M) and dO (BLOCK_M, BLOCK_D).
     MASKED applies the causal rule (the diagonal blocks); other blocks are fully visible.
     PREFETCH_ROW_STATS loads each block's LSE and Delta one step ahead, in registers: Triton's pipeliner
-    leaves these one-float-per-row loads in the step that uses them (H200: dK/dV +3-8% at D=64 with
-    three stages, but -8% at D=128, N 1k, config.py). WHOLE_BLOCKS: Nq is a multiple of BLOCK_M, so
+    leaves these one-float-per-row loads in the step that uses them (it pays at D=64 with three stages,
+    not at D=128: config.py). WHOLE_BLOCKS: Nq is a multiple of BLOCK_M, so
     no row of any block is past it (backward_dkdv_kernel's WHOLE_QUERY_BLOCKS).
     """
     offs_m = tl.arange(0, BLOCK_M)
@@ -346,7 +346,7 @@ def backward_dkdv_kernel(
     (core.kernels.shared._head_rows). PREFETCH_ROW_STATS: see _dkdv_from_query_blocks. WHOLE_QUERY_BLOCKS:
     Nq is a multiple of BLOCK_M, so the query rows' LSE and Delta load unmasked, as aligned vectors. The
     masks and per-element predicates of those one-float-per-row loads were a third of the D=128 loop's
-    instructions (sm_90 SASS of Triton 3.6: 706 per step, 463 without them; H200: dK/dV +22-31%).
+    instructions (docs/perf-notes.md).
     """
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -392,8 +392,8 @@ def backward_dkdv_kernel(
     first_head = kv_head * kv_group
     # fp16/bf16 save a zero low part for typical rows (forward.py). Scanning it first, one float
     # per row against 2 x HEAD_DIM inputs per row in the loop, lets such tiles take a loop without its
-    # subtraction, which cost the backward 4-6% (H100), and without its load (dK/dV +2-5%, H200). Up to
-    # BLOCK_D 128 both loops fit in shared memory.
+    # subtraction and without its load, both measurable (docs/perf-notes.md). Up to BLOCK_D 128 both
+    # loops fit in shared memory.
     use_lse_low = True
     if (not COMPENSATE) and BLOCK_D <= 128:
         nonzero_lows = 0
@@ -613,7 +613,7 @@ def backward_dq_kernel(
         # input dtype, so dS summed over a row is dLSE + dO . (O - O rounded) instead of dLSE. The second
         # term is noise at the output's precision, which a dLSE-only loss turns into all of dq's signal:
         # q = 0 and equal keys give exactly dq = dLSE sm_scale k, which eager attention reproduces and the
-        # dO . O kernel missed by 3.8x the bound (the H200 fuzzer, bf16, sm_scale 256). Without a dLSE
+        # dO . O kernel missed by several times the bound (a pinned fuzz example). Without a dLSE
         # the noise stays at the eager reference's own level, and the backward skips the pass.
         # The pass reads K and V once more; the dK/dV kernel, launched after this one, reads the Delta
         # it stores.

@@ -59,16 +59,13 @@ def forward_config(block_d: int, dtype: torch.dtype, interpreted: bool) -> Kerne
         return (
             KernelConfig(64, 32, num_warps=4, num_stages=2) if block_d <= 128 else KernelConfig(32, 32, 4, 1)
         )
-    # H200 sweep (bf16/fp16, causal, N 1k/4k/16k at 16k tokens; docs/perf-notes.md): 64 x 64 tiles with 4
-    # warps, K and V through the copy engine, beat the 128 x 64 pointer-load tiles at every N: D=128
-    # 260/400/498 TFLOP/s against 245/365/479, D=64 224/345/394 against 218/310/354.
+    # Small tiles with K and V through the copy engine: the descriptors free the registers and issue
+    # slots that pointer arithmetic takes, which pays most with 64-row tiles (sweeps: docs/perf-notes.md).
     if block_d <= 64:
         return KernelConfig(64, 64, num_warps=4, num_stages=4, descriptors=True)
     if block_d <= 128:
         return KernelConfig(64, 64, num_warps=4, num_stages=3, descriptors=True)
-    # D=256 (H100 sweep, bf16 causal N 4k/16k): 128 x 64 with 8 warps 351/450 TFLOP/s, 64 x 64 with 4 warps
-    # 199/240; the longer query tile halves the K/V traffic per flop. H200, fp16 causal N 1k/4k/16k: through
-    # descriptors 240/378/504 against 231/347/436 by pointer loads; 64-row tiles lose (188/318/384).
+    # D=256: a 128-row query tile halves the K/V traffic per flop; 64-row tiles lose.
     return KernelConfig(128, 64, num_warps=8, num_stages=2, descriptors=True)
 
 
@@ -89,14 +86,10 @@ def backward_configs(
     if dtype == torch.float32:
         small = KernelConfig(32, 32, num_warps=4, num_stages=1)
         return small, small
-    # H100 sweep (docs/perf-notes.md): at D=64 two stages beat three for dK/dV (+10%); at D=128 the
-    # wide 64 x 128 tiles with 8 warps win for both kernels (+10% each over 32 x 64 / 64 x 32). H200
-    # sweep: streaming through the copy engine adds 1-6% (D=128 16k: 351 vs 330 TFLOP/s), and at D=64 a
-    # 64 x 64 dQ tile with 4 warps another 5-11% (312/285/202 at N 16k/4k/1k against 292/258/183).
-    # H200 dK/dV sweep (bf16 causal, N 16k/4k/1k, the kernel alone): at D=64 three stages with the row
-    # statistics prefetched 412/369/266 TFLOP/s against 388/350/258 with two stages and none. At D=128
-    # prefetching in one of the kernel's two loops gained 1% from 4k and lost 8% at 1k (244 against 265);
-    # in both, the 64 x 128 tiles with three stages need 262 KB of shared memory (227 KB): off there.
+    # Each kernel keeps a long resident side and streams the other through the copy engine (sweeps:
+    # docs/perf-notes.md). At D=64 the dK/dV kernel prefetches its rows' statistics, which pays only with
+    # a third pipeline stage; at D=128 three stages of 64 x 128 tiles plus the prefetch would need more
+    # shared memory than the 227 KB a block may have, so it stays off there.
     if block_d <= 64:
         return (
             KernelConfig(32, 128, 4, 3, descriptors=True, prefetch_row_stats=True),
@@ -104,10 +97,8 @@ def backward_configs(
         )
     if block_d <= 128:
         return KernelConfig(64, 128, 8, 3, descriptors=True), KernelConfig(128, 64, 8, 3, descriptors=True)
-    # D=256 (bf16 causal, N 1k/16k): dK/dV 64 x 64 with 8 warps and 2 stages, backward 119/180 TFLOP/s against
-    # 35/36 with 16 x 64 and 4 warps, whose 16-query tiles starve the tensor cores; then dQ 128 x 32 with 8
-    # warps and 3 stages 139/205 against 120/183 for 64 x 16. H200, fp16 causal N 1k/4k/16k: through
-    # descriptors 150/199/229 against 131/168/193 by pointer loads.
+    # D=256: no tile narrower than 64 rows on the resident side (16-row tiles starve the tensor cores),
+    # and the largest that fit the shared memory with 2-3 stages.
     return KernelConfig(64, 64, 8, 2, descriptors=True), KernelConfig(128, 32, 8, 3, descriptors=True)
 
 

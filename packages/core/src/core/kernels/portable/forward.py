@@ -44,7 +44,7 @@ def _attend_to_key_blocks(
 
     l_i is a sum over every visible key of the row, i.e. up to N terms added one block at a time; it is
     Kahan-compensated (l_comp) for every dtype because the LSE is a float32 output whose error would
-    otherwise grow with N (5x the eager reference's at 8M keys, measured on an H100). It costs three
+    otherwise grow with N (several times the eager reference's at millions of keys). It costs three
     adds per row per block, nothing next to the block's dots.
 
     k_src/v_src are tensor descriptors of this head's K and V (DESCRIPTORS), or pointer tiles at the

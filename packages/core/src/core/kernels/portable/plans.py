@@ -89,10 +89,8 @@ def whole_query_blocks(n_queries: int, block_m: int) -> bool:
 def descriptors_pay_off(resident_rows: int, resident_block: int) -> bool:
     """Whether a problem is big enough for descriptor loads: the rows a program keeps (queries in the
     forward and dQ kernels, keys in the dK/dV kernel) fill at least one tile. Below that every program
-    is short and bound by memory or by the launch, and descriptors only cost: building them takes ~2 us
-    of device time and their scratch memory ~4 us of host time per launch. Measured on the H200
-    (host_profile.py, fp16): a (1, 1, 16, 64) forward runs 3.8 us on the device with pointer loads
-    against 6.0 with descriptors; a decode step (8, 16, 1 query x 4096 keys, 128) 68.1 against 68.4."""
+    is short and bound by memory or by the launch, and descriptors only cost: building them takes device
+    time, and their scratch memory host time, on every launch (docs/perf-notes.md, "Host overhead")."""
     return resident_rows >= resident_block
 
 
@@ -119,8 +117,8 @@ class ForwardPlan(OnDevice):
     low part (forward.py).
 
     With keep_statistics False the caller wants only out (no autograd, no LSE): the kernel's LSE and
-    low parts then go to one throwaway buffer, which saves an allocation (~2 us of a small call's host
-    time); both come back as None.
+    low parts then go to one throwaway buffer, which saves an allocation (a visible part of a small
+    call's host time); both come back as None.
 
     Valid for inputs with the shapes, strides, dtypes, device and 16-byte alignment of the ones it was
     built from (core._plans keys on exactly these)."""
