@@ -15,11 +15,13 @@ the host cache switched off (core.testing.host_cache), and a CUDA graph replay.
 
 from __future__ import annotations
 
+import argparse
 import cProfile
 import functools
 import io
 import pstats
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -141,13 +143,22 @@ def call_profile() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    del argv  # no options
-    rows = (
-        routes_table()
-    )  # first: the profiler (kernel_us) leaves the launch path slower for the rest of a process
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--baseline", type=Path, help="a copy of packages/core/src/core to time beside core")
+    args = parser.parse_args(argv)
+    baseline = None
+    if args.baseline is not None:
+        from ab import load_baseline
+
+        baseline = load_baseline(args.baseline)
+    # First: the profiler (kernel_us) leaves the launch path slower for the rest of a process.
+    rows = routes_table(baseline)
     call_profile()
     loads_table()
-    print(f"\nhost time per call, tiny fp16 (1, 1, 16, 64) causal forward, {torch.cuda.get_device_name()}:")
+    print("\nhost us per call (best of 3 interleaved rounds, each the median of 9 x 300 calls),")
+    print(f"tiny fp16 (1, 1, 16, 64) causal forward, {torch.cuda.get_device_name()}:")
     for label, us in rows:
         print(f"  {label:<50} {us:7.1f} us")
 
