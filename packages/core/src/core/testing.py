@@ -100,8 +100,8 @@ def use_family(name: str, strict: bool = True):
 
 
 def families() -> tuple[str, ...]:
-    """The kernel families, in the order core.kernels.choose tries them."""
-    return kernels.PRIORITY
+    """The kernel families this machine can run, in the order core.kernels.choose tries them."""
+    return tuple(name for name in kernels.PRIORITY if kernels.FAMILIES[name].available())
 
 
 def family(name: str):

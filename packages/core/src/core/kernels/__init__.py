@@ -3,6 +3,7 @@
 A family is a package here with one small contract:
 
 - `NAME`: how tests and users refer to it (core.testing.use_family);
+- `available() -> bool`: whether this machine can run it at all;
 - `supports(q, k, v, causal) -> bool`: whether it takes this (validated) call;
 - `ForwardPlan(q, k, v, causal, sm_scale)`: the forward of one call signature; calling it with tensors
   of that signature returns (out, lse, lse_low) with the conventions of core.kernels.host (out laid out
@@ -18,10 +19,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from core.kernels import portable
+from core.kernels import hopper, portable
 
-FAMILIES: dict[str, ModuleType] = {portable.NAME: portable}
-PRIORITY: tuple[str, ...] = (portable.NAME,)
+FAMILIES: dict[str, ModuleType] = {hopper.NAME: hopper, portable.NAME: portable}
+PRIORITY: tuple[str, ...] = (hopper.NAME, portable.NAME)
 
 
 class Forced:

@@ -8,9 +8,14 @@ from core.kernels.portable.plans import BackwardPlan, ForwardPlan
 NAME = "portable"
 
 
+def available() -> bool:
+    """Everywhere Triton runs."""
+    return True
+
+
 def supports(q, k, v, causal: bool) -> bool:
     """Every input that passed validation."""
     return True
 
 
-__all__ = ["NAME", "BackwardPlan", "ForwardPlan", "supports"]
+__all__ = ["NAME", "BackwardPlan", "ForwardPlan", "available", "supports"]

@@ -1,0 +1,466 @@
+"""The Hopper forward (core.kernels.hopper) in one GPU run: correctness against the float64 reference and
+SDPA, compatibility of its LSE with core's backward, then its speed next to core's portable forward and
+SDPA's FLASH and CUDNN backends. A short table is printed last.
+
+    PYTHONPATH=packages/core/src python packages/core/benchmarks/hopper_fwd_check.py [--quick] [--out DIR]
+
+Without a GPU, --report compiles the kernel for sm_90a on the CPU (triton 3.6, whose ptxas ships in its
+wheel) and prints what the compiler made of it: shared memory, registers per partition (setmaxnreg),
+spills, the wgmma instructions and ptxas's performance warnings.
+
+    PYTHONPATH=packages/core/src $TRITON36_PYTHON packages/core/benchmarks/hopper_fwd_check.py --report
+
+Correctness: every output buffer is NaN-filled before the kernel runs (core.testing.poisoned_outputs), so a
+row the kernel never writes shows as NaN. out and the natural LSE are judged by core.tolerance against
+core.attention_reference in float64; the base-2 LSE's low part must follow the portable forward's rules (0
+where |LSE2| < 256 or the row sees no key, at most half an ulp of LSE2 elsewhere, and LSE2 + low closer to
+the truth than LSE2 alone at large logits); the backward (core.testing.backward, the portable one) run on
+the Hopper forward's out, LSE and low part must give gradients within tolerance. A kernel that hangs is
+reported by a watchdog, which ends the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import core.testing
+from core import attention, attention_reference
+from core.tolerance import judge, largest_finite
+
+hopper = core.testing.family("hopper")
+ALL_HEAD_DIMS = (64, 128)  # the kernel runs at both; the family takes only those where it wins
+
+
+def hopper_forward(q, k, v, causal, sm_scale):
+    """(out, lse2, lse_low) from the Hopper family's forward plan."""
+    return hopper.ForwardPlan(q, k, v, causal, sm_scale)(q, k, v)
+
+
+TOKENS, WIDTH = 16384, 2048
+SEQ_LENS = (1024, 4096, 16384)
+HANG_SECONDS = 60
+LN2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------- compile report (CPU)
+
+
+def _compile_for_sm90(head_dim: int, causal: bool, dtype: torch.dtype):
+    """The kernel compiled for sm_90a as hopper.forward launches it, without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    kernel = hopper.kernel()
+
+    config = hopper.tile_config(head_dim)
+    element = gl.float16 if dtype == torch.float16 else gl.bfloat16
+    stand_in = torch.empty(1, 1, 1024, head_dim, dtype=dtype)
+
+    def descriptor(rows):
+        layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], element)
+        return mangle_type(
+            TensorDescriptor(
+                stand_in, list(stand_in.shape), list(stand_in.stride()), [1, 1, rows, head_dim], layout
+            )
+        )
+
+    signature = {
+        "q_desc": descriptor(config.block_m), "k_desc": descriptor(config.block_n),
+        "v_desc": descriptor(config.block_n), "o_desc": descriptor(config.block_m),
+        "Lse": "*fp32", "LseLow": "*fp32",
+        "n_q_heads": "i32", "kv_group": "i32", "n_queries": "i32", "n_keys": "i32", "qk_scale": "fp32",
+    }  # fmt: skip
+    constants = {
+        "HEAD_DIM": head_dim, "CAUSAL": causal, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+        "STAGES": config.stages, "CONSUMER_REGISTERS": config.consumer_registers,
+        "PRODUCER_REGISTERS": config.producer_registers,
+    }  # fmt: skip
+    names = kernel.arg_names
+    constexprs = {}
+    for name, value in constants.items():
+        signature[name] = "constexpr"
+        constexprs[(names.index(name),)] = value
+    aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in ("Lse", "LseLow")}
+    source = GluonASTSource(kernel, signature, constexprs, aligned)
+    options = {"num_warps": 4, "maxnreg": config.max_registers}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def report() -> None:
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    print(f"triton {triton.__version__}, sm_90a")
+    for dtype in (torch.float16, torch.bfloat16):
+        for head_dim in (64, 128):
+            for causal in (False, True):
+                compiled = _compile_for_sm90(head_dim, causal, dtype)
+                ptx = compiled.asm["ptx"]
+                with tempfile.TemporaryDirectory() as scratch:
+                    source = os.path.join(scratch, "k.ptx")
+                    Path(source).write_text(ptx)
+                    log = subprocess.run(
+                        [ptxas, "-arch=sm_90a", "-v", source, "-o", os.path.join(scratch, "k.cubin")],
+                        capture_output=True, text=True,
+                    ).stderr  # fmt: skip
+                used = re.search(r"Used (\d+) registers", log)
+                spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+                wgmma = [line for line in ptx.splitlines() if "wgmma.mma_async" in line]
+                facts = {
+                    "shared bytes": compiled.metadata.shared,
+                    "launch registers": used.group(1) if used else "?",
+                    # setmaxnreg: the partitions' budgets, and the values warps pass through on the way.
+                    "setmaxnreg": sorted(
+                        {int(n) for n in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)}
+                    ),
+                    "spill stores/loads": "/".join(spills.groups()) if spills else "?",
+                    "wgmma shapes": sorted({re.search(r"aligned\.(\w+)\.", line).group(1) for line in wgmma}),
+                    "wgmma": len(wgmma),
+                    # P V reads P from registers: its A operand is a register list, not a descriptor.
+                    "with A in registers": sum("}, {" in line for line in wgmma),
+                    "ptxas warnings": [
+                        line.split(": ", 1)[-1] for line in log.splitlines() if "Performance" in line
+                    ],
+                }
+                print(
+                    f"{str(dtype)[6:]} D={head_dim} causal={causal}: "
+                    + ", ".join(f"{k} {v}" for k, v in facts.items())
+                )
+
+
+# ----------------------------------------------------------------------------- correctness (GPU)
+
+
+poisoned_outputs = core.testing.poisoned_outputs
+
+
+class Watchdog:
+    """Ends the process if a step takes longer than HANG_SECONDS: a deadlocked kernel cannot be
+    interrupted from Python, and the run's later sections would never print."""
+
+    def __init__(self):
+        self.step, self.started = "start", time.monotonic()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def enter(self, step: str):
+        self.step, self.started = step, time.monotonic()
+
+    def _watch(self):
+        while True:
+            time.sleep(1)
+            if time.monotonic() - self.started > HANG_SECONDS:
+                print(f"HANG: no progress for {HANG_SECONDS} s in: {self.step}", flush=True)
+                os._exit(3)
+
+
+def make_inputs(case: dict, device="cuda"):
+    batch, q_heads, kv_heads = case["b"], case["hq"], case["hkv"]
+    n_queries, n_keys, head_dim, dtype = case["nq"], case["nk"], case["d"], case["dtype"]
+    generator = torch.Generator(device=device).manual_seed(case.get("seed", 0))
+
+    def tensor(heads, n):
+        if case.get("layout") == "bshd":  # a (B, N, H, D) projection seen as (B, H, N, D)
+            x = torch.randn(
+                batch, n, heads, head_dim, device=device, generator=generator, dtype=torch.float32
+            )
+            return x.to(dtype).transpose(1, 2)
+        x = torch.randn(batch, heads, n, head_dim, device=device, generator=generator, dtype=torch.float32)
+        return x.to(dtype)
+
+    return tensor(q_heads, n_queries), tensor(kv_heads, n_keys), tensor(kv_heads, n_keys)
+
+
+def check_lse_low(lse2: torch.Tensor, lse_low: torch.Tensor) -> str | None:
+    """The portable forward's rules for the LSE's low part, or what breaks them."""
+    low = lse_low[0]
+    small = ~torch.isfinite(lse2) | (lse2.abs() < 256)
+    if not torch.isfinite(low).all():
+        return "non-finite low part"
+    if (low[small] != 0).any():
+        return "nonzero low part where |LSE2| < 256 or the row sees no key"
+    big = ~small
+    if big.any():
+        half_ulp = torch.finfo(torch.float32).eps * lse2[big].abs()
+        if (low[big].abs() > half_ulp).any():
+            return "low part larger than half an ulp of LSE2"
+    return None
+
+
+def correctness_cases(quick: bool) -> list[dict]:
+    cases = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for head_dim in (64, 128):
+            for causal in (False, True):
+                cases.append(dict(b=2, hq=4, hkv=4, nq=512, nk=512, d=head_dim, dtype=dtype, causal=causal))
+    # Ragged and rectangular sizes, GQA, BSHD views, empty causal rows, tiny and single-row problems.
+    odd = [
+        dict(b=1, hq=4, hkv=2, nq=1000, nk=1537, d=128, dtype=torch.bfloat16, causal=True, backward=True),
+        dict(b=1, hq=4, hkv=2, nq=1000, nk=1537, d=64, dtype=torch.float16, causal=False),
+        dict(b=2, hq=8, hkv=1, nq=300, nk=200, d=64, dtype=torch.float16, causal=True, backward=True),
+        dict(b=2, hq=6, hkv=3, nq=129, nk=257, d=128, dtype=torch.bfloat16, causal=True, layout="bshd"),
+        dict(b=3, hq=2, hkv=2, nq=17, nk=17, d=64, dtype=torch.bfloat16, causal=True),
+        dict(b=1, hq=2, hkv=2, nq=1, nk=1000, d=128, dtype=torch.float16, causal=True),
+        dict(b=1, hq=2, hkv=2, nq=1, nk=1, d=64, dtype=torch.float16, causal=False),
+        dict(b=1, hq=2, hkv=2, nq=2048, nk=2048, d=128, dtype=torch.float16, causal=True, layout="bshd"),
+        # Many tiles per head and batch (grid far beyond the SM count), GQA, ragged ends.
+        dict(b=4, hq=8, hkv=2, nq=1536, nk=1536, d=64, dtype=torch.float16, causal=True),
+        dict(b=3, hq=16, hkv=16, nq=700, nk=900, d=128, dtype=torch.bfloat16, causal=False),
+        dict(b=2, hq=16, hkv=4, nq=1100, nk=1000, d=128, dtype=torch.bfloat16, causal=True),
+        # Large logits: |LSE2| beyond 256, where the low part is saved.
+        dict(
+            b=1,
+            hq=2,
+            hkv=2,
+            nq=256,
+            nk=384,
+            d=64,
+            dtype=torch.bfloat16,
+            causal=True,
+            sm_scale=40.0,
+            backward=True,
+        ),
+        dict(b=1, hq=2, hkv=2, nq=256, nk=256, d=128, dtype=torch.float16, causal=False, sm_scale=-25.0),
+    ]
+    if quick:  # every other odd case, and all the many-tile and large-logit ones
+        return cases[::3] + [case for i, case in enumerate(odd) if i % 2 == 0 or i >= 8]
+    return cases + odd
+
+
+def run_correctness(cases: list[dict], dog: Watchdog) -> list[dict]:
+    import torch.nn.functional as F
+
+    results = []
+    for case in cases:
+        label = (
+            f"{str(case['dtype'])[6:]} B{case['b']} Hq{case['hq']}/{case['hkv']} Nq{case['nq']} "
+            f"Nk{case['nk']} D{case['d']} {'causal' if case['causal'] else 'full'} "
+            f"{case.get('layout', 'bhsd')}"
+        )
+        dog.enter(f"correctness {label}")
+        q, k, v = make_inputs(case)
+        causal = case["causal"]
+        sm_scale = case.get("sm_scale", 1.0 / math.sqrt(case["d"]))
+        entry: dict = {"case": label}
+        if not hopper.supports(q, k, v, causal, head_dims=ALL_HEAD_DIMS):
+            entry["error"] = "supports() is False"
+            results.append(entry)
+            print(f"  {label}: NOT SUPPORTED", flush=True)
+            continue
+        try:
+            with poisoned_outputs():
+                out, lse2, lse_low = hopper_forward(q, k, v, causal, sm_scale)
+            torch.cuda.synchronize()
+        except Exception as error:  # a compile or launch failure is a result of this check
+            entry["error"] = f"{type(error).__name__}: {error}"[:2000]
+            results.append(entry)
+            print(f"  {label}: FAILED {entry['error']}", flush=True)
+            continue
+        truth, truth_lse = attention_reference(q, k, v, causal=causal, sm_scale=sm_scale, return_lse=True)
+        eager, eager_lse = attention_reference(
+            q, k, v, causal=causal, sm_scale=sm_scale, return_lse=True, compute_dtype=None
+        )
+        verdicts = [
+            judge("out", out, truth, eager),
+            judge("lse", lse2 * LN2, truth_lse, eager_lse, input_dtype=q.dtype),
+        ]
+        entry["nan_out"] = int(torch.isnan(out).sum())
+        entry["nan_lse"] = int(torch.isnan(lse2).sum())
+        entry["lse_low"] = check_lse_low(lse2, lse_low) or "ok"
+        # LSE2 + its low part, in float64, against the truth in base 2: the low part must not hurt.
+        truth2 = truth_lse.double() / LN2
+        seen = torch.isfinite(truth2)
+        if seen.any():
+            with_low = (lse2.double() + lse_low[0].double() - truth2)[seen].abs().max().item()
+            without = (lse2.double() - truth2)[seen].abs().max().item()
+            entry["lse2_err"], entry["lse2_plus_low_err"] = without, with_low
+            if with_low > without and with_low > 1e-6 * truth2[seen].abs().max().item():
+                entry["lse_low"] = (
+                    f"LSE2 + low further from the truth ({with_low:.3e}) than LSE2 ({without:.3e})"
+                )
+        # core's portable forward on the same inputs.
+        with core.testing.use_family("portable"):
+            portable, portable_lse2, portable_low = core.testing.forward(
+                q, k, v, causal=causal, sm_scale=sm_scale
+            )
+        entry["vs_portable_out"] = (out.float() - portable.float()).abs().max().item()
+        both = torch.isfinite(portable_lse2)
+        if not torch.equal(both, torch.isfinite(lse2)):
+            entry["lse_low"] = "rows without keys differ from the portable forward's"
+        entry["vs_portable_lse2"] = (lse2 - portable_lse2)[both].abs().max().item() if both.any() else 0.0
+        entry["vs_portable_low"] = (lse_low - portable_low).abs().max().item()
+        # SDPA's causal mask is top-left aligned: compare only where that is the same mask.
+        if not causal or case["nq"] == case["nk"]:
+            expected = F.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, scale=sm_scale, enable_gqa=case["hq"] != case["hkv"]
+            )
+            entry["vs_sdpa_out"] = (out.float() - expected.float()).abs().max().item()
+        # The backward on the Hopper forward's statistics.
+        if case.get("backward"):
+            dog.enter(f"backward {label}")
+            dout = torch.randn_like(q)
+            grads = core.testing.backward(
+                dout, None, q, k, v, out, lse2, lse_low, causal=causal, sm_scale=sm_scale
+            )
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            true_out = attention_reference(*leaves, causal=causal, sm_scale=sm_scale)
+            true_grads = torch.autograd.grad(true_out, leaves, dout.double())
+            eager_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            eager_out = attention_reference(
+                *eager_leaves, causal=causal, sm_scale=sm_scale, compute_dtype=None
+            )
+            eager_grads = torch.autograd.grad(eager_out, eager_leaves, dout)
+            family = largest_finite(*true_grads)
+            for name, grad, true_grad, eager_grad in zip(("dq", "dk", "dv"), grads, true_grads, eager_grads):
+                verdicts.append(judge(name, grad, true_grad, eager_grad, family_scale=family))
+        entry["verdicts"] = {v.quantity: {"ok": v.ok, "ratio": v.ratio} for v in verdicts}
+        entry["ok"] = (
+            all(v.ok for v in verdicts)
+            and entry["lse_low"] == "ok"
+            and entry["nan_out"] == entry["nan_lse"] == 0
+        )
+        results.append(entry)
+        ratios = " ".join(f"{v.quantity} {v.ratio:.2f}" for v in verdicts)
+        print(
+            f"  {label}: {'PASS' if entry['ok'] else 'FAIL'} ({ratios}; lse_low {entry['lse_low']}; "
+            f"|out - portable| {entry['vs_portable_out']:.2e}; "
+            f"|lse2 - portable| {entry['vs_portable_lse2']:.2e}; "
+            f"|low - portable| {entry['vs_portable_low']:.2e}"
+            + (f"; |out - sdpa| {entry['vs_sdpa_out']:.2e}" if "vs_sdpa_out" in entry else "")
+            + f"; NaN out/lse {entry['nan_out']}/{entry['nan_lse']})",
+            flush=True,
+        )
+    return results
+
+
+# ----------------------------------------------------------------------------- timing (GPU)
+
+
+def time_row(dtype_name: str, head_dim: int, n: int, causal: bool) -> dict:
+    """TFLOP/s of each forward on one benchmark shape, and each output checked against FLASH's."""
+    import torch.nn.functional as F
+    from attnbench.flops import forward_flops
+    from attnbench.runner import DTYPES, compare
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench
+
+    batch, heads = TOKENS // n, WIDTH // head_dim
+    q, k, v = (
+        torch.randn(batch, heads, n, head_dim, device="cuda", dtype=DTYPES[dtype_name]) for _ in range(3)
+    )
+    sm_scale = 1.0 / math.sqrt(head_dim)
+    flops = forward_flops(batch, heads, n, n, head_dim, causal)
+
+    def sdpa(backend):
+        def call():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        return call
+
+    providers = {
+        "core": lambda: attention(q, k, v, causal=causal),
+        "hopper": lambda: hopper_forward(q, k, v, causal, sm_scale)[0],
+        "flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+    }
+    row: dict = {"case": f"{dtype_name} D{head_dim} N{n} {'causal' if causal else 'full'}"}
+    reference = providers["flash"]()
+    for name, call in providers.items():
+        try:
+            row[f"{name}_check"] = compare(call(), reference, dtype_name)
+            row[name] = flops / do_bench(call, return_mode="median") / 1e9
+        except Exception as error:  # a provider that cannot run this shape is a blank cell
+            row[name] = None
+            row[f"{name}_error"] = f"{type(error).__name__}: {error}"[:300]
+    return row
+
+
+def run_timing(quick: bool, dog: Watchdog) -> list[dict]:
+    rows = []
+    dtypes = ("bf16",) if quick else ("bf16", "fp16")
+    seq_lens = (4096, 16384) if quick else SEQ_LENS
+    for dtype_name in dtypes:
+        for head_dim in (64, 128):
+            for n in seq_lens:
+                for causal in (False, True):
+                    dog.enter(f"timing {dtype_name} D{head_dim} N{n} causal={causal}")
+                    row = time_row(dtype_name, head_dim, n, causal)
+                    rows.append(row)
+                    cells = " ".join(
+                        f"{name} {row[name]:.0f}" if row[name] else f"{name} -"
+                        for name in ("core", "hopper", "flash", "cudnn")
+                    )
+                    suspect = row.get("hopper_check", {}).get("suspect", True)
+                    print(
+                        f"  {row['case']}: {cells} TFLOP/s{'  hopper SUSPECT' if suspect else ''}", flush=True
+                    )
+    return rows
+
+
+def print_table(rows: list[dict], device: str) -> None:
+    print(f"\nForward TFLOP/s (median, do_bench), {TOKENS} tokens, H*D = {WIDTH}, {device}:")
+    print(f"{'case':28} {'core':>6} {'hopper':>7} {'flash':>6} {'cudnn':>6} {'hop/core':>8} {'hop/cudnn':>9}")
+
+    def cell(value, width, digits=0):
+        return f"{value:{width}.{digits}f}" if value else f"{'-':>{width}}"
+
+    for row in rows:
+        suspect = row.get("hopper_check", {}).get("suspect", True)
+        core, hop, cudnn = row.get("core"), row.get("hopper"), row.get("cudnn")
+        print(
+            f"{row['case']:28} {cell(core, 6)} {cell(hop, 7)} {cell(row.get('flash'), 6)} {cell(cudnn, 6)} "
+            f"{cell(hop / core if hop and core else None, 8, 2)} "
+            f"{cell(hop / cudnn if hop and cudnn else None, 9, 2)}" + ("  SUSPECT" if suspect else "")
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer correctness cases and timing rows")
+    parser.add_argument("--report", action="store_true", help="sm_90a compile facts, on the CPU")
+    parser.add_argument("--out", type=Path, help="write results.json here")
+    parser.add_argument("--no-timing", action="store_true")
+    args = parser.parse_args()
+    if args.report:
+        report()
+        return 0
+    if not torch.cuda.is_available():
+        print("no GPU: only --report runs here", file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name()
+    dog = Watchdog()
+    print(f"{device}, torch {torch.__version__}", flush=True)
+    print("correctness:", flush=True)
+    results = {"device": device, "correctness": run_correctness(correctness_cases(args.quick), dog)}
+    passed = sum(bool(entry.get("ok")) for entry in results["correctness"])
+    print(f"correctness: {passed}/{len(results['correctness'])} cases pass", flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    if not args.no_timing:
+        print("timing:", flush=True)
+        results["timing"] = run_timing(args.quick, dog)
+        if args.out:
+            (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        print_table(results["timing"], device)
+    return 0 if passed == len(results["correctness"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

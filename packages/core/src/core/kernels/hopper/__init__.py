@@ -1,0 +1,169 @@
+"""The Hopper family: a warp-specialised Gluon forward for sm_90 (forward.py: a TMA producer warp, two
+consumer warpgroups with asynchronous wgmma, each softmax overlapped with the previous block's P V).
+Its backward is the portable family's, which reads this forward's LSE and low parts (the same
+conventions, core.kernels.host).
+
+It takes fp16/bf16 calls on an sm_90 GPU whose layouts the copy engine can read, at the head dims and
+lengths where it measures faster than the portable forward (docs/perf-notes.md): D 128 with at least one
+full tile of queries. `supports` never imports Gluon, so this package imports on any machine and under
+the interpreter (where `supports` is False); a plan compiles the kernel on first use. CORE_HOPPER=0 in
+the environment turns the family off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from core.kernels import portable
+from core.kernels.host import OnDevice, new_buffer, score_scale
+
+NAME = "hopper"
+
+ENABLED = os.environ.get("CORE_HOPPER", "1") != "0"
+_DTYPES = (torch.float16, torch.bfloat16)
+HEAD_DIMS = (128,)  # D 64 runs, but measured no faster than the portable forward: left to it
+_TMA_DIM_LIMIT = 2**32  # the copy engine's largest extent per dimension
+_GRID_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """block_m query rows per consumer warpgroup (a program has two), block_n keys per K/V stage,
+    stages in the shared-memory ring; registers per thread of the consumer and producer partitions
+    (setmaxnreg), and the kernel's register limit that they are carved from."""
+
+    block_m: int
+    block_n: int
+    stages: int
+    consumer_registers: int = 240
+    producer_registers: int = 24
+    max_registers: int = 168
+
+
+@functools.cache
+def tile_config(head_dim: int) -> TileConfig:
+    # Shared memory per program: 2 query tiles + stages x (K + V) tiles. D 64: 16 + 4 x 32 KB;
+    # D 128: 32 + 2 x 64 KB (three stages would leave no room in the 227 KB).
+    if head_dim <= 64:
+        return TileConfig(block_m=64, block_n=128, stages=4)
+    return TileConfig(block_m=64, block_n=128, stages=2)
+
+
+@functools.cache
+def _is_sm90(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def _fits_copy_engine(t: torch.Tensor) -> bool:
+    """Whether a (B, H, N, D) tensor can be read (or written) by 4-D copy-engine descriptors: unit D
+    stride, a 16-byte aligned start, 16-byte multiple strides for every dimension longer than 1 (the
+    others are never stepped), no broadcast (stride 0) and rows that do not overlap."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    size = t.element_size()
+    for extent, stride in zip(t.shape[:-1], t.stride()[:-1]):
+        if extent > 1 and (stride <= 0 or (stride * size) % 16):
+            return False
+    return t.shape[2] <= 1 or t.stride(2) >= t.shape[-1]
+
+
+def available() -> bool:
+    """Whether this machine can run the family at all: compiled kernels (not the interpreter) and an
+    sm_90 GPU."""
+    from core._runtime import is_interpreted
+
+    return ENABLED and not is_interpreted() and torch.cuda.is_available() and _is_sm90(torch.device("cuda"))
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, head_dims=HEAD_DIMS) -> bool:
+    """Whether this family takes a validated call: fp16/bf16 on an sm_90 GPU, D in `head_dims`, at least
+    one full tile of queries (shorter calls are launch-bound and the portable kernels' smaller tiles
+    waste less), and layouts the copy engine can read. `causal` does not restrict."""
+    if not ENABLED or q.device.type != "cuda" or q.dtype not in _DTYPES:
+        return False
+    batch, q_heads, n_queries, head_dim = q.shape
+    n_keys = k.shape[2]
+    if head_dim not in head_dims or n_queries < 2 * tile_config(head_dim).block_m:
+        return False
+    if max(batch, q_heads, n_queries, n_keys) >= _TMA_DIM_LIMIT:
+        return False
+    if -(-n_queries // (2 * tile_config(head_dim).block_m)) * q_heads * batch > _GRID_LIMIT:
+        return False
+    return all(_fits_copy_engine(t) for t in (q, k, v)) and _is_sm90(q.device)
+
+
+def _descriptor(t: torch.Tensor, rows: int, layout):
+    """A 4-D (B, H, N, D) copy-engine descriptor in (1, 1, rows, D) blocks. Dimensions of extent 1 get a
+    stride that the copy engine accepts (it never steps along them)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    strides = list(t.stride())
+    for dim in (0, 1, 2):
+        if t.shape[dim] == 1:
+            strides[dim] = t.shape[-1] * max(t.shape[2], 1) if dim < 2 else t.shape[-1]
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, t.shape[-1]], layout)
+
+
+class ForwardPlan(OnDevice):
+    """The forward of one call signature (core.kernels' contract): `plan(q, k, v)` returns (out, lse,
+    lse_low) with the portable forward's conventions: out like q; lse (B, Hq, Nq) float32 in base 2,
+    -inf for rows that see no key; lse_low (1, B, Hq, Nq), its TwoSum rounding error, 0 where
+    |lse| < 256 and for rows that see no key. The backward is the portable family's."""
+
+    def __init__(self, q, k, v, causal: bool, sm_scale: float):
+        super().__init__(q)
+        from triton.experimental.gluon import language as gl
+
+        self.causal, self.sm_scale = causal, sm_scale
+        batch, q_heads, n_queries, head_dim = q.shape
+        self.config = config = tile_config(head_dim)
+        self.lse_shape = (batch, q_heads, n_queries)
+        element = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+        self.q_layout = gl.NVMMASharedLayout.get_default_for([1, 1, config.block_m, head_dim], element)
+        self.kv_layout = gl.NVMMASharedLayout.get_default_for([1, 1, config.block_n, head_dim], element)
+        tiles = -(-n_queries // (2 * config.block_m))
+        self.grid = (tiles * q_heads * batch,)
+        kv_group = q_heads // k.shape[1]
+        self.integers = (q_heads, kv_group, n_queries, k.shape[2], score_scale(q.dtype, sm_scale))
+        self.constexprs = dict(
+            HEAD_DIM=head_dim, CAUSAL=bool(causal), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            STAGES=config.stages, CONSUMER_REGISTERS=config.consumer_registers,
+            PRODUCER_REGISTERS=config.producer_registers, num_warps=4, maxnreg=config.max_registers,
+        )  # fmt: skip
+        self._portable = portable.ForwardPlan(q, k, v, causal, sm_scale)
+
+    def __call__(self, q, k, v, keep_statistics: bool = True):
+        return self.on_device(self._run, q, k, v)
+
+    def _run(self, q, k, v):
+        from core.kernels.hopper.forward import hopper_attention_forward_kernel
+
+        config = self.config
+        out = new_buffer(q)
+        lse = new_buffer(q, self.lse_shape)
+        lse_low = new_buffer(q, (1, *self.lse_shape))
+        hopper_attention_forward_kernel[self.grid](
+            _descriptor(q, config.block_m, self.q_layout),
+            _descriptor(k, config.block_n, self.kv_layout),
+            _descriptor(v, config.block_n, self.kv_layout),
+            _descriptor(out, config.block_m, self.q_layout),
+            lse, lse_low, *self.integers, **self.constexprs,
+        )  # fmt: skip
+        return out, lse, lse_low
+
+    def backward_plan(self, dout, dlse, q, k, v):
+        return self._portable.backward_plan(dout, dlse, q, k, v)
+
+
+__all__ = ["NAME", "ForwardPlan", "TileConfig", "available", "kernel", "supports", "tile_config"]
+
+
+def kernel():
+    """The Gluon kernel itself (compiling it for a report needs no GPU; importing it needs Gluon)."""
+    from core.kernels.hopper.forward import hopper_attention_forward_kernel
+
+    return hopper_attention_forward_kernel
