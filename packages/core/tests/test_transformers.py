@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="4.54")  # register() needs 4.54
 
 import core  # noqa: E402
 import core.integrations.transformers as integration  # noqa: E402
@@ -277,6 +277,44 @@ def test_an_explicit_4d_mask_is_refused():
         tiny_model("core")(ids, attention_mask=mask)
 
 
+def test_the_mask_function_hands_over_none_only_for_what_core_computes():
+    """core_attention_mask called as transformers 5 calls it (q_length, q_offset) and as 4.5x does
+    (cache_position), on patterns built with transformers' own mask factories."""
+    masks = transformers.masking_utils
+    causal = masks.causal_mask_function
+
+    def mask(mask_function=causal, **sizes):
+        sizes = sizes or {"q_length": 8, "q_offset": 0}
+        return integration.core_attention_mask(1, kv_length=8, mask_function=mask_function, **sizes)
+
+    assert mask() is None
+    assert mask(q_length=1, q_offset=7) is None  # one decoded token against the cache: bottom-right
+    assert mask(cache_position=torch.arange(6, 8)) is None
+    with pytest.raises(ValueError, match="bottom-right aligned"):
+        mask(q_length=2, q_offset=0)
+    with pytest.raises(ValueError, match="bottom-right aligned"):
+        mask(cache_position=torch.arange(0, 2))
+    with pytest.raises(ValueError, match="static cache"):
+        mask(q_length=1, q_offset=torch.tensor(7))
+
+    sliding = masks.and_masks(masks.sliding_window_overlay(4), causal)
+    assert mask(sliding, q_length=8, q_offset=0, local_size=16) is None  # a window longer than the keys
+    with pytest.raises(ValueError, match="sliding-window"):
+        mask(sliding, q_length=8, q_offset=0, local_size=4)
+
+    one_sequence = masks.packed_sequence_mask_function(torch.zeros(1, 8, dtype=torch.long))
+    assert mask(masks.and_masks(causal, one_sequence)) is None
+    two_sequences = masks.packed_sequence_mask_function(torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="packed"):
+        mask(masks.and_masks(causal, two_sequences))
+
+    def diagonal(batch, head, q, kv):
+        return q == kv
+
+    with pytest.raises(ValueError, match="mask made of"):
+        mask(masks.or_masks(causal, diagonal))
+
+
 def test_unknown_keyword_arguments_are_a_type_error_and_unset_ones_are_ignored():
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
     k = v = torch.randn(1, 1, 8, 16, device=DEVICE)
@@ -324,14 +362,22 @@ def breaks_in_core(explanation) -> list[str]:
 
 
 def test_the_integration_itself_adds_no_graph_break(monkeypatch):
-    """A plain causal forward decides its mask from names alone: Dynamo captures the whole model in one
-    graph once core.attention is opaque to it."""
-    monkeypatch.setattr(
-        core, "attention", lambda q, k, v, *, causal, sm_scale: _opaque_attention(q, k, v, causal)
-    )
+    """A plain causal forward decides its mask from names alone: once core.attention is opaque to Dynamo,
+    the model breaks its graph exactly where the SDPA model does (nowhere, in recent transformers) and
+    never inside core's package."""
+
+    def opaque(q, k, v, *, causal, sm_scale):
+        return _opaque_attention(q, k, v, causal)
+
+    monkeypatch.setattr(core, "attention", opaque)
+    ids = token_ids()
+    model = tiny_model("core")
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(tiny_model("core"))(token_ids())
-    assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
+    with_core = torch._dynamo.explain(model)(ids)
+    torch._dynamo.reset()
+    with_sdpa = torch._dynamo.explain(same_weights(model, "sdpa"))(ids)
+    assert breaks_in_core(with_core) == []
+    assert with_core.graph_break_count == with_sdpa.graph_break_count
 
 
 @pytest.mark.xfail(reason="core not yet compile-safe", strict=False)

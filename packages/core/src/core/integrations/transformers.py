@@ -7,7 +7,7 @@
     model.set_attn_implementation("core")  # or switch a model that is already loaded
 
 `register()` adds `core_attention_forward` to transformers' `AttentionInterface` and `core_attention_mask`
-to its `AttentionMaskInterface` (transformers 4.53 or newer; transformers stays an optional dependency,
+to its `AttentionMaskInterface` (transformers 4.54 or newer; transformers stays an optional dependency,
 imported only by `register()`). A model then runs each layer's attention through `core.attention`, with
 GQA/MQA read in place (k and v are never repeated) and the output handed back as a view.
 
@@ -24,8 +24,8 @@ for and what is supported:
   (no cache and no 2-D mask, the training case; SDPA reads them the same way), or the cu_seq_lens_q/k,
   max_length_q/k or seq_idx keyword arguments. Packed sequences and padding masks come with core's
   varlen support;
-- a sliding window or chunked attention that hides keys (a window at least as long as the keys hides
-  none and passes), logit soft-capping (softcap), attention sinks (s_aux), additive position biases,
+- a sliding window or chunked attention that hides keys (a window longer than the keys hides none and
+  passes), logit soft-capping (softcap), attention sinks (s_aux), additive position biases,
   other mask overlays, explicit 4-D masks;
 - dropout > 0 (core has no dropout; transformers passes 0 in eval mode) and output_attentions=True
   (core never forms the attention weights).
@@ -106,10 +106,14 @@ def register() -> None:
             "core.integrations.transformers.register() needs the optional dependency `transformers` "
             "(pip install transformers, or flashcore-attention[transformers])"
         ) from error
-    if not hasattr(transformers, "AttentionMaskInterface"):
+    from transformers import masking_utils
+
+    # Before 4.54 transformers has no packed-sequence detection, so restarting position_ids would pass
+    # unseen (4.53 also lacks set_attn_implementation; older ones, the mask interface itself).
+    if not hasattr(masking_utils, "find_packed_sequence_indices"):
         raise ImportError(
-            "core.integrations.transformers.register() needs transformers 4.53 or newer (for "
-            f"AttentionMaskInterface); found transformers {transformers.__version__}"
+            "core.integrations.transformers.register() needs transformers 4.54 or newer (its mask interface "
+            f"and packed-sequence detection); found transformers {transformers.__version__}"
         )
     transformers.AttentionInterface.register(ATTENTION_NAME, core_attention_forward)
     transformers.AttentionMaskInterface.register(ATTENTION_NAME, core_attention_mask)
@@ -204,7 +208,7 @@ def core_attention_mask(
     """transformers' mask-function signature. Returns None (core needs no mask tensor) for a mask core
     honours and raises a ValueError for any other.
 
-    transformers 5 describes the queries by q_length and q_offset; 4.53 to 4.57 by their positions,
+    transformers 5 describes the queries by q_length and q_offset; 4.54 to 4.57 by their positions,
     cache_position. tensor_options (allow_is_causal_skip, dtype, device, config, use_vmap, ...) say how
     to build a mask tensor, which core never needs.
     """
@@ -257,7 +261,9 @@ def _check_pattern(mask_function: Callable, *, kv_length: int, local_size: int |
         raise ValueError(
             f"the model asks for a mask made of [{described}], which core cannot make: {_SUPPORTED}"
         )
-    # transformers' own test for a window or chunk that hides nothing (it lets SDPA drop the mask too)
+    # transformers' own test for a window or chunk that hides nothing (it lets SDPA drop the mask too).
+    # Once core.attention takes a window, sliding-window overlays pass here and the window reaches core
+    # through the attention function's sliding_window argument (_window_and_softcap).
     if any(name in _LOCAL_OVERLAYS for name in names) and (local_size is None or kv_length >= local_size):
         raise ValueError(
             f"the model asks for sliding-window or chunked attention (size {local_size}) over {kv_length} "
