@@ -32,6 +32,7 @@ TEST_DEPS = [
     "numpy>=1.26",
     "scipy>=1.11",
     "matplotlib>=3.8",
+    "transformers>=4.54",  # core.integrations.transformers and its tests (optional for users)
 ]
 
 
@@ -57,12 +58,13 @@ def _prepare(session: nox.Session) -> dict[str, str]:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The core suite (interpreted on CPU, compiled on a GPU: the tests' conftest.py decides), plus the
-    benchmark harness's and the numerics emulator's own CPU tests."""
+    benchmark harnesses' and the numerics emulator's own CPU tests."""
     env = _prepare(session)
     args = session.posargs or ["-n", "auto", "-q"]
     suites = [
         CORE / "tests",
         CORE / "benchmarks" / "test_bench_harness.py",
+        CORE / "benchmarks" / "test_e2e.py",
         ROOT / "numerics" / "test_emulator.py",
     ]
     session.run("python", "-m", "pytest", *map(str, suites), *args, env=env)
