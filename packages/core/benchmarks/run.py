@@ -8,8 +8,9 @@
     sweep     tile and load variants of the portable kernels vs FLASH/CUDNN, one GPU call (sweep.py)
     ab        the working tree's kernels vs a baseline copy of core, in one GPU process (ab.py)
     report    registers, spills and loop instruction mix from an sm_90a compile, on the CPU (kernel_report.py)
+    compile   torch.compile over core.attention: graph breaks, recompiles, bitwise vs eager (GPU or CPU)
 
-Every tool but `report` (and `kernels --report`/`--dry-run`) needs a CUDA GPU.
+Every tool but `report`, `compile` (and `kernels --report`/`--dry-run`) needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ TOOLS = {
     "sweep": "sweep",
     "ab": "ab",
     "report": "kernel_report",
+    "compile": "compile_matrix",
 }
 
 
