@@ -430,13 +430,13 @@ def print_table(rows: list[dict], device: str) -> None:
         )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer correctness cases and timing rows")
     parser.add_argument("--report", action="store_true", help="sm_90a compile facts, on the CPU")
     parser.add_argument("--out", type=Path, help="write results.json here")
     parser.add_argument("--no-timing", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.report:
         report()
         return 0

@@ -9,6 +9,8 @@
     ab        the working tree's kernels vs a baseline copy of core, in one GPU process (ab.py)
     report    registers, spills and loop instruction mix from an sm_90a compile, on the CPU (kernel_report.py)
     compile   torch.compile over core.attention: graph breaks, recompiles, bitwise vs eager (GPU or CPU)
+    hopper    the Hopper family's forward: checks and timing (GPU), or --report (sm_90a compile on CPU)
+    fused     the portable family's fused backward (behind its switch) vs the split one, timed (GPU)
 
 Every tool but `report`, `compile` (and `kernels --report`/`--dry-run`) needs a CUDA GPU.
 """
@@ -27,6 +29,8 @@ TOOLS = {
     "ab": "ab",
     "report": "kernel_report",
     "compile": "compile_matrix",
+    "hopper": "hopper_fwd_check",
+    "fused": "fused_bwd_check",
 }
 
 

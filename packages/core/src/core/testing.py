@@ -5,7 +5,8 @@ Code outside the package imports `core`, `core.testing`, `core.ops`, `core.refer
 (`packages/core/tests/test_imports.py` checks it). This module is that seam:
 
 - switches: `poisoned_outputs()` (NaN-fill every kernel output), `host_cache(enabled)` (the plan cache
-  and bound launches), `use_family(name)` (force a kernel family);
+  and bound launches), `use_family(name)` (force a kernel family), `fused_backward(enabled)` (the
+  portable family's fused backward, off by default);
 - introspection: `cached_plans()`, `clear_plans()`, `families()`, `kernel_fingerprint()`;
 - the kernels' raw passes and conventions: `forward`, `backward` (the LSE in the kernels' base with its
   low parts, as core.ops documents), `uses_base_2`, `score_scale`;
@@ -32,6 +33,8 @@ from core.kernels.launch import HostCache
 from core.kernels.portable import backward as _portable_backward
 from core.kernels.portable import config as _portable_config
 from core.kernels.portable import forward as _portable_forward
+from core.kernels.portable import fused_backward as _portable_fused_backward
+from core.kernels.portable import fused_plans as _portable_fused_plans
 from core.kernels.portable import plans as _portable_plans
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "family",
     "float64_dot",
     "forward",
+    "fused_backward",
     "host_cache",
     "is_interpreted",
     "kernel_fingerprint",
@@ -58,6 +62,8 @@ portable = SimpleNamespace(
     plans=_portable_plans,
     forward=_portable_forward,
     backward=_portable_backward,
+    fused_backward=_portable_fused_backward,
+    fused_plans=_portable_fused_plans,
     launch=_launch,
 )
 
@@ -82,6 +88,20 @@ def host_cache(enabled: bool):
         yield
     finally:
         HostCache.enabled = previous
+        _plans.clear()
+
+
+@contextlib.contextmanager
+def fused_backward(enabled: bool):
+    """Switch the portable family's fused backward (one kernel, dQ accumulated in key block order) on or
+    off inside the block, for the calls it supports."""
+    switch = _portable_fused_plans.FusedBackward
+    previous, switch.enabled = switch.enabled, enabled
+    _plans.clear()
+    try:
+        yield
+    finally:
+        switch.enabled = previous
         _plans.clear()
 
 

@@ -162,14 +162,19 @@ class ForwardPlan(OnDevice):
         self.launch(self.index, q, k, v, out, lse, lse_low)
         return out, lse, lse_low
 
-    def backward_plan(self, dout, dlse, q, k, v) -> BackwardPlan:
-        """The backward for this forward's inputs and a dO of dout's layout (and a dLSE or none)."""
-        key = (dout.stride(), dout.dtype, dout.data_ptr() & 15, dlse is None)
+    def backward_plan(self, dout, dlse, q, k, v):
+        """The backward for this forward's inputs and a dO of dout's layout (and a dLSE or none): the
+        split backward, or the fused one where its switch is on (fused_plans.py)."""
+        from core.kernels.portable import fused_plans  # it builds on this module
+
+        fused = fused_plans.FusedBackward.enabled and fused_plans.supports(q, k, v, dout, self.causal)
+        key = (dout.stride(), dout.dtype, dout.data_ptr() & 15, dlse is None, fused)
         plan = self.backward_plans.get(key)
         if plan is None:
             if len(self.backward_plans) >= 64:
                 self.backward_plans.clear()
-            plan = self.backward_plans[key] = BackwardPlan(dout, dlse, q, k, v, self.causal, self.sm_scale)
+            kind = fused_plans.FusedBackwardPlan if fused else BackwardPlan
+            plan = self.backward_plans[key] = kind(dout, dlse, q, k, v, self.causal, self.sm_scale)
         return plan
 
 

@@ -1,0 +1,238 @@
+"""The fused backward (core.kernels.fused_bwd) on the GPU: checked against today's split backward, then
+timed against it and against SDPA's FLASH and CUDNN backward passes, in one process.
+
+    PYTHONPATH=packages/core/src python3 packages/core/benchmarks/fused_bwd_check.py [--quick] [--out DIR]
+
+Rows: causal and not, bf16 and fp16, D 64 and 128, N 1k/4k/16k at 16k tokens (B = 16384 / N) and
+H * D = 2048, the benchmark's target shapes. Backward only: every implementation's forward runs once,
+outside the timing (SDPA's backward through autograd.grad with retain_graph). TFLOP/s count the
+backward as 2.5x the forward's flops, causal ones halved (attnbench.flops).
+
+Before timing, each row checks the fused gradients against the split backward's (at most a few ulps of
+the largest gradient apart: both sum dQ in float32, in another order) and the deterministic mode
+against itself (bitwise). `--sweep` also times other tile shapes of the deterministic kernel.
+`--jobs N` compiles every row's kernels in N processes first (Triton's on-disk cache is shared), so the
+timing process finds them compiled. Results go to DIR/fused_bwd.json; a short table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from attnbench.flops import PASS_FLOP_FACTOR, forward_flops
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+# The forward's saved statistics and the split backward's plan are internals: until core has a
+# testing seam, they are reached here.
+import core.testing
+
+_config, _launch = core.testing.portable.config, core.testing.portable.plans
+FusedBackwardPlan = core.testing.portable.fused_plans.FusedBackwardPlan
+
+TOKENS, WIDTH = 16384, 2048
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SEQ_LENS = (1024, 4096, 16384)
+# Other tiles of the deterministic kernel (--sweep): (D, BLOCK_M, BLOCK_N, warps, stages).
+SWEEP = [(64, 64, 64, 4, 2), (64, 64, 128, 8, 3), (128, 64, 64, 8, 2), (128, 32, 128, 8, 2)]
+AGREE_ULPS = 4  # fused vs split: dQ is summed in another order, then rounded once to the dtype
+
+
+def rows(quick: bool, dtypes: list[str]) -> list[dict]:
+    lens = (1024, 16384) if quick else SEQ_LENS
+    return [
+        {"causal": causal, "dtype": dtype, "d": d, "n": n}
+        for causal in (True, False)
+        for dtype in dtypes
+        for d in (64, 128)
+        for n in lens
+    ]
+
+
+def sweep_rows() -> list[dict]:
+    return [
+        {"causal": True, "dtype": "bf16", "d": d, "n": n, "config": (bm, bn, warps, stages)}
+        for d, bm, bn, warps, stages in SWEEP
+        for n in (1024, 16384)
+    ]
+
+
+class Problem:
+    def __init__(self, row: dict, seed: int = 0):
+        dtype, d, n = DTYPES[row["dtype"]], row["d"], row["n"]
+        generator = torch.Generator(device="cuda").manual_seed(seed)
+        shape = (TOKENS // n, WIDTH // d, n, d)
+        self.q, self.k, self.v, self.dout = (
+            torch.randn(shape, generator=generator, device="cuda", dtype=dtype) for _ in range(4)
+        )
+        self.causal, self.scale = row["causal"], 1.0 / math.sqrt(d)
+        with core.testing.use_family("portable"):
+            self.out, self.lse, self.lse_low = core.testing.forward(
+                self.q, self.k, self.v, causal=self.causal, sm_scale=self.scale
+            )
+        self.args = (self.dout, None, self.q, self.k, self.v, self.out, self.lse, self.lse_low)
+        self.flops = PASS_FLOP_FACTOR["bwd"] * forward_flops(shape[0], shape[1], n, n, d, self.causal)
+
+    def split_plan(self):
+        return _launch.BackwardPlan(self.dout, None, self.q, self.k, self.v, self.causal, self.scale)
+
+    def fused_plan(self, deterministic: bool, config=None):
+        return FusedBackwardPlan(
+            self.dout, None, self.q, self.k, self.v, self.causal, self.scale, deterministic, config
+        )
+
+
+def config_of(row: dict):
+    return _config.KernelConfig(*row["config"], descriptors=True) if "config" in row else None
+
+
+def compile_row(row: dict) -> str:
+    """Run every core kernel of a row once (the --jobs warm-up)."""
+    torch.cuda.set_device(0)
+    problem = Problem(row)
+    plans = [problem.fused_plan(True, config_of(row))]
+    if "config" not in row:
+        plans += [problem.split_plan(), problem.fused_plan(False)]
+    for plan in plans:
+        plan(*problem.args)
+    torch.cuda.synchronize()
+    return json.dumps(row)
+
+
+def ulps_apart(got: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.float().abs().max().item() * torch.finfo(expected.dtype).eps
+    return (got.float() - expected.float()).abs().max().item() / max(scale, 1e-30)
+
+
+def time_ms(fn, quick: bool) -> float:
+    return do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median")
+
+
+def sdpa_backward_ms(problem: Problem, backend, quick: bool) -> float:
+    leaves = [t.detach().requires_grad_() for t in (problem.q, problem.k, problem.v)]
+    with sdpa_kernel(backend):
+        out = F.scaled_dot_product_attention(*leaves, is_causal=problem.causal)
+    return time_ms(lambda: torch.autograd.grad(out, leaves, problem.dout, retain_graph=True), quick)
+
+
+def measure(row: dict, quick: bool) -> dict:
+    problem = Problem(row)
+    result = dict(row)
+    tflops = lambda ms: problem.flops / ms / 1e9  # noqa: E731
+    split = problem.split_plan()
+    expected = split(*problem.args)
+    ordered = problem.fused_plan(True, config_of(row))
+    first = ordered(*problem.args)
+    result["ulps_vs_split"] = max(ulps_apart(g, e) for g, e in zip(first, expected))
+    result["bitwise_repeat"] = all(
+        all(torch.equal(a, b) for a, b in zip(first, ordered(*problem.args))) for _ in range(3)
+    )
+    result["ordered"] = tflops(time_ms(lambda: ordered(*problem.args), quick))
+    if "config" in row:
+        return result
+    result["split"] = tflops(time_ms(lambda: split(*problem.args), quick))
+    unordered = problem.fused_plan(False)
+    got = unordered(*problem.args)
+    result["ulps_vs_split"] = max(result["ulps_vs_split"], *(ulps_apart(g, e) for g, e in zip(got, expected)))
+    result["atomic"] = tflops(time_ms(lambda: unordered(*problem.args), quick))
+    for name, backend in (("FLASH", SDPBackend.FLASH_ATTENTION), ("CUDNN", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            result[name] = tflops(sdpa_backward_ms(problem, backend, quick))
+        except RuntimeError as failure:
+            result[name] = f"n/a: {str(failure)[:80]}"
+    return result
+
+
+def number(value) -> str:
+    return f"{value:6.0f}" if isinstance(value, float) else "   n/a"
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "TFLOP/s (backward only); ok: fused within "
+        f"{AGREE_ULPS} ulps of split and ordered mode bitwise repeatable",
+        "causal dtype   D     N |  split ordered atomic  FLASH  CUDNN | ord/split ord/CUDNN | ok",
+    ]
+    for r in results:
+        if "config" in r:
+            continue
+        ok = r["ulps_vs_split"] <= AGREE_ULPS and r["bitwise_repeat"]
+        cudnn = r["CUDNN"] if isinstance(r["CUDNN"], float) else float("nan")
+        lines.append(
+            f"{'yes' if r['causal'] else 'no':>6} {r['dtype']:>5} {r['d']:>3} {r['n']:>5} |"
+            f" {number(r['split'])} {number(r['ordered'])} {number(r['atomic'])} {number(r['FLASH'])}"
+            f" {number(r['CUDNN'])} | {r['ordered'] / r['split']:9.2f} {r['ordered'] / cudnn:11.2f} |"
+            f" {'yes' if ok else 'NO'} ({r['ulps_vs_split']:.1f} ulps)"
+        )
+    swept = [r for r in results if "config" in r]
+    if swept:
+        lines.append("ordered mode, other tiles (BLOCK_M, BLOCK_N, warps, stages), bf16 causal:")
+        for r in swept:
+            ok = r["ulps_vs_split"] <= AGREE_ULPS and r["bitwise_repeat"]
+            lines.append(
+                f"  D{r['d']} N{r['n']} {r['config']}: {r['ordered']:.0f} {'ok' if ok else 'NOT OK'}"
+            )
+    return "\n".join(lines)
+
+
+def give_up(row: dict, results: list[dict]) -> None:
+    print(f"row {json.dumps(row)} did not finish; results so far:", flush=True)
+    print(table(results), flush=True)
+    os._exit(3)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="N 1k and 16k only, shorter timings")
+    parser.add_argument("--sweep", action="store_true", help="also time other tiles of the ordered mode")
+    parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated, of " + ",".join(DTYPES))
+    parser.add_argument("--jobs", type=int, default=0, help="compile in this many processes first")
+    parser.add_argument("--compile-only", action="store_true", help="compile (with --jobs) and stop")
+    parser.add_argument("--budget", type=float, default=math.inf, help="stop timing after SECONDS")
+    parser.add_argument("--row-timeout", type=float, default=60.0, help="give up (print, exit) after")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    work = rows(args.quick, args.dtypes.split(",")) + (sweep_rows() if args.sweep else [])
+    started = time.time()
+    if args.jobs:
+        # The kernels' specialisation does not depend on N here (lengths and batch are not
+        # specialised on), so one row per (causal, dtype, D, tiles) compiles everything.
+        classes = {json.dumps({**row, "n": 4096}): row | {"n": 4096} for row in work}
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            for done in pool.imap_unordered(compile_row, list(classes.values())):
+                print(f"compiled {done} at {time.time() - started:.0f}s", flush=True)
+    if args.compile_only:
+        return
+    results = []
+    timing_started = time.time()
+    for row in work:
+        if time.time() - timing_started > args.budget:
+            print(f"out of time budget: {len(work) - len(results)} rows left", flush=True)
+            break
+        # A row that hangs (a turn never passed on would) ends the run with what was measured so far.
+        watchdog = threading.Timer(args.row_timeout, give_up, (row, results))
+        watchdog.start()
+        result = measure(row, args.quick)
+        watchdog.cancel()
+        results.append(result)
+        print(json.dumps(result), flush=True)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "fused_bwd.json").write_text(json.dumps(results, indent=1))
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
