@@ -36,10 +36,12 @@ from core import _plans
 from core._runtime import is_interpreted
 from core._validation import validate_attention_inputs
 from core.distributed import comm
-from core.distributed.layout import EVERYTHING, Block, ring_block, validate_layout
+from core.distributed.layout import Block, ring_block, validate_layout
 from core.kernels.host import uses_base_2
 
 LN2 = math.log(2.0)
+# Read once, as core.api does: a traced call should see a constant, not trace into the lookup.
+_INTERPRETED = is_interpreted()
 
 
 @torch.compiler.disable(reason="point-to-point communication (batch_isend_irecv) cannot be traced")
@@ -81,7 +83,7 @@ def ring_attention(
     qs, ks, vs = _shards(ring, q, k, v)
     validate_layout(layout)
     for rank_q, rank_k, rank_v in zip(qs, ks, vs):
-        validate_attention_inputs(rank_q, rank_k, rank_v, causal, sm_scale, return_lse, is_interpreted())
+        validate_attention_inputs(rank_q, rank_k, rank_v, causal, sm_scale, return_lse, _INTERPRETED)
     _validate_ring_shapes(ring, qs, ks, vs, causal, layout)
     call = (tuple(qs[0].shape), tuple(ks[0].shape), str(qs[0].dtype), causal, sm_scale, layout)
     if isinstance(ring, comm.ProcessGroupRing):
@@ -102,11 +104,14 @@ def _shards(ring, q, k, v):
     if isinstance(ring, comm.LocalRing):
         for name, shards in (("q", q), ("k", k), ("v", v)):
             if not isinstance(shards, (list, tuple)) or len(shards) != ring.world_size:
+                given = (
+                    f"{len(shards)} shards" if isinstance(shards, (list, tuple)) else type(shards).__name__
+                )
                 raise TypeError(
                     f"with a LocalRing of {ring.world_size} ranks, {name} must be a list of every rank's "
-                    "shard in rank order (core.distributed.shard_sequence(x, group=ring) makes one), got "
-                    f"{type(shards).__name__}" + (f" of {len(shards)}" if isinstance(shards, (list, tuple)) else "")
-                )  # fmt: skip
+                    "shard in rank order (core.distributed.shard_sequence(x, group=ring) makes one), "
+                    f"got {given}"
+                )
         return list(q), list(k), list(v)
     for name, shard in (("q", q), ("k", k), ("v", v)):
         if isinstance(shard, (list, tuple)):
@@ -118,14 +123,15 @@ def _shards(ring, q, k, v):
 
 
 def _validate_ring_shapes(ring, qs, ks, vs, causal: bool, layout: str) -> None:
-    first = (qs[0].shape, ks[0].shape, qs[0].dtype, qs[0].device)
-    for rank, (q, k) in enumerate(zip(qs, ks)):
-        if (q.shape, k.shape, q.dtype, q.device) != first:
+    def described(rank):
+        return f"q {tuple(qs[rank].shape)}, k {tuple(ks[rank].shape)} {qs[rank].dtype} on {qs[rank].device}"
+
+    for rank in range(1, len(qs)):
+        if described(rank) != described(0):
             raise ValueError(
-                f"every rank's shards must share one shape, dtype and device: rank 0 has q {tuple(qs[0].shape)}, "
-                f"k {tuple(ks[0].shape)} {qs[0].dtype} on {qs[0].device}, rank {rank} has q {tuple(q.shape)}, "
-                f"k {tuple(k.shape)} {q.dtype} on {q.device}"
-            )  # fmt: skip
+                "every rank's shards must share one shape, dtype and device: rank 0 has "
+                f"{described(0)}, rank {rank} has {described(rank)}"
+            )
     n_queries, n_keys = qs[0].shape[2], ks[0].shape[2]
     if causal and n_queries != n_keys:
         raise ValueError(
@@ -157,9 +163,9 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ring, spec: _RingSpec, *shards):
         qs, ks, vs = _split(shards)
-        outs, lses = _ring_forward(ring, spec, qs, ks, vs)
+        outs, lses, lse_lows = zip(*_ring_forward(ring, spec, qs, ks, vs))
         ctx.ring, ctx.spec = ring, spec
-        ctx.save_for_backward(*qs, *ks, *vs, *outs, *lses)
+        ctx.save_for_backward(*qs, *ks, *vs, *outs, *lses, *lse_lows)
         # An unused output's gradient stays None: a zero dLSE would still cost the LSE-gradient path.
         ctx.set_materialize_grads(False)
         return (*outs, *lses)
@@ -168,9 +174,9 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, *grads):
         saved = ctx.saved_tensors
         played = len(grads) // 2
-        qs, ks, vs, outs, lses = (list(saved[i * played : (i + 1) * played]) for i in range(5))
+        qs, ks, vs, outs, lses, lse_lows = (list(saved[i * played : (i + 1) * played]) for i in range(6))
         douts, dlses = list(grads[:played]), list(grads[played:])
-        dqs, dks, dvs = _ring_backward(ctx.ring, ctx.spec, qs, ks, vs, outs, lses, douts, dlses)
+        dqs, dks, dvs = _ring_backward(ctx.ring, ctx.spec, qs, ks, vs, outs, lses, lse_lows, douts, dlses)
         return (None, None, *dqs, *dks, *dvs)
 
 
@@ -195,48 +201,65 @@ def _ring_forward(ring, spec: _RingSpec, qs, ks, vs):
             block = spec.block(rank, (rank - step) % world_size)
             if block is None:
                 continue
-            k, v = shards[played]
-            out, lse, _ = torch.ops.core.attention_forward(
-                qs[played][:, :, block.rows], k[:, :, block.keys], v[:, :, block.keys], block.causal, spec.sm_scale
-            )  # fmt: skip
+            q, (k, v) = qs[played][:, :, block.rows], shards[played]
+            out, lse, lse_low = torch.ops.core.attention_forward(
+                q, k[:, :, block.keys], v[:, :, block.keys], block.causal, spec.sm_scale
+            )
             if merged[played] is None:
-                merged[played] = _MergedRows(out, lse, uses_base_2(out.dtype))
+                merged[played] = _MergedRows(out, lse, lse_low)
             else:
-                merged[played].add(block.rows, out, lse)
+                merged[played].add(block.rows, out, lse, lse_low)
         if arriving is not None:
             shards = arriving.wait()
     # Step 0 is each rank's own shard, whose block is never empty: every rank has a result.
-    outs = [m.out.to(q.dtype) for m, q in zip(merged, qs)]
-    return outs, [m.lse for m in merged]
+    return [m.result() for m in merged]
 
 
 class _MergedRows:
-    """One rank's output and LSE over the blocks seen so far, float32, merged by the LSE.
+    """One rank's output and LSE over the blocks seen so far, merged by the LSE.
+
+    The LSEs merge in float64, each block's taken exactly as the forward's parts sum (lse + its low parts,
+    core.ops), so the weights exp(lse_block - lse_merged) lose nothing to the LSE's magnitude, and the
+    merged LSE goes to the backward as a float32 value and its float32 remainder (a low part). The
+    output accumulates in float32 for fp16/bf16 inputs, in float64 for float32 ones, whose kernels keep
+    float32 precision throughout (compensated sums), which a float32 merge would give up.
 
     Every row has seen at least one key after step 0 (its own shard: the causal diagonal with equal q and
-    k lengths, or everything), so the running LSE is finite and the weights exp(lse - merged) need no
-    guard against -inf - -inf.
+    k lengths, or everything), so the running LSE is finite and the weights need no guard against
+    -inf - -inf.
     """
 
-    def __init__(self, out: torch.Tensor, lse: torch.Tensor, base_2: bool):
-        self.out = out.float()  # the op's own float32 output, or a float32 copy of it
-        self.lse = lse
-        self.exp, self.logaddexp = (torch.exp2, torch.logaddexp2) if base_2 else (torch.exp, torch.logaddexp)
+    def __init__(self, out: torch.Tensor, lse: torch.Tensor, lse_low: torch.Tensor):
+        self.dtype = out.dtype
+        self.out = out.to(torch.float64 if out.dtype == torch.float32 else torch.float32)
+        self.lse = lse.double() + lse_low.double().sum(0)
+        self.exp, self.logaddexp = (
+            (torch.exp2, torch.logaddexp2) if uses_base_2(out.dtype) else (torch.exp, torch.logaddexp)
+        )
 
-    def add(self, rows: slice, out: torch.Tensor, lse: torch.Tensor) -> None:
+    def add(self, rows: slice, out: torch.Tensor, lse: torch.Tensor, lse_low: torch.Tensor) -> None:
         total_out, total_lse = self.out[:, :, rows], self.lse[:, :, rows]
+        lse = lse.double() + lse_low.double().sum(0)
         merged = self.logaddexp(total_lse, lse)
-        total_out.mul_(self.exp(total_lse - merged).unsqueeze(-1))
-        total_out.addcmul_(out, self.exp(lse - merged).unsqueeze(-1))
+        total_out.mul_(self.exp(total_lse - merged).to(total_out.dtype).unsqueeze(-1))
+        total_out.addcmul_(out, self.exp(lse - merged).to(total_out.dtype).unsqueeze(-1))
         total_lse.copy_(merged)
 
+    def result(self):
+        """(out in the inputs' dtype, lse in float32, its low parts as core.ops lays them out)."""
+        lse = self.lse.float()
+        low = [(self.lse - lse.double()).float()]
+        if self.dtype == torch.float32:
+            low.append(torch.zeros_like(lse))  # the row max's low part: already in the remainder
+        return self.out.to(self.dtype), lse, torch.stack(low)
 
-def _ring_backward(ring, spec: _RingSpec, qs, ks, vs, outs, lses, douts, dlses):
+
+def _ring_backward(ring, spec: _RingSpec, qs, ks, vs, outs, lses, lse_lows, douts, dlses):
     world_size = ring.world_size
     shards = [[_travelling(k), _travelling(v)] for k, v in zip(ks, vs)]
     backwards = [
-        _BlockBackward(spec, q, out, lse, dout, dlse) for q, out, lse, dout, dlse in zip(qs, outs, lses, douts, dlses)
-    ]  # fmt: skip
+        _BlockBackward(spec, *rank_tensors) for rank_tensors in zip(qs, outs, lses, lse_lows, douts, dlses)
+    ]
     dqs = [torch.zeros_like(q, dtype=torch.float32) for q in qs]
     pending_gradients = None  # the travelling (dK, dV) accumulators, from step 0 on
     for step in range(world_size):
@@ -250,8 +273,7 @@ def _ring_backward(ring, spec: _RingSpec, qs, ks, vs, outs, lses, douts, dlses):
                 dqs[played][:, :, block.rows].add_(grads[0])
             block_grads.append((block, grads))
         if pending_gradients is None:
-            gradients = [[torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)]
-                         for k, v in shards]  # fmt: skip
+            gradients = [[torch.zeros_like(t, dtype=torch.float32) for t in shard] for shard in shards]
         else:
             gradients = pending_gradients.wait()
         for (dk_total, dv_total), (block, grads) in zip(gradients, block_grads):
@@ -276,9 +298,9 @@ class _BlockBackward:
     contiguous, so those two are copied where a slice is not already in that layout.
     """
 
-    def __init__(self, spec: _RingSpec, q, out, lse, dout, dlse):
+    def __init__(self, spec: _RingSpec, q, out, lse, lse_low, dout, dlse):
         self.spec = spec
-        self.q, self.out, self.lse, self.dout, self.dlse = q, out, lse, dout, dlse
+        self.q, self.out, self.lse, self.lse_low, self.dout, self.dlse = q, out, lse, lse_low, dout, dlse
         self.rows_inputs: dict[tuple, tuple] = {}
 
     def _inputs(self, rows: slice):
@@ -287,9 +309,7 @@ class _BlockBackward:
             q = self.q[:, :, rows]
             out = _in_layout_of(q, self.out[:, :, rows])
             lse = self.lse[:, :, rows].contiguous()
-            low_planes = 2 if q.dtype == torch.float32 else 1
-            # Zeros are the low parts of a merged LSE (core.ops).
-            lse_low = lse.new_zeros((low_planes, *lse.shape))
+            lse_low = self.lse_low[..., rows].contiguous()
             dout = None if self.dout is None else self.dout[:, :, rows]
             dlse = None if self.dlse is None else self.dlse[:, :, rows]
             self.rows_inputs[key] = (q, out, lse, lse_low, dout, dlse)

@@ -9,8 +9,9 @@ from core.distributed import comm
 from core.distributed import layout as layouts
 
 # torch renamed the differentiable all-gather (all_gather_tensor_autograd, deprecated from 2.13 on).
-_all_gather = getattr(functional_collectives, "all_gather_single_autograd", None) or getattr(
-    functional_collectives, "all_gather_tensor_autograd"
+_all_gather = (
+    getattr(functional_collectives, "all_gather_single_autograd", None)
+    or functional_collectives.all_gather_tensor_autograd
 )
 
 
@@ -32,14 +33,16 @@ def unshard_sequence(x, group=None, layout: str = "zigzag", seq_dim: int = 2) ->
     """The whole sequence from every rank's shard `x` (the inverse of shard_sequence), on every rank.
 
     All-gathers the shards with torch.distributed's differentiable functional collective: the gradient of
-    a rank's shard is the sum over the ranks of the gradients of their copies of the whole. With a LocalRing, `x` is
-    the list of every rank's shard. This materialises the whole sequence: it is for outputs, checks and
-    losses, not for the attention.
+    a rank's shard is the sum over the ranks of the gradients of their copies of the whole. With a
+    LocalRing, `x` is the list of every rank's shard. This materialises the whole sequence: it is for
+    outputs, checks and losses, not for the attention.
     """
     ring = comm.ring_of(group)
     if isinstance(ring, comm.LocalRing):
         if not isinstance(x, (list, tuple)) or len(x) != ring.world_size:
-            raise TypeError(f"with a LocalRing of {ring.world_size} ranks, pass the list of every rank's shard")
+            raise TypeError(
+                f"with a LocalRing of {ring.world_size} ranks, pass the list of every rank's shard"
+            )
         return layouts.unshard(list(x), layout, seq_dim)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be this rank's shard as a torch.Tensor, got {type(x).__name__}")

@@ -22,6 +22,9 @@ from core._runtime import is_interpreted
 from core._validation import validate_attention_inputs
 from core.distributed import comm
 
+# Read once, as core.api does: a traced call should see a constant, not trace into the lookup.
+_INTERPRETED = is_interpreted()
+
 
 def ulysses_attention(
     q: torch.Tensor,
@@ -53,10 +56,12 @@ def ulysses_attention(
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be None or a torch.distributed.ProcessGroup, got {type(group).__name__}")
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialised: call torch.distributed.init_process_group first")
+        raise RuntimeError(
+            "torch.distributed is not initialised: call torch.distributed.init_process_group first"
+        )
     group = dist.group.WORLD if group is None else group
     world_size = dist.get_world_size(group)
-    validate_attention_inputs(q, k, v, causal, sm_scale, return_lse, is_interpreted())
+    validate_attention_inputs(q, k, v, causal, sm_scale, return_lse, _INTERPRETED)
     _validate_heads_and_lengths(q, k, causal, world_size)
     if not torch.compiler.is_compiling():
         call = (tuple(q.shape), tuple(k.shape), str(q.dtype), causal, sm_scale)
@@ -67,7 +72,9 @@ def ulysses_attention(
     else:
         (q_heads,) = _to_head_shards([q], group, world_size)
         k_heads, v_heads = _to_head_shards([k, v], group, world_size)
-    result = core.attention(q_heads, k_heads, v_heads, causal=causal, sm_scale=sm_scale, return_lse=return_lse)
+    result = core.attention(
+        q_heads, k_heads, v_heads, causal=causal, sm_scale=sm_scale, return_lse=return_lse
+    )
     if not return_lse:
         return _to_sequence_shard(result, q, group, world_size)
     out, lse = result
@@ -106,7 +113,7 @@ def _to_head_shards(tensors, group, world_size: int):
 
 
 def _to_sequence_shard(out: torch.Tensor, like: torch.Tensor, group, world_size: int) -> torch.Tensor:
-    """(B, H / W, N, D) for this rank's heads -> (B, H, N_local, D) of this rank's tokens, in `like`'s layout."""
+    """(B, H / W, N, D) of this rank's heads -> (B, H, N_local, D) of its tokens, laid out like `like`."""
     by_token = out.permute(2, 0, 1, 3).contiguous()  # (N, B, h, D): a view when out is laid out like q_heads
     received = _all_to_all(by_token.unflatten(0, (world_size, -1)), group)  # piece i: head group i
     shard = torch.empty_like(like)
