@@ -182,7 +182,8 @@ def single_gpu(token_counts, world_sizes, shape, dry_run: bool) -> list[dict]:
     for tokens in token_counts:
         q, k, v = _qkv(tokens, shape, device)
         whole = [t.detach().requires_grad_() for t in (q, k, v)]
-        single_fwd = timer(lambda whole=whole: core.attention(*whole, causal=True))
+        with torch.no_grad():
+            single_fwd = timer(lambda whole=whole: core.attention(*whole, causal=True))
         single_both = timer(_forward_and_backward(_causal_attention, whole), whole)
         for world_size in world_sizes:
             if tokens % (2 * world_size):
@@ -248,8 +249,10 @@ def multi_gpu(token_counts, shape, dry_run: bool) -> list[dict]:
 
         # One GPU, the whole sequence: every rank times it on its own GPU, rank 0's counts.
         whole = [t.detach().requires_grad_() for t in (q, k, v)]
+        with torch.no_grad():
+            single_fwd = solo(lambda whole=whole: core.attention(*whole, causal=True))
         times["core, 1 GPU"] = {
-            "fwd": solo(lambda whole=whole: core.attention(*whole, causal=True)),
+            "fwd": single_fwd,
             "fwd+bwd": solo(_forward_and_backward(_causal_attention, whole), whole),
         }
         for scheme, layout in (("ring", "zigzag"), ("ulysses", "contiguous")):

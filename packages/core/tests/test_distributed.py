@@ -369,24 +369,36 @@ CASES = [
 WORLD_SIZES = sorted({case.world_size for case in CASES})
 
 
-def _attend(case: Case, q, k, v):
+def _attend(case: Case, q, k, v, group=None):
+    options = {"group": group, "causal": case.causal, "return_lse": True}
     if case.scheme == "ring":
-        return cd.ring_attention(q, k, v, causal=case.causal, layout=case.layout, return_lse=True)
-    return cd.ulysses_attention(q, k, v, causal=case.causal, return_lse=True)
+        return cd.ring_attention(q, k, v, layout=case.layout, **options)
+    return cd.ulysses_attention(q, k, v, **options)
 
 
-def _distributed_run(case: Case, inputs):
+def _distributed_run(case: Case, inputs, group=None):
     """This rank's part of one case: shards, attention, loss, backward; the gathered results
     [out, lse, dq, dk, dv] on every rank, and this rank's own (for the bitwise repeat)."""
     q, k, v, dout, dlse = inputs
-    leaves = [_shard(x, None, case) for x in (q, k, v)]
-    out, lse = _attend(case, *leaves)
-    my_dout = cd.shard_sequence(dout, layout=case.layout)
-    my_dlse = None if dlse is None else cd.shard_sequence(dlse, layout=case.layout)
+    leaves = [_shard(x, group, case) for x in (q, k, v)]
+    out, lse = _attend(case, *leaves, group=group)
+    my_dout = cd.shard_sequence(dout, group=group, layout=case.layout)
+    my_dlse = None if dlse is None else cd.shard_sequence(dlse, group=group, layout=case.layout)
     _loss(out, lse, my_dout, my_dlse).backward()
     local = [out.detach(), lse.detach(), *(t.grad for t in leaves)]
-    gathered = [cd.unshard_sequence(t, layout=case.layout) for t in local]
+    gathered = [cd.unshard_sequence(t, group=group, layout=case.layout) for t in local]
     return gathered, local
+
+
+def _subgroup_check(world_size: int) -> dict:
+    """Ring attention on subgroups, whose ring neighbours are not the world's: pairs of ranks in a world
+    of 4, single ranks in a world of 2."""
+    size = world_size // 2
+    groups = [dist.new_group(list(range(start, start + size))) for start in range(0, world_size, size)]
+    case = Case(size, "ring", "zigzag", True, "bf16", 2, 1, 16, 4)
+    inputs = _inputs(case)
+    gathered, _ = _distributed_run(case, inputs, groups[dist.get_rank() // size])
+    return {"records": _measure(case, gathered, _whole_sequence_results(case, *inputs))}
 
 
 def _compile_check() -> dict:
@@ -441,14 +453,22 @@ def _worker(rank: int, world_size: int, rendezvous: str, results_path: str) -> N
                 with core.testing.use_family(family, strict=False):
                     for case in (c for c in CASES if c.world_size == world_size):
                         report["cases"][f"{family}/{case.name}"] = _run_case(case)
+            report["subgroups"] = _guarded(_subgroup_check, world_size)
             if world_size == 2:
-                report["compile"] = _compile_check()
-                report["mismatch"] = _mismatch_check()
+                report["compile"] = _guarded(_compile_check)
+                report["mismatch"] = _guarded(_mismatch_check)
     finally:
         if rank == 0:
             with open(results_path, "w") as file:
                 json.dump(report, file)
         dist.destroy_process_group()
+
+
+def _guarded(check, *args):
+    try:
+        return check(*args)
+    except Exception:
+        return {"error": traceback.format_exc()}
 
 
 def _run_case(case: Case) -> dict:
@@ -523,6 +543,13 @@ def test_distributed_matches_core_and_the_truth(case, spawned, family):
     _check(result["records"])
     if case.repeat:
         assert result["bitwise_repeat"], "two runs differ"
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_ring_attention_on_subgroups(spawned, world_size):
+    result = spawned(world_size)["subgroups"]
+    assert "error" not in result, result.get("error")
+    _check(result["records"])
 
 
 def test_distributed_under_torch_compile(spawned):

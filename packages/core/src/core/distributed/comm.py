@@ -72,6 +72,8 @@ class ProcessGroupRing:
     def shift(self, tensors_per_rank: list[list[torch.Tensor]], tag: int = 0) -> _Received:
         """Send this rank's tensors to the next rank and receive the previous rank's. Tensor i travels
         with tag `tag + i`: gloo matches messages by tag, and two shifts may be in flight at once."""
+        if self.world_size == 1:  # a ring of one: its tensors come back to it
+            return _Received(tensors_per_rank, ())
         (tensors,) = tensors_per_rank
         operations, received = [], []
         for index, tensor in enumerate(tensors):

@@ -171,6 +171,7 @@ class _RingAttention(torch.autograd.Function):
         return (*outs, *lses)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
         saved = ctx.saved_tensors
         played = len(grads) // 2
