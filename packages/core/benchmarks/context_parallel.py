@@ -26,6 +26,7 @@ Triton interpreter (with gloo under torchrun): the numbers mean nothing, the cod
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -238,8 +239,8 @@ def multi_gpu(token_counts, shape, dry_run: bool) -> list[dict]:
     rows = []
     if rank == 0:
         name = "CPU (dry run)" if dry_run else torch.cuda.get_device_name()
-        print(f"{world_size} x {name}; bf16 causal, Hq {shape['q_heads']}, Hkv {shape['kv_heads']}, "
-              f"D {shape['head_dim']}; per-GPU TFLOP/s (scaling efficiency vs one GPU)")  # fmt: skip
+        heads = f"Hq {shape['q_heads']}, Hkv {shape['kv_heads']}, D {shape['head_dim']}"
+        print(f"{world_size} x {name}; bf16 causal, {heads}; per-GPU TFLOP/s (scaling efficiency vs one GPU)")
     for tokens in token_counts:
         if tokens % (2 * world_size):
             continue
@@ -260,8 +261,9 @@ def multi_gpu(token_counts, shape, dry_run: bool) -> list[dict]:
                 times[scheme] = {"skipped": f"heads not divisible by {world_size}"}
                 continue
             leaves = [cd.shard_sequence(t, layout=layout).requires_grad_() for t in (q, k, v)]
-            attend = (lambda *x: cd.ring_attention(*x, causal=True)) if scheme == "ring" else (
-                lambda *x: cd.ulysses_attention(*x, causal=True))  # fmt: skip
+            attend = functools.partial(
+                cd.ring_attention if scheme == "ring" else cd.ulysses_attention, causal=True
+            )
             with torch.no_grad():
                 forward = timer(lambda attend=attend, leaves=leaves: attend(*leaves))
             times[scheme] = {"fwd": forward, "fwd+bwd": timer(_forward_and_backward(attend, leaves), leaves)}
@@ -277,10 +279,12 @@ def multi_gpu(token_counts, shape, dry_run: bool) -> list[dict]:
             rows.append(row)
             if rank == 0:
                 print(_describe(row))
-    volume = cd.ring_volume(*[cd.shard_sequence(t) for t in (q, k)], world_size)
-    if rank == 0:
-        print(f"ring traffic per rank at {tokens} tokens: forward {volume.forward_bytes / 2**20:.1f} MiB, "
-              f"backward {volume.backward_bytes / 2**20:.1f} MiB")  # fmt: skip
+        if rank == 0:
+            q_shard, k_shard = (cd.shard_sequence(t) for t in (q, k))
+            for scheme, volume in (("ring", cd.ring_volume), ("ulysses", cd.ulysses_volume)):
+                sent = volume(q_shard, k_shard, world_size)
+                print(f"{'':>7} {scheme} sends per rank: forward {sent.forward_bytes / 2**20:.1f} MiB, "
+                      f"backward {sent.backward_bytes / 2**20:.1f} MiB")  # fmt: skip
     dist.destroy_process_group()
     return rows
 

@@ -69,7 +69,7 @@ def ring_block(layout: str, causal: bool, rank: int, source: int, n_local: int) 
 
 
 def _chunks_of_rank(layout: str, rank: int, world_size: int) -> tuple[int, ...]:
-    """The chunk indices a rank holds, in order, with the sequence cut into `chunk_count` chunks."""
+    """The chunks (of `chunk_count` equal ones) a rank holds, in the order it holds them."""
     if layout == "contiguous":
         return (rank,)
     return (rank, 2 * world_size - 1 - rank)
@@ -83,8 +83,10 @@ def _check_dim(x: torch.Tensor, seq_dim: int) -> int:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
     if not isinstance(seq_dim, int) or isinstance(seq_dim, bool) or not -x.dim() <= seq_dim < x.dim():
-        raise ValueError(f"seq_dim must be a dim of the {x.dim()}-dim tensor (e.g. 2 for (B, H, N, D), "
-                         f"1 for (B, N, H, D)), got {seq_dim!r}")  # fmt: skip
+        raise ValueError(
+            f"seq_dim must be a dim of the {x.dim()}-dim tensor (2 for (B, H, N, D), 1 for (B, N, H, D)), "
+            f"got {seq_dim!r}"
+        )
     return seq_dim % x.dim()
 
 

@@ -4,7 +4,7 @@ Forward, on every rank, for step s = 0 .. W-1: the key/value shard of rank (r - 
 next one is already on its way (posted before the compute, waited for after it). The rank computes the
 block of its queries that sees those keys (core.distributed.layout.ring_block: the causal diagonal, a
 fully visible block, part of one, or nothing) with core's forward op, and folds the block's (out, lse)
-into its running result by their log-sum-exp, in float32.
+into its running result by their log-sum-exp (`_MergedRows`).
 
 Backward, the same ring again: the keys and values travel once more, and with them two float32
 accumulators, dK and dV of the travelling shard, which every rank adds its block's gradients to before
@@ -84,7 +84,7 @@ def ring_attention(
     validate_layout(layout)
     for rank_q, rank_k, rank_v in zip(qs, ks, vs):
         validate_attention_inputs(rank_q, rank_k, rank_v, causal, sm_scale, return_lse, _INTERPRETED)
-    _validate_ring_shapes(ring, qs, ks, vs, causal, layout)
+    _validate_ring_shapes(ring, qs, ks, causal, layout)
     call = (tuple(qs[0].shape), tuple(ks[0].shape), str(qs[0].dtype), causal, sm_scale, layout)
     if isinstance(ring, comm.ProcessGroupRing):
         comm.check_same_call_on_every_rank(ring.group, ring.world_size, "ring_attention", call)
@@ -122,7 +122,9 @@ def _shards(ring, q, k, v):
     return [q], [k], [v]
 
 
-def _validate_ring_shapes(ring, qs, ks, vs, causal: bool, layout: str) -> None:
+def _validate_ring_shapes(ring, qs, ks, causal: bool, layout: str) -> None:
+    """What the ring needs beyond core.attention's own checks (which every rank's shards passed)."""
+
     def described(rank):
         return f"q {tuple(qs[rank].shape)}, k {tuple(ks[rank].shape)} {qs[rank].dtype} on {qs[rank].device}"
 

@@ -51,8 +51,10 @@ def ulysses_attention(
         torch.compile (fullgraph).
     """
     if isinstance(group, comm.LocalRing):
-        raise TypeError("ulysses_attention runs on a torch.distributed process group; LocalRing simulates "
-                        "only ring_attention")  # fmt: skip
+        raise TypeError(
+            "ulysses_attention runs on a torch.distributed process group (a LocalRing simulates only "
+            "ring_attention)"
+        )
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be None or a torch.distributed.ProcessGroup, got {type(group).__name__}")
     if not dist.is_available() or not dist.is_initialized():
