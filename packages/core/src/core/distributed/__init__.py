@@ -1,9 +1,10 @@
 """Context parallelism: attention over a sequence sharded across the ranks of a torch.distributed group.
 
     import core.distributed as cd
-    q, k, v = (cd.shard_sequence(x, layout="zigzag") for x in (q, k, v))   # this rank's shards
-    out = cd.ring_attention(q, k, v, causal=True, layout="zigzag")       # this rank's rows
-    out = cd.ulysses_attention(q, k, v, causal=True)  # contiguous shards; heads divisible by the ranks
+    shards = [cd.shard_sequence(x, layout="zigzag") for x in (q, k, v)]  # this rank's (B, H, N/W, D)
+    out = cd.ring_attention(*shards, causal=True, layout="zigzag")      # this rank's rows
+    shards = [cd.shard_sequence(x, layout="contiguous") for x in (q, k, v)]
+    out = cd.ulysses_attention(*shards, causal=True)                    # Hq, Hkv multiples of W
 
 Two schemes, both on core's own ops (torch.ops.core.attention_forward / attention_backward):
 
