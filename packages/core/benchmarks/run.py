@@ -11,6 +11,8 @@
     compile   torch.compile over core.attention: graph breaks, recompiles, bitwise vs eager (GPU or CPU)
     hopper    the Hopper family's forward: checks and timing (GPU), or --report (sm_90a compile on CPU)
     fused     the portable family's fused backward (behind its switch) vs the split one, timed (GPU)
+    cp        context parallelism: the simulated ring's overhead on one GPU; with --multi under torchrun,
+              ring and Ulysses attention per-GPU TFLOP/s and scaling (context_parallel.py)
 
 Every tool but `report`, `compile` (and `kernels --report`/`--dry-run`) needs a CUDA GPU.
 """
@@ -31,6 +33,7 @@ TOOLS = {
     "compile": "compile_matrix",
     "hopper": "hopper_fwd_check",
     "fused": "fused_bwd_check",
+    "cp": "context_parallel",
 }
 
 

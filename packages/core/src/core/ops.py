@@ -13,9 +13,14 @@ Conventions of both ops (core.kernels.host): `lse` is the log-sum-exp of each ro
 (B, Hq, Nq) float32, in the kernels' base for q's dtype (`uses_base_2(dtype)`: base 2 for fp16/bf16,
 natural = lse * ln 2; natural for float32), -inf for rows that see no key. `lse_low` holds its low
 parts ((1, B, Hq, Nq) for fp16/bf16, (2, B, Hq, Nq) for float32), which let the backward rebuild the
-forward's exponent exactly; a caller that merged partial results (context parallelism) passes its
-merged `out` and `lse` and zeros for `lse_low`. `dlse` is the gradient of `lse` (same base, any
-layout) or None.
+forward's exponent exactly. `dlse` is the gradient of `lse` (same base, any layout) or None.
+
+The backward takes `out` and `lse` as arguments, so a caller that split the keys (context parallelism)
+can pass the merged ones, with zeros for `lse_low`, and get each key block's share of dK and dV and of
+dQ: Delta = rowsum(dO * out) - dLSE is computed from the `out` given. That holds for fp16/bf16 without
+a dLSE. For float32, and for any dtype with a dLSE, the dQ kernel completes Delta from the call's own
+keys (sum P dP, which is more accurate when the call sees every key), so a partial call needs the
+caller's correction: core.distributed.ring shows both (docs/distributed.md).
 """
 
 from __future__ import annotations
