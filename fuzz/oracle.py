@@ -15,6 +15,7 @@ full. docs/fuzzing.md gives the argument.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, fields
 
@@ -22,12 +23,29 @@ import torch
 from hypothesis import event, target
 
 import core
+from core import _launch
 from core._launch import score_scale
 from fuzz import report
 from fuzz.cases import Case, Inputs, bits
 
 # The kernels run where core was built for: the GPU, or the CPU under TRITON_INTERPRET=1.
 DEVICE = "cpu" if core.is_interpreted() else "cuda"
+
+
+@contextlib.contextmanager
+def nan_poisoned_outputs():
+    """Every kernel output starts as NaN while this lasts, so an element the kernels never write cannot
+    pass as a value (every output is allocated by core._launch.new_buffer)."""
+    unpoisoned = _launch.new_buffer
+
+    def poisoned(like, shape=None):
+        return unpoisoned(like, shape).fill_(float("nan"))
+
+    _launch.new_buffer = poisoned
+    try:
+        yield
+    finally:
+        _launch.new_buffer = unpoisoned
 
 
 @dataclass
