@@ -192,7 +192,7 @@ def fuzz_item(request):
     """Name the running test item for its failure files, and skip it once the time box is over."""
     if failures.past_time_box():
         pytest.skip("the run's time box was over before this test item started")
-    token = failures.entered_item(request.node.nodeid)
+    token = failures.entered_item(request.node.nodeid, frozenset(request.fixturenames))
     yield
     failures.left_item(token)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import hashlib
-import inspect
 import json
 import os
 import platform
@@ -64,7 +63,10 @@ class Run:
 
 
 _run: Run | None = None
-_item: contextvars.ContextVar[str | None] = contextvars.ContextVar("fuzz_item", default=None)
+# The running test item: its node id, and the names of the arguments pytest (not hypothesis) gives it.
+_item: contextvars.ContextVar[tuple[str, frozenset[str]] | None] = contextvars.ContextVar(
+    "fuzz_item", default=None
+)
 _generated_in_item: dict[str, int] = {}  # test item -> generated examples it ran (the time box spares one)
 _files: dict[tuple[str, str], Path] = {}  # (test item, origin) -> its failure file
 _environment: dict | None = None
@@ -76,8 +78,8 @@ def configure(run: Run) -> None:
     run.failures.mkdir(parents=True, exist_ok=True)
 
 
-def entered_item(nodeid: str) -> contextvars.Token:
-    return _item.set(nodeid)
+def entered_item(nodeid: str, fixtures: frozenset[str]) -> contextvars.Token:
+    return _item.set((nodeid, fixtures))
 
 
 def left_item(token: contextvars.Token) -> None:
@@ -95,9 +97,9 @@ def recording(test):
     @functools.wraps(test)
     def run_example(*args, **kwargs):
         context = current_build_context()
-        item = _item.get() or test.__name__
+        item, from_pytest = _item.get() or (test.__name__, frozenset())
         # A pinned @example runs with no choices; every generated example has some.
-        generated = bool(context.data.choices)
+        generated = bool(_choices(context.data))
         if generated and not context.is_final and past_time_box() and _generated_in_item.get(item):
             event("time box reached: no new examples")
             report.note_time_box(item)
@@ -110,7 +112,7 @@ def recording(test):
         except Exception as error:
             _ran(item, generated)
             try:
-                _record(test, item, kwargs, error, generated, context)
+                _record(test, item, from_pytest, kwargs, error, generated, context)
             except Exception as unwritten:  # never let the record hide the failure itself
                 print(f"fuzz: could not write the failure file: {unwritten!r}", file=sys.stderr)
             raise
@@ -148,14 +150,26 @@ def _file_name(item: str, origin: str) -> str:
     return f"{_run.worker}-{test}-{digest}.json"
 
 
-def _record(test, item, kwargs, error, generated, context) -> None:
+def _choices(data):
+    """What hypothesis replays an example from: its choice sequence (its byte buffer in hypothesis versions
+    before choice sequences, which a GPU machine's image may have)."""
+    choices = getattr(data, "choices", None)
+    return tuple(choices) if choices is not None else bytes(getattr(data, "buffer", b""))
+
+
+def _reproduction(data) -> str | None:
+    try:
+        return f"@reproduce_failure({hypothesis.__version__!r}, {encode_failure(_choices(data))!r})"
+    except Exception:  # the blob is a convenience: the case data alone replays the example
+        return None
+
+
+def _record(test, item, from_pytest, kwargs, error, generated, context) -> None:
     if _run is None:  # outside a configured fuzz run (e.g. the replay command): nothing to write
         return
     origin = _origin(error)
     path = _files.get((item, origin))
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    # pytest's arguments (the kernel family) are what @given left in the test's signature.
-    from_pytest = inspect.signature(context.wrapped_test).parameters
     drawn = ", ".join(
         f"{name}={compact_repr(value)}" for name, value in kwargs.items() if name not in from_pytest
     )
@@ -163,11 +177,7 @@ def _record(test, item, kwargs, error, generated, context) -> None:
         "arguments": {name: to_data(value) for name, value in kwargs.items()},
         "repr": ", ".join(f"{name}={compact_repr(value)}" for name, value in kwargs.items()),
         "pin": f'@example({drawn}).via("discovered failure")',
-        "reproduce_failure": (
-            f"@reproduce_failure({hypothesis.__version__!r}, {encode_failure(context.data.choices)!r})"
-            if generated
-            else None
-        ),
+        "reproduce_failure": _reproduction(context.data) if generated else None,
         "error": {
             "type": type(error).__name__,
             "message": str(error),

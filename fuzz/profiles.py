@@ -24,8 +24,8 @@ from fuzz import sharding
 from fuzz.cases import Layout
 
 REPO = Path(__file__).resolve().parents[1]
-# One device call: 10 minutes, of which this leaves room for the examples still running at the time box
-# (a compile of a float32 backward takes up to ~80 s), the session's start and its report.
+# One device call is 10 minutes: this leaves room for the session's start, its report and the examples
+# still running when the time box ends (one may be compiling a float32 backward, the slowest compile).
 DEVICE_CALL_TIME_BOX = 360.0
 
 
@@ -228,7 +228,7 @@ PROFILES = {
                 generate=False,
             ),
         ),
-        # The GPU smoke run, sized to one device call: 1,082 examples (332 of them invalid calls, which
+        # The GPU smoke run, sized to one device call: 1,082 examples (250 of them invalid calls, which
         # cost microseconds), half of what the old gpu-2k ran per test item, with its menus
         # (GPU_SMOKE), inf/NaN inputs included, and the time box as a guard. docs/fuzzing.md: sizing.
         # No shrinking: a failure file holds the example at once, and the nightly run (same database
@@ -250,9 +250,9 @@ PROFILES = {
             time_box=DEVICE_CALL_TIME_BOX,
         ),
         # GPU, everything, in slices of one device call each (--slice K/N, every slice with the same
-        # --fuzz-seed and database): 13,300 examples over all slices, inf/NaN inputs included; each
-        # slice draws its own head-dim and layout menus. The database keeps every failure, which
-        # replays first in the next slice; climbing and shrinking on.
+        # --fuzz-seed and database): 13,800 examples over all slices (4,000 of them invalid calls),
+        # inf/NaN inputs included; each slice draws its own head-dim and layout menus. The database
+        # keeps every failure, which replays first in the next slice; climbing and shrinking on.
         Profile(
             name="nightly",
             needs_gpu=True,
