@@ -51,7 +51,6 @@ def pytest_addoption(parser):
     group.addoption(
         "--fuzz-seed",
         type=int,
-        default=int(time.strftime("%Y%m%d", time.gmtime())),
         help="seed of the slices' menus, the same for every slice of a run (default: today's date, UTC)",
     )
     group.addoption("--db", metavar="DIR", help="the example database directory (default: FUZZ_DATABASE)")
@@ -69,14 +68,14 @@ def pytest_addoption(parser):
     )
 
 
-def _slice(config) -> profiles.Slice | None:
+def _slice(config, seed: int) -> profiles.Slice | None:
     text = config.getoption("slice")
     if text is None:
         return None
     index, _, count = text.partition("/")
     if not (index.isdigit() and count.isdigit()):
         raise pytest.UsageError(f"--slice {text}: expected K/N, e.g. 3/8")
-    return profiles.Slice(int(index), int(count), config.getoption("fuzz_seed"))
+    return profiles.Slice(int(index), int(count), seed)
 
 
 def _is_worker(config) -> bool:
@@ -89,9 +88,17 @@ def _is_controller(config) -> bool:
 
 
 def pytest_configure(config):
+    # What every process of the run shares: the controller decides, the xdist workers are told.
+    shared = config.workerinput["fuzz_run"] if _is_worker(config) else None
+    seed = (
+        shared["seed"]
+        if shared
+        else config.getoption("fuzz_seed") or int(time.strftime("%Y%m%d", time.gmtime()))
+    )
+    slice_ = _slice(config, seed)
     try:
         profile = profiles.for_run(
-            config.getoption("profile"), _slice(config), config.getoption("db"), config.getoption("time_box")
+            config.getoption("profile"), slice_, config.getoption("db"), config.getoption("time_box")
         )
     except ValueError as error:
         raise pytest.UsageError(str(error)) from None
@@ -103,28 +110,26 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore::RuntimeWarning:triton.runtime.interpreter")
     config.addinivalue_line("markers", "nonfinite: fuzzes inputs holding inf/NaN; runs only with --nonfinite")
 
-    if _is_worker(config):
-        shared = config.workerinput["fuzz_run"]
+    if shared:
         directory, deadline = Path(shared["directory"]), shared["deadline"]
     else:
-        directory = _new_run_directory(config, profile)
+        directory = _new_run_directory(config, profile, slice_)
         deadline = time.time() + profile.time_box if profile.time_box else None
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _interrupt)
         if config.pluginmanager.hasplugin("xdist"):
-            config.pluginmanager.register(_HandRunToWorkers(directory, deadline), "fuzz-run-to-workers")
+            handed = {"directory": str(directory), "deadline": deadline, "seed": seed}
+            config.pluginmanager.register(_HandRunToWorkers(handed), "fuzz-run-to-workers")
     worker = config.workerinput["workerid"] if _is_worker(config) else "main"
     shrinks = Phase.shrink in profile.settings.phases
     failures.configure(failures.Run(directory, profile.name, worker, deadline, shrinks))
-    config.fuzz_header = _header(config, profile, directory, deadline)
+    config.fuzz_header = _header(profile, slice_, directory, deadline)
     if not _is_controller(config):
-        fuzz_report.start_summary(
-            directory / f"summary-{worker}.json", {**config.fuzz_header, "worker": worker}
-        )
+        summary = directory / f"summary-{worker}.json"
+        fuzz_report.start_summary(summary, {**config.fuzz_header, "worker": worker})
 
 
-def _new_run_directory(config, profile: profiles.Profile) -> Path:
-    slice_ = _slice(config)
+def _new_run_directory(config, profile: profiles.Profile, slice_: profiles.Slice | None) -> Path:
     name = profile.name + (f"-slice-{slice_.index}-of-{slice_.count}" if slice_ else "")
     directory = (
         Path(config.getoption("report_dir")) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -133,8 +138,9 @@ def _new_run_directory(config, profile: profiles.Profile) -> Path:
     return directory.resolve()
 
 
-def _header(config, profile: profiles.Profile, directory: Path, deadline: float | None) -> dict:
-    slice_ = _slice(config)
+def _header(
+    profile: profiles.Profile, slice_: profiles.Slice | None, directory: Path, deadline: float | None
+) -> dict:
     database = profile.settings.database
     return {
         "profile": profile.name,
@@ -156,8 +162,8 @@ def _interrupt(signum, frame):
 class _HandRunToWorkers:
     """xdist's hook lives in a plugin object so that pytest without xdist never sees an unknown hook."""
 
-    def __init__(self, directory: Path, deadline: float | None):
-        self.shared = {"directory": str(directory), "deadline": deadline}
+    def __init__(self, shared: dict):
+        self.shared = shared
 
     def pytest_configure_node(self, node):
         node.workerinput["fuzz_run"] = self.shared
