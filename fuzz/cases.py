@@ -10,7 +10,7 @@ case gives the same bits on the same device (values come from a torch.Generator 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 
 import torch
 
@@ -108,6 +108,60 @@ class Case:
     layouts: tuple[Layout, Layout, Layout] = (Layout(), Layout(), Layout())  # q, k, v
     values: Values = Values()
     upstream: Upstream = Upstream()
+
+
+# --- A case as plain data (the failure files, fuzz/failures.py) ---------------------------------------
+
+
+def to_data(value):
+    """`value` (a case or any part of one, a dtype, or tuples of these and plain scalars: every argument a
+    property takes) as JSON-ready data that `from_data` turns back into an equal value. Every dataclass
+    field is written, defaults too, so a file reads without the code at hand."""
+    if is_dataclass(value):
+        return {
+            "type": type(value).__name__,
+            **{f.name: to_data(getattr(value, f.name)) for f in fields(value)},
+        }
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, tuple):
+        return [to_data(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):  # strict JSON has no inf or NaN
+        return {"float": repr(value)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot write a {type(value).__name__} as case data: {value!r}")
+
+
+def compact_repr(value) -> str:
+    """repr without the dataclass fields that equal their defaults: a case as short as it can be pasted
+    into an @example."""
+    if is_dataclass(value):
+        changed = [f.name for f in fields(value) if getattr(value, f.name) != f.default]
+        return (
+            f"{type(value).__name__}({', '.join(f'{n}={compact_repr(getattr(value, n))}' for n in changed)})"
+        )
+    if isinstance(value, tuple):
+        inner = ", ".join(compact_repr(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    return repr(value)
+
+
+_CASE_TYPES = {cls.__name__: cls for cls in (Case, Problem, Layout, Values, Upstream)}
+
+
+def from_data(data):
+    """The value `to_data` wrote. Every sequence of a case and of the properties' arguments is a tuple."""
+    if isinstance(data, list):
+        return tuple(from_data(d) for d in data)
+    if isinstance(data, dict):
+        if "type" in data:
+            cls = _CASE_TYPES[data["type"]]
+            return cls(**{name: from_data(d) for name, d in data.items() if name != "type"})
+        if "dtype" in data:
+            return getattr(torch, data["dtype"])
+        return float(data["float"])
+    return data
 
 
 # --- Placing a tensor in canary-filled storage ---------------------------------------------------------

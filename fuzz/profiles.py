@@ -13,17 +13,20 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from hypothesis import Phase, Verbosity, settings
+from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from fuzz import sharding
 from fuzz.cases import Layout
 
 REPO = Path(__file__).resolve().parents[1]
+# One device call is 10 minutes: this leaves room for the session's start, its report and the examples
+# still running when the time box ends (one may be compiling a float32 backward, the slowest compile).
+DEVICE_CALL_TIME_BOX = 360.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,14 @@ class Profile:
     limits: Limits
     examples: dict[str, int]  # examples per property (over all its kernel families), by test name
     settings: settings
+    nonfinite: bool = False  # fuzz inputs holding inf/NaN (test_nonfinite.py) without --nonfinite
+    # Seconds into the run after which no new example is drawn: each test item finishes the example it
+    # is running and stops, items not yet started are skipped. Sized to one device call; --time-box.
+    time_box: float | None = None
+    # Runs in slices (--slice K/N): the example budgets are divided by N, and each slice draws head
+    # dims and layouts from its own menus (strategies.slice_menus), so that each slice compiles few
+    # kernel variants and the slices of a run together cover many.
+    sliced: bool = False
 
     @property
     def total_examples(self) -> int:
@@ -103,7 +114,7 @@ def _settings(
         # would only measure the machine. Hangs in validation are caught by test_bad_inputs itself.
         deadline=None,
         # Session-scoped fixtures only (NaN-poisoned buffers), and generation is plain dataclasses, so
-        # no health check needs silencing.
+        # no health check needs silencing (for_run adds one for time-boxed runs).
         suppress_health_check=[],
         print_blob=True,  # every failure prints its @reproduce_failure blob
         backend="hypothesis",
@@ -217,14 +228,16 @@ PROFILES = {
                 generate=False,
             ),
         ),
-        # Time-boxed GPU smoke: 2,040 examples (2,140 with --nonfinite). No shrinking: a failure prints
-        # its blob at once, and the nightly run (same database directory if FUZZ_DATABASE is shared)
-        # shrinks it.
+        # The GPU smoke run, sized to one device call: 1,082 examples (250 of them invalid calls, which
+        # cost microseconds), half of what the old gpu-2k ran per test item, with its menus
+        # (GPU_SMOKE), inf/NaN inputs included, and the time box as a guard. docs/fuzzing.md: sizing.
+        # No shrinking: a failure file holds the example at once, and the nightly run (same database
+        # directory if FUZZ_DATABASE / --db is shared) shrinks it.
         Profile(
-            name="gpu-2k",
+            name="gpu-1k",
             needs_gpu=True,
             limits=GPU_SMOKE,
-            examples=_examples(700, 400, 60, 95, 500, 100),
+            examples=_examples(350, 200, 30, 48, 250, 60),
             settings=_settings(
                 derandomize=False,
                 database=_database("gpu"),
@@ -233,8 +246,13 @@ PROFILES = {
                 explain=False,
                 multiple_bugs=True,
             ),
+            nonfinite=True,
+            time_box=DEVICE_CALL_TIME_BOX,
         ),
-        # GPU, everything: 13,300 examples, database kept between runs so every failure replays first.
+        # GPU, everything, in slices of one device call each (--slice K/N, every slice with the same
+        # --fuzz-seed and database): 13,800 examples over all slices (4,000 of them invalid calls),
+        # inf/NaN inputs included; each slice draws its own head-dim and layout menus. The database
+        # keeps every failure, which replays first in the next slice; climbing and shrinking on.
         Profile(
             name="nightly",
             needs_gpu=True,
@@ -248,6 +266,9 @@ PROFILES = {
                 explain=True,
                 multiple_bugs=True,
             ),
+            nonfinite=True,
+            time_box=DEVICE_CALL_TIME_BOX,
+            sliced=True,
         ),
     )
 }
@@ -256,12 +277,56 @@ DEFAULT = "dev"
 _active: Profile | None = None
 
 
-def activate(name: str) -> Profile:
-    """Load `name` as hypothesis' default settings and as the limits the strategies draw within."""
+@dataclass(frozen=True)
+class Slice:
+    index: int  # 1..count
+    count: int
+    seed: int  # shared by the slices of one run: their menus are drawn from it
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def for_run(
+    name: str, slice_: Slice | None = None, database: str | None = None, time_box: float | None = None
+) -> Profile:
+    """The profile `name` as this run uses it: one slice of it, another example database directory,
+    another time box (0: none). Raises ValueError for an option the profile does not take."""
+    profile = PROFILES[name]
+    if slice_ is not None:
+        if not profile.sliced:
+            sliced = ", ".join(p.name for p in PROFILES.values() if p.sliced)
+            raise ValueError(f"--slice: profile {name} does not run in slices ({sliced} does)")
+        if not 1 <= slice_.index <= slice_.count:
+            raise ValueError(f"--slice {slice_}: K must be in 1..N")
+        from fuzz.strategies import slice_menus  # strategies imports this module
+
+        profile = replace(
+            profile,
+            limits=slice_menus(profile.limits, slice_),
+            examples={test: math.ceil(n / slice_.count) for test, n in profile.examples.items()},
+        )
+    if database is not None:
+        if profile.settings.database is None:
+            raise ValueError(f"--db: profile {name} keeps no example database (it is derandomized)")
+        profile = replace(
+            profile, settings=settings(profile.settings, database=DirectoryBasedExampleDatabase(database))
+        )
+    if time_box is not None:
+        profile = replace(profile, time_box=time_box or None)
+    if profile.time_box:
+        # The time box rejects examples unrun (fuzz/failures.py): no strategy filtering too much.
+        quiet = settings(profile.settings, suppress_health_check=[HealthCheck.filter_too_much])
+        profile = replace(profile, settings=quiet)
+    return profile
+
+
+def activate(profile: Profile | str) -> Profile:
+    """Load `profile` as hypothesis' default settings and as the limits the strategies draw within."""
     global _active
-    _active = PROFILES[name]
-    settings.register_profile(name, _active.settings)
-    settings.load_profile(name)
+    _active = PROFILES[profile] if isinstance(profile, str) else profile
+    settings.register_profile(_active.name, _active.settings)
+    settings.load_profile(_active.name)
     return _active
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import math
+import random
+from dataclasses import replace
 
 import torch
 from hypothesis import strategies as st
@@ -162,12 +164,17 @@ def layouts(rank: int = 4, limits: profiles.Limits | None = None) -> st.SearchSt
     general = st.builds(
         Layout,
         order=st.permutations(range(rank)).map(tuple),
-        steps=st.tuples(*[st.integers(1, 3)] * rank),
-        pads=st.tuples(*[st.integers(0, 3)] * rank),
-        offset=st.integers(0, 40),
-        broadcast=st.sets(st.sampled_from((0, 1)), max_size=2).map(lambda dims: tuple(sorted(dims))),
+        steps=st.tuples(*[st.integers(1, MAX_STEP)] * rank),
+        pads=st.tuples(*[st.integers(0, MAX_PAD)] * rank),
+        offset=st.integers(0, MAX_OFFSET),
+        broadcast=st.sets(st.sampled_from(BROADCASTABLE), max_size=2).map(lambda dims: tuple(sorted(dims))),
     )
     return st.one_of(st.sampled_from(natural), general)
+
+
+# The ranges of a general layout: slice steps, canary padding per dim, storage offset, and the dims
+# (batch, heads) that may be read with stride 0.
+MAX_STEP, MAX_PAD, MAX_OFFSET, BROADCASTABLE = 3, 3, 40, (0, 1)
 
 
 def seeds() -> st.SearchStrategy[int]:
@@ -229,3 +236,40 @@ def breakages(draw, catalogue: dict) -> tuple[tuple[str, int], ...]:
             chosen.append((name, draw(st.integers(0, len(breakage.forms) - 1))))
             touched |= breakage.touches
     return tuple(chosen)
+
+
+# --- Menus of one slice (profiles.Profile.sliced) --------------------------------------------------------
+
+SLICE_HEAD_DIMS = {torch.float16: 4, torch.bfloat16: 4, torch.float32: 2}  # float32 compiles slowest
+SLICE_GENERAL_LAYOUTS = 2  # besides contiguous and BSHD
+
+
+def slice_menus(limits: profiles.Limits, slice_: profiles.Slice) -> profiles.Limits:
+    """The head-dim and layout menus of one slice of a run, drawn from the run's seed: each slice compiles
+    the kernels for a few head dims and stride patterns only (docs/fuzzing.md: why compiling bounds a
+    GPU run), and the slices of one run take different head dims, half of them edge sizes and real
+    models' dims, half any other, until every dim has been taken. A run with another seed takes others."""
+    rng = random.Random(f"{slice_.seed}/{slice_.index}/layouts")
+    general = tuple(
+        Layout(
+            order=tuple(rng.sample(range(4), 4)),
+            steps=tuple(rng.randint(1, MAX_STEP) for _ in range(4)),
+            pads=tuple(rng.randint(0, MAX_PAD) for _ in range(4)),
+            offset=rng.randint(0, MAX_OFFSET),
+            broadcast=tuple(sorted(rng.sample(BROADCASTABLE, rng.randint(0, len(BROADCASTABLE))))),
+        )
+        for _ in range(SLICE_GENERAL_LAYOUTS)
+    )
+    edges = sorted(
+        {*edge_sizes(limits.max_head_dim), *(d for d in MODEL_HEAD_DIMS if d <= limits.max_head_dim)}
+    )
+    others = sorted(set(range(1, limits.max_head_dim + 1)) - set(edges))
+    head_dims = {}
+    for dtype, count in SLICE_HEAD_DIMS.items():
+        taken = []
+        for pool, share in ((edges, count - count // 2), (others, count // 2)):
+            order = random.Random(f"{slice_.seed}/{dtype}/{len(pool)}").sample(pool, len(pool))
+            start = (slice_.index - 1) * share
+            taken += [order[(start + i) % len(order)] for i in range(share)]
+        head_dims[dtype] = tuple(sorted(taken))
+    return replace(limits, head_dims=head_dims, layouts=(Layout(), Layout(order=(0, 2, 1, 3)), *general))

@@ -7,7 +7,8 @@ Code outside the package imports `core`, `core.testing`, `core.ops`, `core.refer
 - switches: `poisoned_outputs()` (NaN-fill every kernel output), `host_cache(enabled)` (the plan cache
   and bound launches), `use_family(name)` (force a kernel family), `fused_backward(enabled)` (the
   portable family's fused backward, off by default);
-- introspection: `cached_plans()`, `clear_plans()`, `families()`, `kernel_fingerprint()`;
+- introspection: `plan_for(q, k, v, ...)`, `cached_plans()`, `clear_plans()`, `families()`, `family(name)`,
+  `kernel_fingerprint()`;
 - the kernels' raw passes and conventions: `forward`, `backward` (the LSE in the kernels' base with its
   low parts, as core.ops documents), `uses_base_2`, `score_scale`;
 - the interpreter's GPU-faithful arithmetic: `patch_interpreter`, `float64_dot`;
@@ -50,6 +51,7 @@ __all__ = [
     "is_interpreted",
     "kernel_fingerprint",
     "patch_interpreter",
+    "plan_for",
     "poisoned_outputs",
     "portable",
     "score_scale",
@@ -132,6 +134,13 @@ def family(name: str):
 def cached_plans() -> list:
     """The forward plans core keeps now, oldest first."""
     return _plans.cached()
+
+
+def plan_for(q, k, v, *, causal: bool, sm_scale: float | None = None):
+    """The forward plan core uses for this call (validating it first, as a call would; nothing is
+    launched): its family, tiles and bound launches, for tools that record which kernels ran. Its
+    `backward_plan(dout, dlse, q, k, v)` is the backward's."""
+    return _plans.forward_plan(q, k, v, causal, sm_scale, False)
 
 
 def clear_plans() -> None:

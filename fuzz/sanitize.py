@@ -1,0 +1,402 @@
+"""compute-sanitizer sweep: the fuzzer's problems, each run forward and backward under memcheck, synccheck and
+racecheck, in parallel child processes, into one markdown table.
+
+    python -m fuzz.sanitize --out DIR        # on the GPU machine; DIR/sanitize.md is the table
+
+Problems are drawn with the fuzzer's own strategies (fuzz/strategies.py) from a fixed seed: odd and
+edge lengths, GQA/MQA, head dims 1..256, contiguous, BSHD and sliced or padded views, every dtype,
+causal and not, each with its upstream gradient. They cycle through the six (dtype, causal) kernel
+families, and the fp16/bf16 ones alternate between tensor descriptors forced on (wherever the layout
+allows them, also for problems too small to pay for them) and forced off (pointer loads only);
+float32 never uses descriptors. Each (problem, tool) runs in its own process,
+`compute-sanitizer --tool T python -m fuzz.sanitize --child PROBLEM.json`, with PyTorch's caching
+allocator off so that every tensor is its own allocation and a read past one is caught, and with one
+Triton cache shared by all, so each kernel variant compiles once (in its memcheck run: memcheck runs
+first, then synccheck, then racecheck, the slowest). A run past its per-tool time limit is killed and
+listed as such, and so is a run the sweep's time budget cuts; runs it leaves no time for are listed as
+not run. The table and results.json are rewritten after every run, so a sweep cut short keeps what it
+found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+TOOLS = ("memcheck", "synccheck", "racecheck")
+PATHS = ("descriptors", "pointers")
+REPO = Path(__file__).resolve().parents[1]
+DONE = "SANITIZE_CHILD_DONE"  # the child's last line: it ran to the end (a crash can leave "0 errors")
+KERNEL_PATH = "KERNEL_PATH "
+MIN_RUN_SECONDS = 20  # a run is not started with less of the budget left: it could not finish
+
+
+# --- Drawing the problems -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    index: int
+    case: object  # fuzz.cases.Case
+    path: str  # "descriptors" (forced on where the layout allows) or "pointers" (forced off)
+
+
+def _limits():
+    """Small problems: racecheck slows a kernel by orders of magnitude, and every edge (one row, one
+    tile plus one, a masked head dim, rows that see no key) shows at a few hundred rows."""
+    from fuzz.profiles import Limits
+
+    return Limits(
+        max_batch=2, max_kv_heads=2, max_group=3, max_seq=300, max_head_dim=256,
+        max_scores=2**17, max_work=2**23,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _drawing_within(limits):
+    """Make `limits` the active profile's while drawing (the layout strategies read the active profile),
+    and restore the profile that was active before (under pytest: the run's)."""
+    from hypothesis import settings
+
+    from fuzz import profiles
+
+    try:
+        previous = profiles.active()
+    except RuntimeError:
+        previous = None
+    profiles.activate(profiles.Profile("sanitize", True, limits, {}, settings()))
+    try:
+        yield
+    finally:
+        if previous is not None:
+            profiles.activate(previous)
+
+
+def draw_problems(count: int, seed: int) -> list[Problem]:
+    """`count` problems from the fuzzer's strategies, the same for the same seed."""
+    import torch
+    from hypothesis import strategies as st
+
+    from fuzz import sharding, strategies
+    from fuzz.cases import Layout
+
+    limits = _limits()
+    # A descriptor problem needs a layout and a head dim the copy engine can read (16-byte rows).
+    descriptor_limits = replace(
+        limits,
+        head_dims=dict.fromkeys(sharding.DTYPES, tuple(range(8, 257, 8))),
+        layouts=(Layout(), Layout(order=(0, 2, 1, 3))),
+    )
+    problems = []
+    for index in range(count):
+        dtype, causal = sharding.KERNELS[index % len(sharding.KERNELS)]
+        path = "pointers" if dtype == torch.float32 else PATHS[(index // len(sharding.KERNELS)) % 2]
+        family = strategies.problems(dtypes=st.just(dtype), causal=st.just(causal))
+        with _drawing_within(descriptor_limits if path == "descriptors" else limits):
+            case = _draw(strategies.cases(problem=family), seed * 1000 + index)
+        problems.append(Problem(index, case, path))
+    return problems
+
+
+def _draw(strategy, seed: int):
+    """One value of `strategy`, the same for the same seed: the last of a few examples (hypothesis' first
+    ones are its simplest)."""
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hypothesis_seed
+
+    drawn = []
+
+    @hypothesis_seed(seed)
+    @settings(max_examples=8, database=None, phases=[Phase.generate], deadline=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(value=strategy)
+    def collect(value):
+        drawn.append(value)
+
+    collect()
+    return drawn[-1]
+
+
+# --- One child: a problem forward and backward ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def forced_kernel_path(path: str):
+    """Tensor descriptors on wherever the layout allows (also for problems too small to pay for them), or
+    off everywhere. The one place this script reads core's launch rules."""
+    import core.testing
+
+    _launch = core.testing.portable.plans
+
+    name, forced = (
+        ("descriptors_pay_off", lambda *sizes: True) if path == "descriptors" else
+        ("descriptors_fit", lambda *tensors: False)
+    )  # fmt: skip
+    original = getattr(_launch, name)
+    setattr(_launch, name, forced)
+    try:
+        yield
+    finally:
+        setattr(_launch, name, original)
+
+
+def run_child(problem_file: Path) -> None:
+    import fuzz.conftest  # noqa: F401  first: on a CPU machine it sets TRITON_INTERPRET=1 before core
+    from fuzz import failures, oracle
+    from fuzz.cases import build, from_data
+
+    spec = json.loads(problem_file.read_text())
+    case = from_data(spec["case"])
+    with forced_kernel_path(spec["path"]):
+        inputs = build(case, oracle.DEVICE)
+        oracle.run_kernel(case, inputs, backward=True)
+        if oracle.DEVICE == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        print(KERNEL_PATH + json.dumps(failures.kernel_path(case)), flush=True)
+    print(DONE, flush=True)
+
+
+# --- Reading a run's output ------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    errors: int | None  # None: no summary line (the run did not finish)
+    warnings: int
+    finished: bool  # the child printed its last line
+    kernel_path: dict | None
+
+
+def parse_output(text: str) -> Outcome:
+    """The sanitizer's error count ("ERROR SUMMARY: N errors", and racecheck's "RACECHECK SUMMARY: H
+    hazards displayed (E errors, W warnings)"), and what the child itself printed."""
+    counts = [int(n) for n in re.findall(r"ERROR SUMMARY: (\d+) errors?", text)]
+    warnings = 0
+    for _, errors, warned in re.findall(
+        r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warn", text
+    ):
+        counts.append(int(errors))
+        warnings += int(warned)
+    path = next(
+        (line[len(KERNEL_PATH) :] for line in text.splitlines() if line.startswith(KERNEL_PATH)), None
+    )
+    return Outcome(
+        errors=max(counts) if counts else None,
+        warnings=warnings,
+        finished=DONE in text,
+        kernel_path=json.loads(path) if path else None,
+    )
+
+
+def path_taken(kernel_path: dict | None) -> str:
+    """Which kernels read through tensor descriptors, as the child's plans say."""
+    if kernel_path is None:
+        return "?"
+    kernels = {"fwd": kernel_path["forward"], **kernel_path["backward"]}
+    through = [name for name, launch in kernels.items() if launch.get("TENSOR_DESCRIPTORS")]
+    return f"descriptors ({', '.join(through)})" if through else "pointers"
+
+
+def shape_label(case) -> str:
+    p = case.problem
+
+    def layout(lay) -> str:
+        if lay == type(lay)():
+            return "dense"
+        return "bshd" if lay == type(lay)(order=(0, 2, 1, 3)) else "view"
+
+    views = ",".join(layout(lay) for lay in case.layouts)
+    mask = "causal" if p.causal else "full"
+    return f"B{p.batch} H{p.q_heads}/{p.kv_heads} N{p.n_queries}/{p.n_keys} D{p.head_dim} {mask} {views}"
+
+
+# --- The sweep -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    problem: Problem
+    tool: str
+    status: str = "not run (time budget)"
+    errors: int | None = None
+    warnings: int = 0
+    seconds: float = 0.0
+    path: str = "?"
+    log: str = ""
+
+
+def status_of(outcome: Outcome, returncode: int) -> str:
+    if outcome.errors:
+        return "ERRORS"
+    if not outcome.finished or returncode != 0:
+        return f"child failed (exit {returncode})"
+    if outcome.errors is None:
+        return "no summary"
+    return "clean"
+
+
+def table(runs: list[Run], header: list[str]) -> str:
+    columns = "| # | shape (B H/Hkv N/Nk D mask q,k,v) | dtype | path | tool | errors | status | seconds |"
+    lines = [*header, "", columns, "|---:|---|---|---|---|---:|---|---:|"]
+    for run in sorted(runs, key=lambda r: (r.problem.index, TOOLS.index(r.tool))):
+        dtype = str(run.problem.case.problem.dtype).removeprefix("torch.")
+        errors = (
+            "-"
+            if run.errors is None
+            else f"{run.errors}" + (f" (+{run.warnings} warn)" if run.warnings else "")
+        )
+        lines.append(
+            f"| {run.problem.index} | {shape_label(run.problem.case)} | {dtype} | {run.path} | {run.tool} | "
+            f"{errors} | {run.status} | {run.seconds:.0f} |"
+        )
+    flagged = [r for r in runs if r.status not in ("clean", "not run (time budget)")]
+    if flagged:
+        lines += ["", "Runs that were not clean (their logs are in logs/):", ""]
+        lines += [f"- #{r.problem.index} {r.tool}: {r.status}, logs/{r.log}" for r in flagged]
+    return "\n".join(lines) + "\n"
+
+
+def _tally(runs: list[Run]) -> str:
+    by_status: dict[str, int] = {}
+    for run in runs:
+        by_status[run.status] = by_status.get(run.status, 0) + 1
+    return ", ".join(f"{n} {status}" for status, n in sorted(by_status.items()))
+
+
+def sweep(args) -> int:
+    from fuzz import failures, report
+    from fuzz.cases import to_data
+
+    out = args.out.resolve()
+    (out / "problems").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    problems = draw_problems(args.problems, args.seed)
+    for problem in problems:
+        spec = {"case": to_data(problem.case), "path": problem.path}
+        report.write_json_atomically(out / "problems" / f"{problem.index:02d}.json", spec)
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            (str(REPO), str(REPO / "packages" / "core" / "src"), os.environ.get("PYTHONPATH", ""))
+        ),
+        "PYTORCH_NO_CUDA_MEMORY_CACHING": "1",  # each tensor its own allocation: reads past it are caught
+        "TRITON_CACHE_DIR": str(args.cache_dir.resolve()),
+    }
+    tools = [t for t in TOOLS if t in args.tools]
+    runs = [Run(problem, tool) for tool in tools for problem in problems]  # every memcheck run first
+    deadline = time.monotonic() + args.budget
+    lock = threading.Lock()
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    machine = failures.environment()
+
+    def write() -> None:
+        header = [
+            f"# compute-sanitizer sweep, {started}",
+            "",
+            f"{machine['device']}, commit {machine['commit']}, "
+            f"torch {machine['torch']}, triton {machine['triton']}.",
+            f"{len(problems)} problems (seed {args.seed}) x {', '.join(tools)}, {args.jobs} processes, "
+            f"{args.budget:.0f} s budget: {_tally(runs)}.",
+            "",
+            f"`{' '.join(args.command_line)}`",
+        ]
+        (out / "sanitize.md").write_text(table(runs, header))
+        results = [
+            {"problem": r.problem.index, "shape": shape_label(r.problem.case), "forced": r.problem.path,
+             "path": r.path, "tool": r.tool, "status": r.status, "errors": r.errors, "warnings": r.warnings,
+             "seconds": round(r.seconds, 1), "log": r.log, "case": to_data(r.problem.case)}
+            for r in runs
+        ]  # fmt: skip
+        report.write_json_atomically(out / "results.json", results)
+
+    def execute(run: Run) -> None:
+        if time.monotonic() > deadline - MIN_RUN_SECONDS:
+            return
+        run.log = f"{run.problem.index:02d}-{run.tool}.log"
+        problem_file = out / "problems" / f"{run.problem.index:02d}.json"
+        command = [
+            args.sanitizer, "--tool", run.tool, "--print-limit", "20",
+            sys.executable, "-m", "fuzz.sanitize", "--child", str(problem_file),
+        ]  # fmt: skip
+        begin = time.monotonic()
+        # Within the tool's limit and within the sweep's budget: the sweep ends on time.
+        limit = min(
+            args.memcheck_timeout if run.tool == "memcheck" else args.timeout, max(deadline - begin, 1)
+        )
+        with open(out / "logs" / run.log, "w") as log:
+            child = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # fmt: skip
+            try:
+                returncode = child.wait(timeout=limit)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)  # the sanitizer and the python it runs
+                returncode = None
+                child.wait()
+        outcome = parse_output((out / "logs" / run.log).read_text(errors="replace"))
+        with lock:
+            run.seconds = time.monotonic() - begin
+            run.errors, run.warnings, run.path = (
+                outcome.errors,
+                outcome.warnings,
+                path_taken(outcome.kernel_path),
+            )
+            run.status = f"timeout ({limit:.0f} s)" if returncode is None else status_of(outcome, returncode)
+            write()
+
+    write()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(execute, run) for run in runs]:
+            future.result()
+    write()
+    print((out / "sanitize.md").read_text())
+    return 1 if any(r.status == "ERRORS" for r in runs) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m fuzz.sanitize", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out", type=Path, default=REPO / ".hypothesis" / "sanitize", help="output directory"
+    )
+    parser.add_argument("--problems", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated, of " + ", ".join(TOOLS))
+    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="parallel runs")
+    parser.add_argument("--budget", type=float, default=330, help="seconds the sweep's runs may take in all")
+    parser.add_argument("--memcheck-timeout", type=float, default=240, help="per run, compiling included")
+    parser.add_argument("--timeout", type=float, default=120, help="per synccheck / racecheck run")
+    parser.add_argument("--cache-dir", type=Path, default=REPO / ".hypothesis" / "sanitize-triton-cache")
+    parser.add_argument(
+        "--sanitizer", default=shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    )
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        run_child(args.child)
+        return 0
+    if not (Path(args.sanitizer).is_file() or shutil.which(args.sanitizer)):
+        parser.error(f"no compute-sanitizer at {args.sanitizer}: pass --sanitizer PATH")
+    unknown = set(args.tools.split(",")) - set(TOOLS)
+    if unknown:
+        parser.error(f"--tools: unknown {', '.join(sorted(unknown))}; choose from {', '.join(TOOLS)}")
+    args.command_line = ["python -m fuzz.sanitize", *argv]
+    return sweep(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
