@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from core.kernels import portable
+from core.kernels import decode, portable
 
-FAMILIES: dict[str, ModuleType] = {portable.NAME: portable}
-PRIORITY: tuple[str, ...] = (portable.NAME,)
+FAMILIES: dict[str, ModuleType] = {decode.NAME: decode, portable.NAME: portable}
+# decode takes only the decode-shaped calls it supports; portable takes every other.
+PRIORITY: tuple[str, ...] = (decode.NAME, portable.NAME)
 
 
 class Forced:
