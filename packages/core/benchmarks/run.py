@@ -8,6 +8,8 @@
     sweep     tile and load variants of the portable kernels vs FLASH/CUDNN, one GPU call (sweep.py)
     ab        the working tree's kernels vs a baseline copy of core, in one GPU process (ab.py)
     report    registers, spills and loop instruction mix from an sm_90a compile, on the CPU (kernel_report.py)
+    decode    KV-cache decode (core.attention_with_kvcache, dense and paged) vs SDPA FLASH/CUDNN and core's
+              portable path, GB/s against the measured copy bandwidth (decode.py; --quick, --out FILE)
 
 Every tool but `report` (and `kernels --report`/`--dry-run`) needs a CUDA GPU.
 """
@@ -25,6 +27,7 @@ TOOLS = {
     "sweep": "sweep",
     "ab": "ab",
     "report": "kernel_report",
+    "decode": "decode",
 }
 
 
