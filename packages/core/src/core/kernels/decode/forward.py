@@ -93,18 +93,19 @@ def _store_rows(Out, Lse, LseLow, out, lse, lse_low, m_low, batch, heads, querie
 
 
 @triton.jit
-def _key_rows(cols, col_ok, batch, cache_batch, BlockTable, stride_table_b, stride_table_p, stride_b,
-              stride_n, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):  # fmt: skip
-    """Offsets of keys `cols` of one sequence from its cache's head base: dense rows, or page rows
-    looked up in the block table."""
+def _key_places(cols, col_ok, batch, cache_batch, BlockTable, stride_table_b, stride_table_p,
+                PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):  # fmt: skip
+    """(cache row, slot) of keys `cols` of one sequence, 64-bit: its dense row and the key's position,
+    or the page the block table names and the key's slot in it. K and V share them (each has its own
+    strides)."""
     if PAGED:
         pages = tl.load(
             BlockTable + batch.to(tl.int64) * stride_table_b + (cols // PAGE_SIZE) * stride_table_p,
             mask=col_ok, other=0,
         )  # fmt: skip
-        return pages.to(tl.int64) * stride_b + (cols % PAGE_SIZE).to(tl.int64) * stride_n
+        return pages.to(tl.int64), (cols % PAGE_SIZE).to(tl.int64)
     else:
-        return cache_batch.to(tl.int64) * stride_b + cols.to(tl.int64) * stride_n
+        return cache_batch.to(tl.int64), cols.to(tl.int64)
 
 
 @triton.jit
@@ -207,9 +208,9 @@ def decode_split_kernel(
     for block_start in range(key_start, key_end, BLOCK_N):
         cols = block_start + offs_n
         col_ok = cols < key_end
-        k_rows = _key_rows(cols, col_ok, batch, cache_batch, BlockTable, stride_table_b, stride_table_p,
-                           stride_kb, stride_kn, PAGED, PAGE_SIZE)  # fmt: skip
-        kT = _load_tile(k_head + k_rows[None, :], d_ok, col_ok, EVEN_D, False)
+        row, slot = _key_places(cols, col_ok, batch, cache_batch, BlockTable, stride_table_b, stride_table_p,
+                                PAGED, PAGE_SIZE)  # fmt: skip
+        kT = _load_tile(k_head + (row * stride_kb + slot * stride_kn)[None, :], d_ok, col_ok, EVEN_D, False)
         scores, scores_low = _scores(q, kT, qk_scale, DOT_PRECISION, COMPENSATE)
         if SOFTCAP:
             capped = _tanh(scores)
@@ -245,9 +246,7 @@ def decode_split_kernel(
         l_new = l_i + row_sum
         l_comp = (l_new - l_i) - row_sum
         l_i = l_new
-        v_rows = _key_rows(cols, col_ok, batch, cache_batch, BlockTable, stride_table_b, stride_table_p,
-                           stride_vb, stride_vn, PAGED, PAGE_SIZE)  # fmt: skip
-        v = _load_tile(v_head + v_rows[:, None], col_ok, d_ok, False, EVEN_D)
+        v = _load_tile(v_head + (row * stride_vb + slot * stride_vn)[:, None], col_ok, d_ok, False, EVEN_D)
         acc = acc * alpha[:, None]
         if COMPENSATE:
             comp = comp * alpha[:, None]
@@ -349,17 +348,17 @@ def decode_merge_kernel(
 
 
 @triton.jit
-def _append_rows(New, Cache, batch, kv_head, tokens, positions, ok, cache_batch, BlockTable, offs_d, d_ok,
-                 stride_nb, stride_nh, stride_nn, stride_nd, stride_b, stride_h, stride_n, stride_d,
-                 stride_table_b, stride_table_p, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):  # fmt: skip
-    """Copy rows `tokens` of one head of New into its cache at `positions` (where ok)."""
+def _append_rows(New, Cache, batch, kv_head, tokens, row, slot, ok, offs_d, d_ok, stride_nb, stride_nh,
+                 stride_nn, stride_nd, stride_b, stride_h, stride_n, stride_d):  # fmt: skip
+    """Copy rows `tokens` of one head of New into its cache at (row, slot) (where ok)."""
     source = (
         New + batch.to(tl.int64) * stride_nb + kv_head.to(tl.int64) * stride_nh
         + tokens.to(tl.int64)[:, None] * stride_nn + offs_d[None, :] * stride_nd
     )  # fmt: skip
-    rows = _key_rows(positions, ok, batch, cache_batch, BlockTable, stride_table_b, stride_table_p, stride_b,
-                     stride_n, PAGED, PAGE_SIZE)  # fmt: skip
-    target = Cache + kv_head.to(tl.int64) * stride_h + rows[:, None] + offs_d[None, :] * stride_d
+    target = (
+        Cache + kv_head.to(tl.int64) * stride_h + (row * stride_b + slot * stride_n)[:, None]
+        + offs_d[None, :] * stride_d
+    )  # fmt: skip
     mask = ok[:, None] & d_ok[None, :]
     tl.store(target, tl.load(source, mask=mask), mask=mask)
 
@@ -395,9 +394,9 @@ def kvcache_append_kernel(
         cache_batch = tl.load(CacheBatch + batch.to(tl.int64) * stride_cache_batch)
     else:
         cache_batch = batch
-    _append_rows(KNew, KCache, batch, kv_head, tokens, positions, ok, cache_batch, BlockTable, offs_d, d_ok,
-                 stride_knb, stride_knh, stride_knn, stride_knd, stride_kb, stride_kh, stride_kn, stride_kd,
-                 stride_table_b, stride_table_p, PAGED, PAGE_SIZE)  # fmt: skip
-    _append_rows(VNew, VCache, batch, kv_head, tokens, positions, ok, cache_batch, BlockTable, offs_d, d_ok,
-                 stride_vnb, stride_vnh, stride_vnn, stride_vnd, stride_vb, stride_vh, stride_vn, stride_vd,
-                 stride_table_b, stride_table_p, PAGED, PAGE_SIZE)  # fmt: skip
+    row, slot = _key_places(positions, ok, batch, cache_batch, BlockTable, stride_table_b, stride_table_p,
+                            PAGED, PAGE_SIZE)  # fmt: skip
+    _append_rows(KNew, KCache, batch, kv_head, tokens, row, slot, ok, offs_d, d_ok, stride_knb, stride_knh,
+                 stride_knn, stride_knd, stride_kb, stride_kh, stride_kn, stride_kd)  # fmt: skip
+    _append_rows(VNew, VCache, batch, kv_head, tokens, row, slot, ok, offs_d, d_ok, stride_vnb, stride_vnh,
+                 stride_vnn, stride_vnd, stride_vb, stride_vh, stride_vn, stride_vd)  # fmt: skip
