@@ -45,17 +45,23 @@ def block_m_for(rows: int) -> int:
 
 
 @functools.cache
-def decode_config(rows: int, block_d: int, dtype: torch.dtype, interpreted: bool) -> DecodeConfig:
-    """Tiles for a call with `rows` query rows per KV head (untuned on hardware: a first choice that
-    keeps two programs' K and V stages within an H100 SM's shared memory)."""
+def decode_config(
+    rows: int, block_d: int, dtype: torch.dtype, paged: bool, interpreted: bool
+) -> DecodeConfig:
+    """Tiles for a call with `rows` query rows per KV head. A first choice, not yet tuned on hardware:
+    two programs' buffered K and V tiles fit an H100 SM's shared memory."""
     block_m = block_m_for(rows)
     if interpreted:  # tiles that cross several key blocks even at the CPU tests' lengths
         return DecodeConfig(block_m, 16, num_warps=1, num_stages=1)
+    # A paged tile's addresses come from a load (the block table): Triton's pipeliner gives that load
+    # stages of its own before the K and V loads, so paged caches take two stages more for as many K
+    # and V tiles in flight as dense ones (docs/design.md, "Decode").
+    extra_stages = 2 if paged else 0
     if dtype == torch.float32:  # float64 dots (the float32 precision path): small tiles
-        return DecodeConfig(block_m, 32, num_warps=4, num_stages=2)
-    # One stage of K and V is 2 x BLOCK_N x BLOCK_D x 2 bytes: 32 KB at D 128 with 64 keys, so three
-    # stages of two programs take 192 of an H100 SM's 227 KB.
-    return DecodeConfig(block_m, 64 if block_d <= 128 else 32, num_warps=4, num_stages=3)
+        return DecodeConfig(block_m, 32, num_warps=4, num_stages=2 + extra_stages)
+    # One buffered stage of K and V is 2 x BLOCK_N x BLOCK_D x 2 bytes: 32 KB at D 128 with 64 keys
+    # (and at D 256 with 32). Three stages keep two tiles in flight: two programs fit one SM.
+    return DecodeConfig(block_m, 64 if block_d <= 128 else 32, num_warps=4, num_stages=3 + extra_stages)
 
 
 @functools.cache

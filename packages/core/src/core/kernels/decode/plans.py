@@ -41,7 +41,7 @@ class AttendPlan(OnDevice):
         interpreted = _prepare_launch()
         block_d = padded_head_dim(head_dim)
         rows = kv_group * n_queries
-        config = _config.decode_config(rows, block_d, q.dtype, interpreted)
+        config = _config.decode_config(rows, block_d, q.dtype, block_table is not None, interpreted)
         row_blocks = ceil_div(rows, config.block_m)
         window_left, window_right = window_size
         capacity = _capacity(k_cache, block_table)
