@@ -93,16 +93,18 @@ def _store_rows(Out, Lse, LseLow, out, lse, lse_low, m_low, batch, heads, querie
 
 
 @triton.jit
-def _key_places(cols, col_ok, batch, cache_batch, BlockTable, stride_table_b, stride_table_p,
-                PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):  # fmt: skip
+def _key_places(cols, col_ok, tile_start, batch, cache_batch, BlockTable, stride_table_b, stride_table_p,
+                PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, WHOLE_PAGE_TILES: tl.constexpr):  # fmt: skip
     """(cache row, slot) of keys `cols` of one sequence, 64-bit: its dense row and the key's position,
     or the page the block table names and the key's slot in it. K and V share them (each has its own
-    strides)."""
-    if PAGED:
-        pages = tl.load(
-            BlockTable + batch.to(tl.int64) * stride_table_b + (cols // PAGE_SIZE) * stride_table_p,
-            mask=col_ok, other=0,
-        )  # fmt: skip
+    strides). WHOLE_PAGE_TILES: `cols` is one tile from `tile_start`, a multiple of the tile size, which
+    divides PAGE_SIZE: the tile lies in one page, whose id is one table entry instead of one per key."""
+    table_row = BlockTable + batch.to(tl.int64) * stride_table_b
+    if PAGED and WHOLE_PAGE_TILES:
+        page = tl.load(table_row + (tile_start // PAGE_SIZE) * stride_table_p)
+        return page.to(tl.int64), (cols % PAGE_SIZE).to(tl.int64)
+    elif PAGED:
+        pages = tl.load(table_row + (cols // PAGE_SIZE) * stride_table_p, mask=col_ok, other=0)
         return pages.to(tl.int64), (cols % PAGE_SIZE).to(tl.int64)
     else:
         return cache_batch.to(tl.int64), cols.to(tl.int64)
@@ -157,6 +159,7 @@ def decode_split_kernel(
     qk_scale = sm_scale / softcap (times nothing) and cap_scale = softcap (times log2(e) when BASE_2).
     """
     COMPENSATE: tl.constexpr = Q.dtype.element_ty == tl.float32
+    WHOLE_PAGE_TILES: tl.constexpr = PAGED and PAGE_SIZE % BLOCK_N == 0
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
     split = tl.program_id(0) % n_splits
@@ -187,6 +190,9 @@ def decode_split_kernel(
     if WINDOW_RIGHT:
         key_hi = tl.minimum(key_hi, last_query + diagonal + window_right + 1)
     key_hi = tl.maximum(key_hi, key_lo)
+    # Tiles start at multiples of BLOCK_N (the keys below key_lo in the first one are masked), so that
+    # with WHOLE_PAGE_TILES no tile straddles two pages.
+    key_lo = (key_lo // BLOCK_N) * BLOCK_N
     # This split's share: whole tiles, the same count for every split of the row block.
     tiles_per_split = tl.cdiv(tl.cdiv(key_hi - key_lo, BLOCK_N), n_splits)
     key_start = key_lo + split * tiles_per_split * BLOCK_N
@@ -208,8 +214,8 @@ def decode_split_kernel(
     for block_start in range(key_start, key_end, BLOCK_N):
         cols = block_start + offs_n
         col_ok = cols < key_end
-        row, slot = _key_places(cols, col_ok, batch, cache_batch, BlockTable, stride_table_b, stride_table_p,
-                                PAGED, PAGE_SIZE)  # fmt: skip
+        row, slot = _key_places(cols, col_ok, block_start, batch, cache_batch, BlockTable, stride_table_b,
+                                stride_table_p, PAGED, PAGE_SIZE, WHOLE_PAGE_TILES)  # fmt: skip
         kT = _load_tile(k_head + (row * stride_kb + slot * stride_kn)[None, :], d_ok, col_ok, EVEN_D, False)
         scores, scores_low = _scores(q, kT, qk_scale, DOT_PRECISION, COMPENSATE)
         if SOFTCAP:
@@ -394,8 +400,8 @@ def kvcache_append_kernel(
         cache_batch = tl.load(CacheBatch + batch.to(tl.int64) * stride_cache_batch)
     else:
         cache_batch = batch
-    row, slot = _key_places(positions, ok, batch, cache_batch, BlockTable, stride_table_b, stride_table_p,
-                            PAGED, PAGE_SIZE)  # fmt: skip
+    row, slot = _key_places(positions, ok, 0, batch, cache_batch, BlockTable, stride_table_b, stride_table_p,
+                            PAGED, PAGE_SIZE, False)  # fmt: skip
     _append_rows(KNew, KCache, batch, kv_head, tokens, row, slot, ok, offs_d, d_ok, stride_knb, stride_knh,
                  stride_knn, stride_knd, stride_kb, stride_kh, stride_kn, stride_kd)  # fmt: skip
     _append_rows(VNew, VCache, batch, kv_head, tokens, row, slot, ok, offs_d, d_ok, stride_vnb, stride_vnh,
