@@ -20,6 +20,10 @@ of exactly what they read, and of the forced family (core.testing.use_family):
 
 A call signature enters the cache only after passing validation, so a hit is a call that would pass it
 again, and invalid input is still refused before anything is allocated or launched.
+
+core.attention_with_kvcache's calls are kept the same way (`kvcache_plan`), keyed by every tensor's
+metadata, an int cache_seqlens' value and the options with their types; its two ops keep the plans of
+their halves (`attend_plan`, `append_plan`), as their caller has validated the call.
 """
 
 from __future__ import annotations

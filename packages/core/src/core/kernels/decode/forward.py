@@ -1,7 +1,9 @@
 """The split-KV (flash-decoding) kernels: few queries against many cached keys.
 
-A decode step has one (or a few) query rows per head, so one program per query tile, as the portable
-forward launches, leaves most of the GPU idle while the few programs stream all the keys. Here:
+A decode step has one (or a few) query rows per head. The portable forward's one program per query tile
+and head then holds a nearly empty tile, each head of a GQA group streams the same keys again, and the
+B x Hq programs, each as long as the cache, fill the GPU in few uneven waves (at small batch not at
+all). Here:
 
 1. `decode_split_kernel`, grid (row blocks x splits, Hkv, B): a program takes every query row of one KV
    head (its GQA group x the queries, so each key tile is read once for the whole group) and one split
@@ -151,12 +153,13 @@ def decode_split_kernel(
       BlockTable (B, max_blocks) int32 page ids (PAGED); CacheBatch (B,) int32 cache rows
           (CACHE_BATCH_INDEX; else sequence b reads cache row b)
       Out, Lse, LseLow as the portable forward's (SINGLE_SPLIT), else unused
-      Partial (B, Hkv, n_splits, Hkv rows, HEAD_DIM) float32 contiguous: each split's unnormalised
-          accumulator; PartialStats (planes, B, Hkv, n_splits, rows): its row max, row sum and (float32)
-          the max's low part (not SINGLE_SPLIT)
+      Partial (B, Hkv, n_splits, rows, HEAD_DIM) float32 contiguous, rows = kv_group * Nq: each split's
+          unnormalised accumulator; PartialStats (planes, B, Hkv, n_splits, rows): its row max, row sum
+          and (float32) the max's low part (not SINGLE_SPLIT)
     Each sequence's keys are Nk_b = min(cached + n_new, capacity), capacity the keys the cache holds.
-    qk_scale = sm_scale * log2(e) when BASE_2, else sm_scale; with SOFTCAP the kernel takes
-    qk_scale = sm_scale / softcap (times nothing) and cap_scale = softcap (times log2(e) when BASE_2).
+    qk_scale = sm_scale * log2(e) when BASE_2, else sm_scale. With SOFTCAP, qk_scale = sm_scale / softcap
+    (the tanh's argument) and cap_scale = softcap, times log2(e) when BASE_2.
+    Grid: (row blocks * n_splits, Hkv, B).
     """
     COMPENSATE: tl.constexpr = Q.dtype.element_ty == tl.float32
     WHOLE_PAGE_TILES: tl.constexpr = PAGED and PAGE_SIZE % BLOCK_N == 0
