@@ -13,6 +13,8 @@
     fused     the portable family's fused backward (behind its switch) vs the split one, timed (GPU)
     cp        context parallelism: the simulated ring's overhead on one GPU; with --multi under torchrun,
               ring and Ulysses attention per-GPU TFLOP/s and scaling (context_parallel.py)
+    decode    KV-cache decode (core.attention_with_kvcache, dense and paged) vs SDPA FLASH/CUDNN and core's
+              portable path, GB/s against the measured copy bandwidth (decode.py; --quick, --out FILE)
 
 Every tool but `report`, `compile` (and `kernels --report`/`--dry-run`) needs a CUDA GPU.
 """
@@ -34,6 +36,7 @@ TOOLS = {
     "hopper": "hopper_fwd_check",
     "fused": "fused_bwd_check",
     "cp": "context_parallel",
+    "decode": "decode",
 }
 
 

@@ -3,6 +3,7 @@
     import core
     out = core.attention(q, k, v, causal=True)           # q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D)
     out, lse = core.attention(q, k, v, return_lse=True)  # lse (B, Hq, Nq) float32, natural log
+    out = core.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, k=k_new, v=v_new)
 
 `core.attention_reference` is the float64 ground truth with the same semantics, and `core.tolerance`
 is the one tolerance policy that judges the kernel against it. The kernels are also registered as
@@ -11,8 +12,16 @@ PyTorch operators (`torch.ops.core.*`, core.ops), which is what torch.compile tr
 
 from core import ops, tolerance
 from core._runtime import is_interpreted
-from core.api import attention
-from core.reference import attention_reference
+from core.api import attention, attention_with_kvcache
+from core.reference import attention_reference, attention_with_kvcache_reference
 
-__all__ = ["attention", "attention_reference", "is_interpreted", "ops", "tolerance"]
+__all__ = [
+    "attention",
+    "attention_reference",
+    "attention_with_kvcache",
+    "attention_with_kvcache_reference",
+    "is_interpreted",
+    "ops",
+    "tolerance",
+]
 __version__ = "0.1.0"

@@ -20,6 +20,10 @@ of exactly what they read, and of the forced family (core.testing.use_family):
 
 A call signature enters the cache only after passing validation, so a hit is a call that would pass it
 again, and invalid input is still refused before anything is allocated or launched.
+
+core.attention_with_kvcache's calls are kept the same way (`kvcache_plan`), keyed by every tensor's
+metadata, an int cache_seqlens' value and the options with their types; its two ops keep the plans of
+their halves (`attend_plan`, `append_plan`), as their caller has validated the call.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import torch
 
 from core import kernels
 from core._runtime import is_interpreted
-from core._validation import validate_attention_inputs
+from core._validation import validate_attention_inputs, validate_kvcache_inputs
+from core.kernels import decode
 from core.kernels.launch import HostCache
 
 MAX_PLANS = 512  # distinct call signatures kept; a model has a handful
@@ -67,6 +72,103 @@ def forward_plan(q, k, v, causal, sm_scale, return_lse):
         return plan
     validate_attention_inputs(q, k, v, causal, sm_scale, return_lse, is_interpreted())
     plan = kernels.choose(q, k, v, causal).ForwardPlan(q, k, v, causal, default_scale(q, sm_scale))
+    if key is not None:
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def kvcache_plan(q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, causal, sm_scale,
+                 window_size, softcap, num_splits, return_lse):  # fmt: skip
+    """core.attention_with_kvcache's plan for this call (append, then attention), validating the inputs
+    first unless this signature passed before."""
+    options = (causal, sm_scale, window_size, softcap, num_splits, return_lse)
+    tensors = (q, k_cache, v_cache, k, v, block_table, cache_batch_idx)
+    key = _kvcache_signature("kvcache", tensors, cache_seqlens, options)
+    plan = _PLANS.get(key)
+    if plan is None:
+        validate_kvcache_inputs(
+            q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, causal, sm_scale,
+            window_size, softcap, num_splits, return_lse, is_interpreted(),
+        )  # fmt: skip
+        plan = _keep(key, decode.KvCachePlan(
+            q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, causal=causal,
+            sm_scale=default_scale(q, sm_scale), window_size=tuple(window_size), softcap=float(softcap),
+            num_splits=num_splits,
+        ))  # fmt: skip
+    return plan
+
+
+def attend_plan(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, n_new, causal, sm_scale,
+                window_left, window_right, softcap, num_splits):  # fmt: skip
+    """The attention half of core.attention_with_kvcache, as its op (core.ops) runs it; inputs validated
+    by the caller."""
+    options = (n_new, causal, sm_scale, window_left, window_right, softcap, num_splits)
+    tensors = (q, k_cache, v_cache, block_table, cache_batch_idx)
+    key = _kvcache_signature("attend", tensors, cache_seqlens, options)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _keep(key, decode.AttendPlan(
+            q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, n_new=n_new, causal=causal,
+            sm_scale=sm_scale, window_size=(window_left, window_right), softcap=softcap,
+            num_splits=num_splits,
+        ))  # fmt: skip
+    return plan
+
+
+def append_plan(k, v, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx):
+    """The in-place append of core.attention_with_kvcache, as its op (core.ops) runs it; inputs
+    validated by the caller."""
+    key = _kvcache_signature(
+        "append", (k, v, k_cache, v_cache, block_table, cache_batch_idx), cache_seqlens, ()
+    )
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _keep(
+            key, decode.AppendPlan(k, v, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx)
+        )
+    return plan
+
+
+def _kvcache_signature(kind: str, tensors: tuple, cache_seqlens, options: tuple) -> tuple | None:
+    """The cache key of a KV-cache call, or None for calls that are validated and planned every time.
+
+    Tensors (or None) are keyed by their metadata, as q, k, v are; an int cache_seqlens by its value (the
+    kernels take it as a constant). Each option is keyed with its type, since True == 1 == 1.0 as dict
+    keys: causal=1 never finds causal=True's plan, and goes to validation, which refuses it. Options of
+    other types than bool, int, float, None and tuples of ints are never keyed."""
+    if not HostCache.enabled:
+        return None
+    if not all(t is None or type(t) is torch.Tensor for t in tensors):
+        return None
+    if not all(_keyable(option) for option in options):
+        return None
+    try:
+        if type(cache_seqlens) is torch.Tensor:
+            seqlens = (torch.Tensor, _tensor_key(cache_seqlens))
+        elif type(cache_seqlens) is int:
+            seqlens = (int, cache_seqlens)
+        else:
+            return None
+        tensor_keys = tuple(None if t is None else _tensor_key(t) for t in tensors)
+    except (RuntimeError, IndexError):  # no sizes, strides or storage: let validation say what is wrong
+        return None
+    typed_options = tuple((type(option), option) for option in options)
+    return (kind, tensor_keys, seqlens, typed_options)
+
+
+def _keyable(option) -> bool:
+    if type(option) is tuple:
+        return all(type(part) is int for part in option)
+    return option is None or type(option) in (bool, int, float)
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.dtype, t.device, t.shape, t.stride(), t.data_ptr() & 15)
+
+
+def _keep(key, plan):
     if key is not None:
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()

@@ -14,7 +14,7 @@ import torch
 
 from core import _plans, ops
 from core._runtime import is_interpreted
-from core._validation import validate_attention_inputs
+from core._validation import validate_attention_inputs, validate_kvcache_inputs
 from core.kernels.host import uses_base_2
 
 # Read once here: the interpreter decision is made when the kernels are imported, and a traced call
@@ -63,3 +63,104 @@ def attention(
     if not return_lse:
         return out
     return out, (lse * math.log(2.0) if uses_base_2(q.dtype) else lse)
+
+
+def attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    cache_seqlens: torch.Tensor | int,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    num_splits: int | None = None,
+    return_lse: bool = False,
+):
+    """Attention of new queries against a KV cache, FlashAttention's `flash_attn_with_kvcache` in core's
+    (B, H, N, D) convention: optionally append new keys and values to the cache in place first, then
+    attend to every cached key. Forward only (inference). Split-KV (flash-decoding): the keys are split
+    over several programs whose results are merged by their LSE, so that a decode step fills the GPU.
+
+    Args:
+        q: (B, Hq, Nq, D) queries, Nq >= 1 (speculative decoding: several).
+        k_cache, v_cache: (B_cache, Hkv, N_cache, D) with B_cache >= B (dense), or with `block_table`
+            (num_blocks, Hkv, page_size, D) pages, page_size >= 16. Hq a multiple of Hkv (GQA/MQA). Any
+            strides: a FlashAttention/vLLM-layout cache (..., N, H, D) is read (and written) through its
+            view `.transpose(1, 2)`, never copied.
+        cache_seqlens: how many keys each sequence has cached: an int32 (B,) tensor on q's device, or a
+            Python int for all.
+        k, v: (B, Hkv, Nnew, D) new keys and values, or None. Written into the cache in place at
+            positions cache_seqlens[b], ..., + Nnew - 1 (pages too) and attended to in the same call: a
+            sequence then has cache_seqlens[b] + Nnew keys. cache_seqlens itself is not updated.
+        block_table: (B, max_blocks) int32 on q's device: key j of sequence b lives in page
+            block_table[b, j // page_size] at slot j % page_size. A sequence holds up to
+            max_blocks * page_size keys.
+        cache_batch_idx: (B,) int32 on q's device: sequence b uses row cache_batch_idx[b] of a dense
+            cache (default: row b). Rows repeated while appending: which write wins is not defined.
+        causal: query i of a sequence with Nk keys sees key j only if j <= i + Nk - Nq (bottom-right, so
+            the Nq new queries are the last Nq positions). Rows that see no key output 0, LSE -inf.
+        sm_scale: softmax scale, default 1 / sqrt(D).
+        window_size: (left, right), -1 for unlimited: query i sees only keys with
+            i + Nk - Nq - left <= j <= i + Nk - Nq + right (FlashAttention's local attention).
+        softcap: > 0 replaces each scaled score s by softcap * tanh(s / softcap); 0 turns it off.
+        num_splits: how many programs share one KV head's keys; None (or 0) chooses from the shapes alone
+            (no host sync, capturable in CUDA graphs), 1 does not split, up to 128.
+        return_lse: also return the natural-log LSE of each row, (B, Hq, Nq) float32.
+
+    Returns:
+        out with q's shape and dtype (q's strides when q is dense), or (out, lse). Deterministic: the
+        splits are merged in a fixed order. torch.compile traces it (fullgraph) as two ops: the append,
+        which mutates k_cache and v_cache, and the attention (core.ops).
+
+    Not checked (that would need the tensors' values on the host, i.e. a sync): cache_seqlens values
+    outside [0, capacity - Nnew], and block ids outside the cache. Keys and appends past a sequence's
+    capacity are never read or written (cache_seqlens is clamped there), so a dense cache is safe from
+    both; a block id out of range reads or writes outside the paged cache. An int cache_seqlens is
+    checked.
+    """
+    options = (causal, sm_scale, window_size, softcap, num_splits)
+    if torch.compiler.is_compiling():
+        validate_kvcache_inputs(
+            q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, *options, return_lse,
+            _INTERPRETED,
+        )  # fmt: skip
+        out, lse = _kvcache_through_ops(
+            q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, *options
+        )
+    else:
+        plan = _plans.kvcache_plan(
+            q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, *options, return_lse
+        )  # validates a new signature
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+            # The op's outputs carry its backward, which says clearly that there is none.
+            out, lse = _kvcache_through_ops(
+                q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, *options
+            )  # fmt: skip
+        else:
+            out, lse, _ = plan(
+                q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, return_lse
+            )
+    if not return_lse:
+        return out
+    return out, (lse * math.log(2.0) if uses_base_2(q.dtype) else lse)
+
+
+def _kvcache_through_ops(q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, causal,
+                         sm_scale, window_size, softcap, num_splits):  # fmt: skip
+    """attention_with_kvcache as its two registered ops (validated inputs): what torch.compile records."""
+    in_tensor = isinstance(cache_seqlens, torch.Tensor)
+    seqlens, fixed = (cache_seqlens, 0) if in_tensor else (None, cache_seqlens)
+    if k is not None:
+        ops.kvcache_append(k_cache, v_cache, k, v, seqlens, fixed, block_table, cache_batch_idx)
+    window_left, window_right = window_size
+    n_new = 0 if k is None else k.shape[2]
+    return ops.attention_with_kvcache(
+        q, k_cache, v_cache, seqlens, fixed, n_new, block_table, cache_batch_idx, causal,
+        _plans.default_scale(q, sm_scale), window_left, window_right, float(softcap), num_splits or 0,
+    )  # fmt: skip

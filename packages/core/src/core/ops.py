@@ -3,6 +3,11 @@
     torch.ops.core.attention_forward(q, k, v, causal, sm_scale) -> (out, lse, lse_low)
     torch.ops.core.attention_backward(dout, q, k, v, out, lse, lse_low, dlse, causal, sm_scale)
         -> (dq, dk, dv)
+    torch.ops.core.kvcache_append(k_cache, v_cache, k, v, cache_seqlens, fixed_seqlen, block_table,
+        cache_batch_idx) -> None                           (writes k, v into the caches in place)
+    torch.ops.core.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, fixed_seqlen, n_new,
+        block_table, cache_batch_idx, causal, sm_scale, window_left, window_right, softcap, num_splits)
+        -> (out, lse)                                      (forward only)
 
 They are opaque `torch.library.custom_op`s: torch.compile (Dynamo, AOTAutograd, Inductor) sees their
 fake kernels, never the host code, so the call plans and bound launches (core._plans) stay out of its
@@ -21,6 +26,12 @@ dQ: Delta = rowsum(dO * out) - dLSE is computed from the `out` given. That holds
 a dLSE. For float32, and for any dtype with a dLSE, the dQ kernel completes Delta from the call's own
 keys (sum P dP, which is more accurate when the call sees every key), so a partial call needs the
 caller's correction: core.distributed.ring shows both (docs/distributed.md).
+
+The KV-cache ops are core.attention_with_kvcache's two halves (core.kernels.decode): the append mutates
+the caches and nothing else, the attention mutates nothing, so a compiled decode step that appends
+nothing never has its cache functionalized. `cache_seqlens` is an int32 (B,) tensor or None, in which
+case every sequence holds `fixed_seqlen` cached keys; the attention also sees the `n_new` keys appended
+after them. `num_splits` 0 lets the split rule choose (core.kernels.decode.config).
 """
 
 from __future__ import annotations
@@ -30,7 +41,13 @@ import torch
 from core import _plans
 from core.kernels.host import uses_base_2
 
-__all__ = ["attention_backward", "attention_forward", "uses_base_2"]
+__all__ = [
+    "attention_backward",
+    "attention_forward",
+    "attention_with_kvcache",
+    "kvcache_append",
+    "uses_base_2",
+]
 
 
 @torch.library.custom_op("core::attention_forward", mutates_args=())
@@ -109,4 +126,72 @@ def _no_double_backward(ctx, *grads):
 torch.library.register_autograd("core::attention_forward", _backward, setup_context=_setup_context)
 torch.library.register_autograd(
     "core::attention_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+)
+
+
+@torch.library.custom_op("core::kvcache_append", mutates_args=("k_cache", "v_cache"))
+def kvcache_append(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_seqlens: torch.Tensor | None,
+    fixed_seqlen: int,
+    block_table: torch.Tensor | None,
+    cache_batch_idx: torch.Tensor | None,
+) -> None:
+    """Write k, v (B, Hkv, Nnew, D) into the caches at each sequence's cached length; inputs validated
+    by the caller."""
+    seqlens = fixed_seqlen if cache_seqlens is None else cache_seqlens
+    plan = _plans.append_plan(k, v, k_cache, v_cache, seqlens, block_table, cache_batch_idx)
+    plan(k, v, k_cache, v_cache, seqlens, block_table, cache_batch_idx)
+
+
+@kvcache_append.register_fake
+def _(k_cache, v_cache, k, v, cache_seqlens, fixed_seqlen, block_table, cache_batch_idx):
+    return None
+
+
+@torch.library.custom_op("core::attention_with_kvcache", mutates_args=())
+def attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor | None,
+    fixed_seqlen: int,
+    n_new: int,
+    block_table: torch.Tensor | None,
+    cache_batch_idx: torch.Tensor | None,
+    causal: bool,
+    sm_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of q against the cache (lse in the kernels' base); inputs validated by the caller."""
+    seqlens = fixed_seqlen if cache_seqlens is None else cache_seqlens
+    plan = _plans.attend_plan(
+        q, k_cache, v_cache, seqlens, block_table, cache_batch_idx, n_new, causal, sm_scale, window_left,
+        window_right, softcap, num_splits or None,
+    )  # fmt: skip
+    out, lse, _ = plan(q, k_cache, v_cache, seqlens, block_table, cache_batch_idx)
+    return out, lse
+
+
+@attention_with_kvcache.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, fixed_seqlen, n_new, block_table, cache_batch_idx, causal, sm_scale,
+      window_left, window_right, softcap, num_splits):  # fmt: skip
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _forward_only(ctx, *grads):
+    raise RuntimeError(
+        "core.attention_with_kvcache is forward-only (inference): it has no backward. Use core.attention "
+        "where gradients are needed"
+    )
+
+
+torch.library.register_autograd(
+    "core::attention_with_kvcache", _forward_only, setup_context=lambda ctx, inputs, output: None
 )

@@ -14,7 +14,7 @@ Code outside the package imports `core`, `core.testing`, `core.ops`, `core.refer
 - the interpreter's GPU-faithful arithmetic: `patch_interpreter`, `float64_dot`;
 - `portable`: the portable family's modules (tile table, plans, kernels, and the bound launches its
   plans hold), for tests that swap a tile config or a layout rule with monkeypatch and for tools that
-  compile its kernels.
+  compile its kernels; `decode`: the decode family's (its split rule, plans and kernels).
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ import torch
 from core import _plans, kernels
 from core._runtime import float64_dot, is_interpreted, patch_interpreter
 from core.kernels import launch as _launch
+from core.kernels.decode import config as _decode_config
+from core.kernels.decode import forward as _decode_forward
+from core.kernels.decode import plans as _decode_plans
 from core.kernels.host import OutputPoison, score_scale, uses_base_2
 from core.kernels.launch import HostCache
 from core.kernels.portable import backward as _portable_backward
@@ -39,9 +42,11 @@ from core.kernels.portable import fused_plans as _portable_fused_plans
 from core.kernels.portable import plans as _portable_plans
 
 __all__ = [
+    "FamilyUnsupported",
     "backward",
     "cached_plans",
     "clear_plans",
+    "decode",
     "families",
     "family",
     "float64_dot",
@@ -68,6 +73,8 @@ portable = SimpleNamespace(
     fused_plans=_portable_fused_plans,
     launch=_launch,
 )
+
+decode = SimpleNamespace(config=_decode_config, plans=_decode_plans, forward=_decode_forward, launch=_launch)
 
 
 @contextlib.contextmanager
@@ -119,6 +126,9 @@ def use_family(name: str, strict: bool = True):
         yield
     finally:
         kernels.Forced.name, kernels.Forced.strict = previous
+
+
+FamilyUnsupported = kernels.FamilyUnsupported
 
 
 def families() -> tuple[str, ...]:

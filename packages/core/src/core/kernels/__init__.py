@@ -19,10 +19,16 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from core.kernels import hopper, portable
+from core.kernels import decode, hopper, portable
 
-FAMILIES: dict[str, ModuleType] = {hopper.NAME: hopper, portable.NAME: portable}
-PRIORITY: tuple[str, ...] = (hopper.NAME, portable.NAME)
+FAMILIES: dict[str, ModuleType] = {decode.NAME: decode, hopper.NAME: hopper, portable.NAME: portable}
+# decode takes only the decode-shaped calls it supports, hopper the long fp16/bf16 D 128 ones it wins on
+# sm_90; portable takes every other.
+PRIORITY: tuple[str, ...] = (decode.NAME, hopper.NAME, portable.NAME)
+
+
+class FamilyUnsupported(ValueError):
+    """A call that the family a test forces does not take (core.testing.use_family, strict)."""
 
 
 class Forced:
@@ -40,7 +46,7 @@ def choose(q, k, v, causal: bool) -> ModuleType:
         if family.supports(q, k, v, causal):
             return family
         if Forced.strict:
-            raise ValueError(f"the forced kernel family {Forced.name!r} does not support this call")
+            raise FamilyUnsupported(f"the forced kernel family {Forced.name!r} does not support this call")
     for name in PRIORITY:
         family = FAMILIES[name]
         if family.supports(q, k, v, causal):

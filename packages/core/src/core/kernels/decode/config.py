@@ -1,0 +1,102 @@
+"""Tile shapes of the decode kernels and the split rule: how many programs share one KV head's keys.
+
+Like the portable family's table (core.kernels.portable.config), everything here is a function of the
+call's shapes and the device, never of tensor values: a decode step stays capturable in a CUDA graph and
+traceable by torch.compile, and a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+# The query rows of one KV head (its GQA group times the queries) that one program holds at most: more
+# rows are spread over several row blocks, each streaming the same keys.
+MAX_BLOCK_M = 64
+# A split keeps at least this many key tiles: a program pays its prologue (the query tile, the first
+# loads' latency) and writes a partial row per query, which a handful of tiles amortises.
+MIN_TILES_PER_SPLIT = 4
+MAX_SPLITS = 128  # also the most a caller may ask for (num_splits)
+# The split rule aims at filling this many programs per SM at once: the kernel is bound by memory, and
+# a second resident program keeps loads in flight while the first one computes.
+PROGRAMS_PER_SM = 2
+# Under the interpreter there is no device to fill: the rule plans for a stand-in of a few SMs, so that
+# the small CPU test shapes split their keys too.
+INTERPRETER_SMS = 4
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """BLOCK_M query rows (of one KV head: group x queries) x BLOCK_N keys per tile."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def block_m_for(rows: int) -> int:
+    """The row tile: the rows of a KV head rounded up to a power of two, at least tl.dot's 16, at most
+    MAX_BLOCK_M (more rows take several row blocks)."""
+    return min(MAX_BLOCK_M, max(16, 1 << (rows - 1).bit_length()))
+
+
+@functools.cache
+def decode_config(
+    rows: int, block_d: int, dtype: torch.dtype, paged: bool, interpreted: bool
+) -> DecodeConfig:
+    """Tiles for a call with `rows` query rows per KV head. A first choice, not yet tuned on hardware:
+    two programs' buffered K and V tiles fit an H100 SM's shared memory."""
+    block_m = block_m_for(rows)
+    if interpreted:  # tiles that cross several key blocks even at the CPU tests' lengths
+        return DecodeConfig(block_m, 16, num_warps=1, num_stages=1)
+    # A paged tile's addresses come from a load (the block table): Triton's pipeliner gives that load
+    # stages of its own before the K and V loads, so paged caches take two stages more for as many K
+    # and V tiles in flight as dense ones (docs/design.md, "Decode").
+    extra_stages = 2 if paged else 0
+    if dtype == torch.float32:  # float64 dots (the float32 precision path): small tiles
+        return DecodeConfig(block_m, 32, num_warps=4, num_stages=2 + extra_stages)
+    # One buffered stage of K and V is 2 x BLOCK_N x BLOCK_D x 2 bytes: 32 KB at D 128 with 64 keys
+    # (and at D 256 with 32). Three stages keep two tiles in flight: two programs fit one SM.
+    return DecodeConfig(block_m, 64 if block_d <= 128 else 32, num_warps=4, num_stages=3 + extra_stages)
+
+
+@functools.cache
+def multiprocessors(device: torch.device, interpreted: bool) -> int:
+    if interpreted or device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_count(programs_per_split: int, key_tiles: int, sm_count: int) -> int:
+    """How many splits of the keys: FlashAttention-2's wave rule (flash_fwd_launch_template's
+    num_splits_heuristic) over PROGRAMS_PER_SM programs per SM.
+
+    `programs_per_split` is the grid without splitting (batch x KV heads x row blocks), `key_tiles` the
+    most key tiles a row block can see. Where that grid already fills most of the machine nothing is
+    split. Otherwise each split count s gives waves = programs_per_split * s / slots, and a last wave
+    that is only partly full wastes the rest of it: the rule takes the smallest s whose efficiency
+    waves / ceil(waves) is within 85% of the best, so that the merge and the per-split prologue stay
+    few. A split keeps at least MIN_TILES_PER_SPLIT tiles.
+    """
+    slots = PROGRAMS_PER_SM * sm_count
+    if programs_per_split >= 0.8 * slots:
+        return 1
+    most = max(1, min(MAX_SPLITS, slots, key_tiles // MIN_TILES_PER_SPLIT))
+
+    def efficiency(splits: int) -> float:
+        waves = programs_per_split * splits / slots
+        return waves / math.ceil(waves)
+
+    best = max(efficiency(s) for s in range(1, most + 1))
+    return next(s for s in range(1, most + 1) if efficiency(s) >= 0.85 * best)
+
+
+def min_keys_for_attention(interpreted: bool) -> int:
+    """The fewest keys at which core.attention hands a decode-shaped call to this family: below that the
+    portable forward's few query tiles already have little to stream. The interpreter's threshold is
+    scaled down with its tiles, so the CPU suite runs this family on its decode-shaped calls."""
+    return 32 if interpreted else 2048
