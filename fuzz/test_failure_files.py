@@ -126,7 +126,7 @@ def test_a_killed_run_keeps_a_complete_replayable_failure_file(tmp_path):
     assert isinstance(case, Case) and case.problem.dtype == torch.float32
     assert example["reproduce_failure"].startswith("@reproduce_failure(")
     assert any(v["quantity"] == "out" and not v["ok"] for v in example["verdicts"])
-    assert "TENSOR_DESCRIPTORS" in example["kernel_path"]["forward"]
+    assert "TENSOR_DESCRIPTORS" in example["kernel_path"]["forward"]["launch"]
     assert (runs / path.parent.parent.name / "summary-main.json").exists()
 
     replay = subprocess.run(
