@@ -78,17 +78,20 @@ class BoundLaunch:
         self.entry = None
         self.compiled_for = None  # (device, debug switch, each address mod 16) of self.entry
 
-    def __call__(self, device: int | None, *tensors) -> None:
+    def __call__(self, device: int | None, *tensors, grid: tuple[int, int, int] | None = None) -> None:
+        """Launch on `grid`, or on the grid fixed at construction (a varlen plan's grid follows each
+        call's longest sequence; the compiled kernel does not depend on it)."""
+        grid = self.grid if grid is None else grid
         runtime = knobs.runtime
         if not (HostCache.enabled and _fast_path_possible()) or _hooked(runtime):
-            self.kernel[self.grid](*tensors, *self.arguments, **self.keywords)
+            self.kernel[grid](*tensors, *self.arguments, **self.keywords)
             return
         addresses = [tensor.data_ptr() for tensor in tensors]
         now = (device, runtime.debug, [address & 15 for address in addresses])
         if self.entry is not None and now == self.compiled_for:
-            _run(self.entry, device, self.grid, addresses, self.tail)
+            _run(self.entry, device, grid, addresses, self.tail)
             return
-        compiled = self.kernel[self.grid](*tensors, *self.arguments, **self.keywords)
+        compiled = self.kernel[grid](*tensors, *self.arguments, **self.keywords)
         self.entry = (
             compiled.run,
             compiled.function,
