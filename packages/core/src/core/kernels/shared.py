@@ -1,11 +1,11 @@
 """@triton.jit building blocks shared by the Triton kernel families: the score and block dots with
-their float32 two-part variants, logit softcapping, exp/log/tanh in either precision, the visibility
-rules of the masks (causal, sliding window) with the block ranges they leave, packed-sequence
-(varlen) offsets, and tile loads by pointer or tensor descriptor.
+their float32 two-part variants, logit softcapping, exp/log/tanh in either precision, the sliding
+window's visibility rule and the block ranges it leaves, packed sequences' bounds, and tile loads by
+pointer or tensor descriptor.
 
-Every kernel that scores a tile goes through `_score_tile` (`_scores`, `_scaled_scores`,
-`_softcapped_scores`), so a backward recomputes bitwise the scores its forward used, whichever family
-ran either pass.
+Every kernel that scores a tile goes through `_scores` (or with a softcap `_softcapped_scores`) and
+`_scaled_scores`, so a backward recomputes bitwise the scores its forward used, whichever family ran
+either pass.
 """
 
 import triton
@@ -137,18 +137,6 @@ def _softcapped_scores(a, bT, softcap_in, softcap_out, DOT_PRECISION: tl.constex
 
 
 @triton.jit
-def _score_tile(a, bT, qk_scale, softcap_in, softcap_out, DOT_PRECISION: tl.constexpr,
-                TWO_PART: tl.constexpr, SOFTCAP: tl.constexpr):  # fmt: skip
-    """(scores, scores_low, slope) of one tile: _scores, or with SOFTCAP _softcapped_scores. Without
-    SOFTCAP the slope is 1 everywhere and never read: the scores tile stands in for it (no work)."""
-    if SOFTCAP:
-        return _softcapped_scores(a, bT, softcap_in, softcap_out, DOT_PRECISION, TWO_PART)
-    else:
-        scores, scores_low = _scores(a, bT, qk_scale, DOT_PRECISION, TWO_PART)
-        return scores, scores_low, scores
-
-
-@triton.jit
 def _in_window(keys, rows, diagonal, window_left, window_right):
     """Whether query i sees key j (broadcast): i + diagonal - window_left <= j <= i + diagonal + window_right,
     FlashAttention's sliding window."""
@@ -203,36 +191,6 @@ def _sequence(CuSeqlens, index):
     """(first row, length) of packed sequence `index`, from its cumulative lengths (VARLEN)."""
     start = tl.load(CuSeqlens + index)
     return start, tl.load(CuSeqlens + index + 1) - start
-
-
-@triton.jit
-def _batch_offset(batch, stride_batch, sequence_start, stride_row, VARLEN: tl.constexpr):
-    """Offset of a program's batch element: batch * stride_batch, or with VARLEN (packed (total, H, D)
-    tensors, whose batch stride is 0) its sequence's first row, sequence_start * stride_row."""
-    if VARLEN:
-        return sequence_start.to(tl.int64) * stride_row
-    else:
-        return batch.to(tl.int64) * stride_batch
-
-
-@triton.jit
-def _row_stat_offset(batch, head, n_q_heads, n_queries, sequence_start, VARLEN: tl.constexpr):
-    """Where a head's first row sits in a per-row statistic (the LSE, its low parts, Delta, dLSE): laid
-    out (B, Hq, Nq), contiguous; with VARLEN (Hq, total_q), n_queries the packed total, the sequence's
-    rows from sequence_start on."""
-    if VARLEN:
-        return head.to(tl.int64) * n_queries + sequence_start
-    else:
-        return (batch.to(tl.int64) * n_q_heads + head) * n_queries
-
-
-@triton.jit
-def _rows_in_all_heads(n_q_heads, n_queries, VARLEN: tl.constexpr):
-    """Elements in one plane of a per-row statistic: B * Hq * Nq, or with VARLEN Hq * total_q."""
-    if VARLEN:
-        return n_queries.to(tl.int64) * n_q_heads
-    else:
-        return tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
 
 
 @triton.jit

@@ -36,7 +36,6 @@ import triton.language as tl
 
 from core.kernels.shared import (
     _accumulate_dot,
-    _batch_offset,
     _dot_parts,
     _exp,
     _head_rows,
@@ -44,10 +43,9 @@ from core.kernels.shared import (
     _load_cols,
     _load_rows,
     _load_tile,
-    _row_stat_offset,
-    _rows_in_all_heads,
-    _score_tile,
+    _scores,
     _sequence,
+    _softcapped_scores,
     _window_key_blocks,
     _window_query_blocks,
 )
@@ -59,10 +57,10 @@ LOW_PART_SCAN_BLOCK = tl.constexpr(1024)
 
 @triton.jit(do_not_specialize=["n_queries"])
 def backward_preprocess_kernel(
-    Out, dOut, dLse, Delta, CuSeqlensQ,
+    Out, dOut, dLse, Delta,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    n_q_heads, n_queries,
+    n_q_heads, n_queries, CuSeqlensQ,
     HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BASE_2: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DELTA_IN_DQ: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
@@ -88,31 +86,34 @@ def backward_preprocess_kernel(
     batch = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     packed_queries = n_queries
-    q_start = 0
     if VARLEN:
         q_start, n_queries = _sequence(CuSeqlensQ, batch)
         if tl.program_id(0) * BLOCK_M >= n_queries:
             return
+        Out += q_start.to(tl.int64) * stride_om  # batch stride 0: as in the forward kernel
+        dOut += q_start.to(tl.int64) * stride_dom
     if DELTA_IN_DQ:
         delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     else:
         offs_d = tl.arange(0, BLOCK_D)
         mask = (rows < n_queries)[:, None] & (offs_d < HEAD_DIM)[None, :]
         o = tl.load(
-            Out + _batch_offset(batch, stride_ob, q_start, stride_om, VARLEN) + head.to(tl.int64) * stride_oh
+            Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
             + rows.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od,
             mask=mask, other=0.0,
         )  # fmt: skip
         do = tl.load(
-            dOut + _batch_offset(batch, stride_dob, q_start, stride_dom, VARLEN)
-            + head.to(tl.int64) * stride_doh + rows.to(tl.int64)[:, None] * stride_dom
-            + offs_d[None, :] * stride_dod,
+            dOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+            + rows.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
             mask=mask, other=0.0,
         )  # fmt: skip
         on_diagonal = rows[:, None] == rows[None, :]
         products = tl.dot(do, tl.trans(o), input_precision=DOT_PRECISION)
         delta = tl.sum(tl.where(on_diagonal, products, 0.0), axis=1)
-    row_offsets = _row_stat_offset(batch, head, n_q_heads, packed_queries, q_start, VARLEN) + rows
+    if VARLEN:
+        row_offsets = head.to(tl.int64) * packed_queries + q_start + rows
+    else:
+        row_offsets = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
     if HAS_DLSE:
         dlse = tl.load(dLse + row_offsets, mask=rows < n_queries, other=0.0)
         if BASE_2:
@@ -271,9 +272,12 @@ def _dkdv_from_query_blocks(
             lse, lse_low, max_low, delta = _load_row_stats(
                 Lse, LseLow, Delta, stat_offset + rows, row_ok, rows_in_all_heads, COMPENSATE, use_lse_low
             )
-        scores_t, scores_low_t, slope_t = _score_tile(
-            k, qT, qk_scale, softcap_in, softcap_out, DOT_PRECISION, COMPENSATE, SOFTCAP
-        )
+        if SOFTCAP:
+            scores_t, scores_low_t, slope_t = _softcapped_scores(
+                k, qT, softcap_in, softcap_out, DOT_PRECISION, COMPENSATE
+            )
+        else:
+            scores_t, scores_low_t = _scores(k, qT, qk_scale, DOT_PRECISION, COMPENSATE)
         pT = _probabilities(
             scores_t, scores_low_t, lse[None, :], lse_low[None, :], max_low[None, :], use_lse_low, BASE_2,
             PRECISE_EXP, COMPENSATE,
@@ -323,14 +327,8 @@ def _dkdv_from_group(
     offs_m = tl.arange(0, BLOCK_M)
     for group_member in range(0, kv_group):
         head = first_head + group_member
-        q_base = (
-            Q + _batch_offset(batch, stride_qb, q_start, stride_qm, VARLEN) + head.to(tl.int64) * stride_qh
-        )
-        do_base = (
-            dOut
-            + _batch_offset(batch, stride_dob, q_start, stride_dom, VARLEN)
-            + head.to(tl.int64) * stride_doh
-        )
+        q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        do_base = dOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
         if DESCRIPTORS:
             q_src = _head_rows(q_base, n_queries, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D)
             do_src = _head_rows(do_base, n_queries, stride_dom, HEAD_DIM, BLOCK_M, BLOCK_D)
@@ -343,7 +341,10 @@ def _dkdv_from_group(
                 do_base + row_start.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom
                 + offs_d[None, :] * stride_dod
             )  # fmt: skip
-        stat_offset = _row_stat_offset(batch, head, n_q_heads, packed_queries, q_start, VARLEN)
+        if VARLEN:
+            stat_offset = head.to(tl.int64) * packed_queries + q_start
+        else:
+            stat_offset = (batch.to(tl.int64) * n_q_heads + head) * n_queries
         if WINDOW:
             dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
                 dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
@@ -405,15 +406,15 @@ def _rows_from(source, rows_ahead, stride_row, DESCRIPTORS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["n_queries", "n_keys", "window_left", "window_right"])
 def backward_dkdv_kernel(
-    Q, K, V, dOut, Lse, LseLow, Delta, dK, dV, CuSeqlensQ, CuSeqlensK,
+    Q, K, V, dOut, Lse, LseLow, Delta, dK, dV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    n_q_heads, kv_group, n_queries, n_keys, window_left, window_right, sm_scale, qk_scale, softcap_in,
-    softcap_out,
+    n_q_heads, kv_group, n_queries, n_keys, sm_scale, qk_scale,
+    CuSeqlensQ, CuSeqlensK, window_left, window_right, softcap_in, softcap_out,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
@@ -440,13 +441,19 @@ def backward_dkdv_kernel(
     batch = tl.program_id(2)
     start_n = tl.program_id(0) * BLOCK_N
     packed_queries = n_queries
-    q_start = 0
-    k_start = 0
+    q_start: tl.constexpr = 0  # a plain call's (a constexpr: `= 0` would put a constant into the IR)
     if VARLEN:
         q_start, n_queries = _sequence(CuSeqlensQ, batch)
         k_start, n_keys = _sequence(CuSeqlensK, batch)
         if start_n >= n_keys:
             return
+        # Batch stride 0: as in the forward kernel.
+        Q += q_start.to(tl.int64) * stride_qm
+        dOut += q_start.to(tl.int64) * stride_dom
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
+        dK += k_start.to(tl.int64) * stride_dkn
+        dV += k_start.to(tl.int64) * stride_dvn
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     keys = start_n + offs_n
@@ -456,13 +463,13 @@ def backward_dkdv_kernel(
 
     kv_row = start_n.to(tl.int64)
     k = _load_tile(
-        K + _batch_offset(batch, stride_kb, k_start, stride_kn, VARLEN) + kv_head.to(tl.int64) * stride_kh
-        + kv_row * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh + kv_row * stride_kn
+        + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
         key_ok, d_ok, False, EVEN_D,
     )  # fmt: skip
     v = _load_tile(
-        V + _batch_offset(batch, stride_vb, k_start, stride_vn, VARLEN) + kv_head.to(tl.int64) * stride_vh
-        + kv_row * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh + kv_row * stride_vn
+        + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
         key_ok, d_ok, False, EVEN_D,
     )  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -491,7 +498,10 @@ def backward_dkdv_kernel(
         unmasked_end = n_queries
         row_end = n_queries
 
-    rows_in_all_heads = _rows_in_all_heads(n_q_heads, packed_queries, VARLEN)
+    if VARLEN:
+        rows_in_all_heads = packed_queries.to(tl.int64) * n_q_heads
+    else:
+        rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
     first_head = kv_head * kv_group
     # fp16/bf16 save a zero low part for typical rows (forward.py). Scanning it first, one float
     # per row against 2 x HEAD_DIM inputs per row in the loop, lets such tiles take a loop without its
@@ -502,8 +512,7 @@ def backward_dkdv_kernel(
         nonzero_lows = 0
         for group_member in range(0, kv_group):
             if VARLEN:
-                stat_offset = _row_stat_offset(batch, first_head + group_member, n_q_heads, packed_queries,
-                                               q_start, VARLEN)  # fmt: skip
+                stat_offset = (first_head + group_member).to(tl.int64) * packed_queries + q_start
             else:
                 stat_offset = (batch.to(tl.int64) * n_q_heads + first_head + group_member) * n_queries
             nonzero_lows += _nonzero_count(LseLow, stat_offset, row_start, row_end, LOW_PART_SCAN_BLOCK)
@@ -530,12 +539,12 @@ def backward_dkdv_kernel(
         )  # fmt: skip
 
     dk_ptrs = (
-        dK + _batch_offset(batch, stride_dkb, k_start, stride_dkn, VARLEN) + kv_head.to(tl.int64) * stride_dkh
-        + kv_row * stride_dkn + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+        dK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh + kv_row * stride_dkn
+        + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     )  # fmt: skip
     dv_ptrs = (
-        dV + _batch_offset(batch, stride_dvb, k_start, stride_dvn, VARLEN) + kv_head.to(tl.int64) * stride_dvh
-        + kv_row * stride_dvn + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+        dV + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh + kv_row * stride_dvn
+        + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
     )  # fmt: skip
     store_mask = key_ok[:, None] & d_ok[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(dK.dtype.element_ty), mask=store_mask)
@@ -553,10 +562,14 @@ def _p_and_dp(
     """(P, dP, dP's low part, slope) for one key block of a query tile, dP = dO V^T (_dot_parts). MASKED
     blocks (the causal diagonal, a window's edges and the ragged end of N) zero P for keys past Nk and
     keys the causal rule or the window hides. slope: the capped scores' d capped / d s (SOFTCAP; else
-    a stand-in never read, shared._score_tile)."""
-    scores, scores_low, slope = _score_tile(
-        q, kT, qk_scale, softcap_in, softcap_out, DOT_PRECISION, COMPENSATE, SOFTCAP
-    )
+    never read, and the score tile stands in for it: no work)."""
+    if SOFTCAP:
+        scores, scores_low, slope = _softcapped_scores(
+            q, kT, softcap_in, softcap_out, DOT_PRECISION, COMPENSATE
+        )
+    else:
+        scores, scores_low = _scores(q, kT, qk_scale, DOT_PRECISION, COMPENSATE)
+        slope = scores
     p = _probabilities(
         scores, scores_low, lse[:, None], lse_low[:, None], max_low[:, None], True, BASE_2, PRECISE_EXP,
         COMPENSATE,
@@ -645,14 +658,14 @@ def _p_dp_row_sums(
 
 @triton.jit(do_not_specialize=["n_queries", "n_keys", "window_left", "window_right"])
 def backward_dq_kernel(
-    Q, K, V, dOut, Lse, LseLow, Delta, dQ, CuSeqlensQ, CuSeqlensK,
+    Q, K, V, dOut, Lse, LseLow, Delta, dQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    n_q_heads, kv_group, n_queries, n_keys, window_left, window_right, sm_scale, qk_scale, softcap_in,
-    softcap_out,
+    n_q_heads, kv_group, n_queries, n_keys, sm_scale, qk_scale,
+    CuSeqlensQ, CuSeqlensK, window_left, window_right, softcap_in, softcap_out,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
@@ -677,13 +690,17 @@ def backward_dq_kernel(
     kv_head = head // kv_group
     start_m = block_m_index * BLOCK_M
     packed_queries = n_queries
-    q_start = 0
-    k_start = 0
     if VARLEN:
         q_start, n_queries = _sequence(CuSeqlensQ, batch)
         k_start, n_keys = _sequence(CuSeqlensK, batch)
         if start_m >= n_queries:
             return
+        # Batch stride 0: as in the forward kernel.
+        Q += q_start.to(tl.int64) * stride_qm
+        dOut += q_start.to(tl.int64) * stride_dom
+        dQ += q_start.to(tl.int64) * stride_dqm
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -694,36 +711,36 @@ def backward_dq_kernel(
 
     q_row = start_m.to(tl.int64)
     q = _load_tile(
-        Q + _batch_offset(batch, stride_qb, q_start, stride_qm, VARLEN) + head.to(tl.int64) * stride_qh
-        + q_row * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + q_row * stride_qm
+        + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
         row_ok, d_ok, False, EVEN_D,
     )  # fmt: skip
     do = _load_tile(
-        dOut + _batch_offset(batch, stride_dob, q_start, stride_dom, VARLEN) + head.to(tl.int64) * stride_doh
-        + q_row * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        dOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + q_row * stride_dom
+        + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
         row_ok, d_ok, False, EVEN_D,
     )  # fmt: skip
     COMPENSATE: tl.constexpr = Q.dtype.element_ty == tl.float32
-    rows_in_all_heads = _rows_in_all_heads(n_q_heads, packed_queries, VARLEN)
-    stat_rows = _row_stat_offset(batch, head, n_q_heads, packed_queries, q_start, VARLEN) + rows
+    if VARLEN:
+        rows_in_all_heads = packed_queries.to(tl.int64) * n_q_heads
+        stat_rows = head.to(tl.int64) * packed_queries + q_start + rows
+    else:
+        rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
+        stat_rows = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
     lse, lse_low, max_low, delta = _load_row_stats(
         Lse, LseLow, Delta, stat_rows, row_ok, rows_in_all_heads, COMPENSATE
     )
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq_comp = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    k_base = (
-        K + _batch_offset(batch, stride_kb, k_start, stride_kn, VARLEN) + kv_head.to(tl.int64) * stride_kh
-    )
-    v_base = (
-        V + _batch_offset(batch, stride_vb, k_start, stride_vn, VARLEN) + kv_head.to(tl.int64) * stride_vh
-    )
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     # The same split as the forward: whole key blocks every row of the tile sees, then the causal
     # diagonal and the ragged end of N through the masked path. A window (WINDOW) has two masked edges
     # around its whole blocks: [key_start, first_unmasked) comes first.
     diagonal = n_keys - n_queries
     whole_blocks_end = (n_keys // BLOCK_N) * BLOCK_N
-    first_unmasked = 0
+    first_unmasked: tl.constexpr = 0
     if WINDOW:
         key_start, first_unmasked, unmasked_end, key_end = _window_key_blocks(
             start_m, n_keys, diagonal, window_left, window_right, BLOCK_M, BLOCK_N
@@ -826,7 +843,7 @@ def backward_dq_kernel(
     )  # fmt: skip
 
     dq_ptrs = (
-        dQ + _batch_offset(batch, stride_dqb, q_start, stride_dqm, VARLEN) + head.to(tl.int64) * stride_dqh
-        + q_row * stride_dqm + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+        dQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + q_row * stride_dqm
+        + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     )  # fmt: skip
     tl.store(dq_ptrs, (dq * sm_scale).to(dQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])

@@ -18,7 +18,6 @@ import triton.language as tl
 
 from core.kernels.shared import (
     _accumulate_dot,
-    _batch_offset,
     _exp,
     _head_rows,
     _in_window,
@@ -26,10 +25,9 @@ from core.kernels.shared import (
     _load_rows,
     _load_tile,
     _log,
-    _row_stat_offset,
-    _rows_in_all_heads,
-    _score_tile,
+    _scores,
     _sequence,
+    _softcapped_scores,
     _window_key_blocks,
 )
 
@@ -69,9 +67,12 @@ def _attend_to_key_blocks(
         col_ok = cols < n_keys
         # k is read transposed, (BLOCK_D, BLOCK_N), so the score tile is a plain q @ kT.
         kT = _load_cols(k_src, block_start, d_ok, col_ok, EVEN_D, not MASKED, DESCRIPTORS)
-        scores, scores_low, _ = _score_tile(
-            q, kT, qk_scale, softcap_in, softcap_out, DOT_PRECISION, COMPENSATE, SOFTCAP
-        )
+        if SOFTCAP:
+            scores, scores_low, _ = _softcapped_scores(
+                q, kT, softcap_in, softcap_out, DOT_PRECISION, COMPENSATE
+            )
+        else:
+            scores, scores_low = _scores(q, kT, qk_scale, DOT_PRECISION, COMPENSATE)
         if MASKED:
             visible = col_ok[None, :]
             if CAUSAL:
@@ -135,12 +136,13 @@ def _keys_from(source, start, stride_row, DESCRIPTORS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["n_queries", "n_keys", "window_left", "window_right"])
 def attention_forward_kernel(
-    Q, K, V, Out, Lse, LseLow, CuSeqlensQ, CuSeqlensK,
+    Q, K, V, Out, Lse, LseLow,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    n_q_heads, kv_group, n_queries, n_keys, window_left, window_right, qk_scale, softcap_in, softcap_out,
+    n_q_heads, kv_group, n_queries, n_keys, qk_scale,
+    CuSeqlensQ, CuSeqlensK, window_left, window_right, softcap_in, softcap_out,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
@@ -164,8 +166,8 @@ def attention_forward_kernel(
     TENSOR_DESCRIPTORS: K and V tiles come through the copy engine (TMA) instead of pointer loads, for
     layouts that allow it (plans.py: descriptors_fit).
 
-    Switches that are off for plain calls (their arguments are then unused, and the code is the plain
-    kernel's):
+    Switches that are off for plain calls (their arguments, the last ones before the constexprs, are
+    then unused, and the code is the plain kernel's):
     - WINDOW: query i sees key j iff i + d - window_left <= j <= i + d + window_right, d = Nk - Nq (the
       host passes a side without a bound as one past every key; a causal window has window_right 0 and
       CAUSAL off). Each tile visits only the key blocks its rows' windows reach
@@ -191,13 +193,17 @@ def attention_forward_kernel(
     kv_head = head // kv_group
     start_m = block_m_index * BLOCK_M
     packed_queries = n_queries
-    q_start = 0
-    k_start = 0
     if VARLEN:
         q_start, n_queries = _sequence(CuSeqlensQ, batch)
         k_start, n_keys = _sequence(CuSeqlensK, batch)
         if start_m >= n_queries:
             return
+        # The packed tensors' batch stride is 0: from the sequence's first rows on, the kernel reads them
+        # as a batch of one.
+        Q += q_start.to(tl.int64) * stride_qm
+        Out += q_start.to(tl.int64) * stride_om
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -207,15 +213,11 @@ def attention_forward_kernel(
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
     q_ptrs = (
-        Q + _batch_offset(batch, stride_qb, q_start, stride_qm, VARLEN) + head.to(tl.int64) * stride_qh
-        + start_m.to(tl.int64) * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + start_m.to(tl.int64) * stride_qm
+        + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
     )  # fmt: skip
-    k_base = (
-        K + _batch_offset(batch, stride_kb, k_start, stride_kn, VARLEN) + kv_head.to(tl.int64) * stride_kh
-    )
-    v_base = (
-        V + _batch_offset(batch, stride_vb, k_start, stride_vn, VARLEN) + kv_head.to(tl.int64) * stride_vh
-    )
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     if TENSOR_DESCRIPTORS:
         k_src = _head_rows(k_base, n_keys, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D)
         v_src = _head_rows(v_base, n_keys, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D)
@@ -301,14 +303,17 @@ def attention_forward_kernel(
     log_l = _log(l_safe, BASE_2, PRECISE_EXP)
 
     o_ptrs = (
-        Out + _batch_offset(batch, stride_ob, q_start, stride_om, VARLEN) + head.to(tl.int64) * stride_oh
+        Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
         + start_m.to(tl.int64) * stride_om + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     )  # fmt: skip
     if EVEN_D:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     else:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    row_offsets = _row_stat_offset(batch, head, n_q_heads, packed_queries, q_start, VARLEN) + rows
+    if VARLEN:
+        row_offsets = head.to(tl.int64) * packed_queries + q_start + rows  # (Hq, total_q) statistics
+    else:
+        row_offsets = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
     # The backward recomputes P = exp(S - LSE): a rounded LSE of magnitude |m| shifts every P of the row by
     # eps32 * |m| relative. For peaky float32 rows (|m| ~ 1e3 at sm_scale 100) that is far more than eager
     # attention's exp(S - m) / l loses (the fuzzer measured dv at 233x the bound); in every dtype, beyond
@@ -328,5 +333,8 @@ def attention_forward_kernel(
         lse_low = tl.where(tl.abs(lse) < LOW_PART_NEGLIGIBLE_BELOW, 0.0, lse_low)
     tl.store(LseLow + row_offsets, lse_low, mask=row_ok)
     if COMPENSATE:
-        rows_in_all_heads = _rows_in_all_heads(n_q_heads, packed_queries, VARLEN)
+        if VARLEN:
+            rows_in_all_heads = packed_queries.to(tl.int64) * n_q_heads
+        else:
+            rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
         tl.store(LseLow + rows_in_all_heads + row_offsets, m_low, mask=row_ok)

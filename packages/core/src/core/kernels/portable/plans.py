@@ -159,6 +159,13 @@ class _Call:
         else:
             self.softcap = (0.0, 0.0)
 
+    @property
+    def trailing(self) -> tuple[int, tuple]:
+        """(trailing_tensors, extra) of the kernels' bound launches: the feature arguments, after the
+        plain kernels' own (core.kernels.launch.BoundLaunch): cu_seqlens_q and cu_seqlens_k (stand-ins
+        for plain calls), the window's two sides, the softcap's two scales."""
+        return 2, (*self.window, *self.softcap)
+
     def meta(self, block_d, config, dtype, interpreted: bool, descriptors: bool):
         return _attention_meta(
             self.head_dim, self.causal, block_d, config, dtype, interpreted, descriptors, self.windowed,
@@ -247,9 +254,10 @@ class ForwardPlan(OnDevice):
             attention_forward_kernel,
             call.grid(config.block_m, call.q_heads, call.n_queries),
             (*kernel_strides(q), *kernel_strides(k), *kernel_strides(v), *_kernel_strides_of_new_buffer(q),
-             call.q_heads, call.q_heads // call.kv_heads, call.n_queries, call.n_keys, *call.window),
-            (score_scale(q.dtype, sm_scale), *call.softcap),
+             call.q_heads, call.q_heads // call.kv_heads, call.n_queries, call.n_keys),
+            (score_scale(q.dtype, sm_scale),),
             *call.meta(block_d, config, q.dtype, interpreted, self.descriptors),
+            *call.trailing,
         )  # fmt: skip
         self.backward_plans: dict[tuple, BackwardPlan] = {}
 
@@ -322,10 +330,11 @@ class BackwardPlan(OnDevice):
             (("HEAD_DIM", call.head_dim), ("HAS_DLSE", dlse is not None), base_2, dot_precision,
              ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d), delta_in_dq, ("VARLEN", call.varlen)),
             (),
+            trailing_tensors=1,
         )  # fmt: skip
 
-        sizes = (q_heads, q_heads // kv_heads, n_queries, n_keys, *call.window)
-        scales = (sm_scale, score_scale(q.dtype, sm_scale), *call.softcap)
+        sizes = (q_heads, q_heads // kv_heads, n_queries, n_keys)
+        scales = (sm_scale, score_scale(q.dtype, sm_scale))
         input_strides = (*kernel_strides(q), *kernel_strides(k), *kernel_strides(v), *kernel_strides(dout))
         dq_descriptors = _use_descriptors(dq_config, descriptors_pay_off(n_queries, dq_config.block_m), k, v)
         dkdv_descriptors = _use_descriptors(
@@ -340,6 +349,7 @@ class BackwardPlan(OnDevice):
             scales,
             (*dq_constexprs, delta_in_dq),
             dq_options,
+            *call.trailing,
         )  # fmt: skip
         dkdv_constexprs, dkdv_options = call.meta(
             block_d, dkdv_config, q.dtype, interpreted, dkdv_descriptors
@@ -357,6 +367,7 @@ class BackwardPlan(OnDevice):
                 ("WHOLE_QUERY_BLOCKS", whole),
             ),
             dkdv_options,
+            *call.trailing,
         )  # fmt: skip
 
     def __call__(self, dout, dlse, q, k, v, out, lse, lse_low, packed: Packed | None = None):
