@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--features: unknown {', '.join(sorted(unknown))}; choose from window,softcap,varlen")
     torch_dtype, element = DTYPES[args.dtype]
     kernels = {"forward": attention_forward_kernel, "dq": backward_dq_kernel, "dkdv": backward_dkdv_kernel}
-    print(f"triton {triton.__version__}, sm_90a, {args.dtype}, causal, N {args.n}, features {sorted(features)}")
+    shown = ",".join(sorted(features)) or "none"
+    print(f"triton {triton.__version__}, sm_90a, {args.dtype}, causal, N {args.n}, features: {shown}")
     for d in map(int, args.d.split(",")):
         for kind in args.kernels.split(","):
             kernel = kernels[kind]

@@ -107,7 +107,11 @@ def _tanh(x, PRECISE: tl.constexpr):
         e = tl.math.exp2(small * (-2.0 * LOG2E))
         square = small * small
         series = small + small * square * (square * 0.13333333333333333 - 0.3333333333333333)
-        magnitude = tl.where(small < 0.03125, series, (1.0 - e) / (1.0 + e))
+        if HAS_LIBDEVICE:
+            ratio = libdevice.fast_dividef(1.0 - e, 1.0 + e)  # div.approx: 2 ulp, no IEEE slow path
+        else:
+            ratio = (1.0 - e) / (1.0 + e)
+        magnitude = tl.where(small < 0.03125, series, ratio)
         return tl.where(x < 0, -magnitude, magnitude)
 
 
@@ -149,10 +153,11 @@ def _window_key_blocks(start_m, n_keys, diagonal, window_left, window_right, BLO
                        BLOCK_N: tl.constexpr):  # fmt: skip
     """The keys the query tile [start_m, start_m + BLOCK_M) sees under a sliding window, as
     (key_start, unmasked_start, unmasked_end, key_end): keys [unmasked_start, unmasked_end) are whole
-    blocks that every row of the tile sees in full (no mask, no predicated load); [key_start,
-    unmasked_start) and [unmasked_end, key_end) hold the window's two edges (masked). Blocks outside
-    [key_start, key_end) are never visited. key_start, unmasked_start and unmasked_end are multiples of
-    BLOCK_N, or the ranges after them are empty."""
+    blocks below n_keys that every row of the tile sees in full (no mask, no predicated load);
+    [key_start, unmasked_start) and [unmasked_end, key_end) are the window's two edges (masked). Blocks
+    outside [key_start, key_end) are never visited. Each range starts at a multiple of BLOCK_N or is
+    empty. Where no block is whole, unmasked_start is key_end rounded up to a block: the first edge
+    then covers every visible key and the others are empty."""
     key_start = (tl.maximum(start_m + diagonal - window_left, 0) // BLOCK_N) * BLOCK_N
     key_end = tl.minimum(n_keys, tl.maximum(start_m + BLOCK_M + diagonal + window_right, 0))
     seen_by_all_from = (
@@ -162,7 +167,7 @@ def _window_key_blocks(start_m, n_keys, diagonal, window_left, window_right, BLO
         (tl.maximum(start_m + diagonal + window_right + 1, 0) // BLOCK_N) * BLOCK_N,
         (n_keys // BLOCK_N) * BLOCK_N,
     )
-    unmasked_start = tl.maximum(key_start, tl.minimum(seen_by_all_from, key_end))
+    unmasked_start = tl.maximum(key_start, tl.minimum(seen_by_all_from, tl.cdiv(key_end, BLOCK_N) * BLOCK_N))
     return key_start, unmasked_start, tl.maximum(unmasked_start, seen_by_all_to), key_end
 
 
@@ -172,7 +177,7 @@ def _window_query_blocks(start_n, n_queries, diagonal, window_left, window_right
     """The transpose of _window_key_blocks, for the key tile [start_n, start_n + BLOCK_N):
     (row_start, unmasked_start, unmasked_end, row_end), rows [unmasked_start, unmasked_end) seeing every
     key of the tile (the last block may reach past n_queries: such rows have P = 0 and need no mask),
-    the two edges masked, rows outside [row_start, row_end) never visited."""
+    the two edges masked, rows outside [row_start, row_end) never visited; the same block alignment."""
     row_start = (tl.maximum(start_n - diagonal - window_right, 0) // BLOCK_M) * BLOCK_M
     row_end = tl.minimum(n_queries, tl.maximum(start_n + BLOCK_N - diagonal + window_left, 0))
     seeing_all_from = (
@@ -182,7 +187,7 @@ def _window_query_blocks(start_n, n_queries, diagonal, window_left, window_right
         (tl.maximum(start_n - diagonal + window_left + 1, 0) // BLOCK_M) * BLOCK_M,
         tl.cdiv(n_queries, BLOCK_M) * BLOCK_M,
     )
-    unmasked_start = tl.maximum(row_start, tl.minimum(seeing_all_from, row_end))
+    unmasked_start = tl.maximum(row_start, tl.minimum(seeing_all_from, tl.cdiv(row_end, BLOCK_M) * BLOCK_M))
     return row_start, unmasked_start, tl.maximum(unmasked_start, seeing_all_to), row_end
 
 
