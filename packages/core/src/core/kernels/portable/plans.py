@@ -85,8 +85,11 @@ def descriptors_fit(*tensors: torch.Tensor) -> bool:
     """Whether the kernels may read these (B, H, N, D) or packed (total, H, D) tensors through tensor
     descriptors (the copy engine, TMA): unit stride along D, and 16-byte aligned start, batch, head and
     row steps, with rows that do not overlap. (A packed sequence's first row is then aligned too.) Any
-    other layout is read with pointer loads, which take every stride."""
+    other layout is read with pointer loads, which take every stride, and so is an empty packed tensor
+    (no sequence has keys), whose address may be null."""
     for t in tensors:
+        if t.numel() == 0:
+            return False
         size = t.element_size()
         batch_stride, head_stride, row_stride, d_stride = kernel_strides(t)
         if d_stride != 1 or t.data_ptr() % 16 or (t.shape[-1] * size) % 16 or row_stride < t.shape[-1]:
