@@ -8,6 +8,7 @@
     sweep     tile and load variants of the portable kernels vs FLASH/CUDNN, one GPU call (sweep.py)
     ab        the working tree's kernels vs a baseline copy of core, in one GPU process (ab.py)
     report    registers, spills and loop instruction mix from an sm_90a compile, on the CPU (kernel_report.py)
+    features  packed documents (varlen), a sliding window and softcapping: core vs Flex and SDPA (features.py)
 
 Every tool but `report` (and `kernels --report`/`--dry-run`) needs a CUDA GPU.
 """
@@ -25,6 +26,7 @@ TOOLS = {
     "sweep": "sweep",
     "ab": "ab",
     "report": "kernel_report",
+    "features": "features",
 }
 
 
