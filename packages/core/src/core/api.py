@@ -25,6 +25,13 @@ _INTERPRETED = is_interpreted()
 __all__ = ["attention", "attention_varlen"]
 
 
+def _feature_options(window_size, softcap) -> tuple[int, int, float]:
+    """The ops' window_left, window_right and softcap, as the Python types their schemas declare (a
+    validated window side may be any integral type, numpy's included)."""
+    left, right = window_size
+    return int(left), int(right), float(softcap)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -65,13 +72,15 @@ def attention(
     if torch.compiler.is_compiling():
         validate_attention_inputs(q, k, v, causal, sm_scale, return_lse, _INTERPRETED, window_size, softcap)
         out, lse, _ = ops.attention_forward(
-            q, k, v, causal, _plans.default_scale(q, sm_scale), *window_size, float(softcap)
+            q, k, v, causal, _plans.default_scale(q, sm_scale), *_feature_options(window_size, softcap)
         )
     else:
         # validates a new signature
         plan = _plans.forward_plan(q, k, v, causal, sm_scale, return_lse, window_size, softcap)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            out, lse, _ = ops.attention_forward(q, k, v, causal, plan.sm_scale, *window_size, float(softcap))
+            out, lse, _ = ops.attention_forward(
+                q, k, v, causal, plan.sm_scale, *_feature_options(window_size, softcap)
+            )
         else:
             out, lse, _ = plan(q, k, v, keep_statistics=return_lse)
     if not return_lse:
@@ -126,7 +135,7 @@ def attention_varlen(
         )  # fmt: skip
         out, lse, _ = ops.attention_varlen_forward(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-            _plans.default_scale(q, sm_scale), *window_size, float(softcap),
+            _plans.default_scale(q, sm_scale), *_feature_options(window_size, softcap),
         )  # fmt: skip
     else:
         plan = _plans.varlen_forward_plan(
@@ -136,7 +145,7 @@ def attention_varlen(
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             out, lse, _ = ops.attention_varlen_forward(
                 q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, plan.sm_scale,
-                *window_size, float(softcap),
+                *_feature_options(window_size, softcap),
             )  # fmt: skip
         else:
             packed = Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)

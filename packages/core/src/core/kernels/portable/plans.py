@@ -31,6 +31,7 @@ from core.kernels.host import (
     OnDevice,
     Packed,
     ceil_div,
+    layout_of_new_buffer,
     new_buffer,
     score_scale,
     uses_base_2,
@@ -67,18 +68,22 @@ def _precision_flags(dtype: torch.dtype, interpreted: bool) -> tuple:
     )
 
 
-def kernel_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+def _as_kernel_strides(strides: tuple[int, ...]) -> tuple[int, ...]:
+    if len(strides) == 3:  # packed (total, H, D)
+        row_stride, head_stride, d_stride = strides
+        return 0, head_stride, row_stride, d_stride
+    return strides
+
+
+def kernel_strides(t: torch.Tensor) -> tuple[int, ...]:
     """The (batch, head, row, head dim) strides a kernel takes for t: a (B, H, N, D) tensor's own, or for a
     packed (total, H, D) one batch stride 0 (VARLEN kernels place each sequence by its first row)."""
-    if t.dim() == 3:
-        row_stride, head_stride, d_stride = t.stride()
-        return 0, head_stride, row_stride, d_stride
-    return t.stride()
+    return _as_kernel_strides(t.stride())
 
 
-def _kernel_strides_of_new_buffer(like: torch.Tensor) -> tuple[int, int, int, int]:
+def _kernel_strides_of_new_buffer(like: torch.Tensor) -> tuple[int, ...]:
     """kernel_strides of new_buffer(like), without allocating."""
-    return kernel_strides(torch.empty_like(like, device="meta"))
+    return _as_kernel_strides(layout_of_new_buffer(like))
 
 
 def descriptors_fit(*tensors: torch.Tensor) -> bool:
