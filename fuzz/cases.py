@@ -1,7 +1,8 @@
 """One fuzz example as plain data, and how it becomes tensors.
 
-A `Case` is everything an example varies: the `Problem` (shapes, dtype, mask, scale), the memory
-`Layout` of each input, the `Values` in them and the `Upstream` gradient that the backward pass receives.
+A `Case` is everything an example varies: the `Problem` (shapes, dtype, mask, window, softcap, scale), the
+memory `Layout` of each input, the `Values` in them and the `Upstream` gradient that the backward pass
+receives. A `VarlenCase` is a packed batch of ragged sequences for core.attention_varlen.
 Cases are frozen dataclasses whose repr is valid Python, so a falsifying example printed by hypothesis
 can be pasted into an `@example(...)` as it is. Building tensors from a case is deterministic: the same
 case gives the same bits on the same device (values come from a torch.Generator seeded by the case).
@@ -32,6 +33,8 @@ class Problem:
     dtype: torch.dtype = torch.float16
     causal: bool = True
     sm_scale: float | None = None
+    window_size: tuple[int, int] = (-1, -1)  # FlashAttention's sliding window, -1: unbounded side
+    softcap: float = 0.0
 
     @property
     def q_shape(self) -> tuple[int, int, int, int]:
@@ -51,8 +54,14 @@ class Problem:
 
     @property
     def empty_rows(self) -> int:
-        """How many leading query rows see no key (bottom-right causal mask with Nq > Nk)."""
-        return max(self.n_queries - self.n_keys, 0) if self.causal else 0
+        """How many leading query rows see no key. Query i sees keys up to i + Nk - Nq + right, right the
+        window's right side (0 when causal); nothing else can empty a row, since the left side stops at
+        i + Nk - Nq - left < Nk. So only a prefix is empty: Nq - Nk - right rows (bottom-right causal
+        mask with Nq > Nk: Nq - Nk)."""
+        right = 0 if self.causal else self.window_size[1]
+        if right < 0:
+            return 0
+        return min(self.n_queries, max(self.n_queries - self.n_keys - right, 0))
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,78 @@ class Case:
     upstream: Upstream = Upstream()
 
 
+@dataclass(frozen=True)
+class VarlenCase:
+    """A packed batch for core.attention_varlen: each sequence's query and key lengths (0 allowed),
+    heads, head dim, dtype, the options, the values, and whether q, k and v are head slices of one fused
+    (total, Hq + 2 Hkv, D) projection (self-attention: lens_q == lens_k) instead of separate tensors."""
+
+    lens_q: tuple[int, ...] = (16,)
+    lens_k: tuple[int, ...] = (16,)
+    q_heads: int = 1
+    kv_heads: int = 1
+    head_dim: int = 16
+    dtype: torch.dtype = torch.float16
+    causal: bool = True
+    sm_scale: float | None = None
+    window_size: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    values: Values = Values()
+    fused: bool = False
+
+    @property
+    def options(self) -> dict:
+        return {"causal": self.causal, "sm_scale": self.sm_scale, "window_size": self.window_size,
+                "softcap": self.softcap}  # fmt: skip
+
+    def sequence(self, b: int) -> Problem:
+        """Sequence b as the dense problem core.attention would take alone."""
+        return Problem(
+            1, self.q_heads, self.kv_heads, self.lens_q[b], self.lens_k[b], self.head_dim, self.dtype,
+            self.causal, self.sm_scale, self.window_size, self.softcap,
+        )  # fmt: skip
+
+
+@dataclass
+class PackedInputs:
+    q: torch.Tensor  # (total_q, Hq, D) leaves that require grad
+    k: torch.Tensor
+    v: torch.Tensor
+    cu_seqlens_q: torch.Tensor  # int32 (B + 1,)
+    cu_seqlens_k: torch.Tensor
+    dout: torch.Tensor
+
+
+def _cumulative(lengths, device) -> torch.Tensor:
+    starts = [0]
+    for length in lengths:
+        starts.append(starts[-1] + length)
+    return torch.tensor(starts, dtype=torch.int32, device=device)
+
+
+def build_varlen(case: VarlenCase, device) -> PackedInputs:
+    """The packed inputs of `case`: values drawn as for one dense (1, H, total, D) problem (so every
+    distribution applies, huge logits scaled over all pairs), then laid out (total, H, D)."""
+    total_q, total_k = sum(case.lens_q), sum(case.lens_k)
+    whole = Problem(
+        1, case.q_heads, case.kv_heads, max(total_q, 1), max(total_k, 1), case.head_dim, case.dtype,
+        sm_scale=case.sm_scale,
+    )  # fmt: skip
+    q, k, v = (t[0, :, :n].transpose(0, 1) for t, n in zip(make_values(whole, case.values, device),
+                                                          (total_q, total_k, total_k)))  # fmt: skip
+    if case.fused:
+        fused = torch.cat([q, k, v], dim=1).contiguous()
+        q, k, v = fused.split((case.q_heads, case.kv_heads, case.kv_heads), dim=1)
+    else:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    g = torch.Generator(device).manual_seed(case.values.seed + 1)
+    dout = torch.randn((total_q, case.q_heads, case.head_dim), generator=g, device=device).to(case.dtype)
+    return PackedInputs(
+        *(t.requires_grad_() for t in (q, k, v)),
+        _cumulative(case.lens_q, device), _cumulative(case.lens_k, device), dout,
+    )  # fmt: skip
+
+
 # --- A case as plain data (the failure files, fuzz/failures.py) ---------------------------------------
 
 
@@ -147,7 +228,7 @@ def compact_repr(value) -> str:
     return repr(value)
 
 
-_CASE_TYPES = {cls.__name__: cls for cls in (Case, Problem, Layout, Values, Upstream)}
+_CASE_TYPES = {cls.__name__: cls for cls in (Case, Problem, Layout, Values, Upstream, VarlenCase)}
 
 
 def from_data(data):

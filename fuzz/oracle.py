@@ -47,8 +47,8 @@ def _run(attention, case: Case, inputs: Inputs, backward: bool, **reference_kwar
     problem = case.problem
     return_lse = case.upstream.return_lse
     result = attention(
-        inputs.q, inputs.k, inputs.v, causal=problem.causal, sm_scale=problem.sm_scale, return_lse=return_lse,
-        **reference_kwargs,
+        inputs.q, inputs.k, inputs.v, causal=problem.causal, sm_scale=problem.sm_scale,
+        window_size=problem.window_size, softcap=problem.softcap, return_lse=return_lse, **reference_kwargs,
     )  # fmt: skip
     out, lse = result if return_lse else (result, None)
     results = Results(out.detach(), None if lse is None else lse.detach())
@@ -121,7 +121,7 @@ def check_sound(
 ) -> None:
     """What every run must satisfy whatever its accuracy: inputs untouched, shapes as documented,
     finite in -> finite out (while the scaled logits are within the kernels' float32 range), and exact
-    zeros for the query rows that see no key."""
+    zeros for the query rows that see no key (the causal mask's or a window's, Problem.empty_rows)."""
     problem = case.problem
     assert inputs.canaries_untouched(), (
         "the kernel wrote into the storage of its inputs (canary or value changed)"

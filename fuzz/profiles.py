@@ -170,6 +170,10 @@ def _examples(forward, gradients, extreme_scales, invariants, bad_inputs, nonfin
         **dict.fromkeys(("determinism", "gqa", "permutation", "linearity"), invariants),
         "bad_inputs": bad_inputs,
         "nonfinite": nonfinite,
+        # fuzz/test_window_varlen.py: windows and softcaps (and their bad values) at a third of the
+        # gradients' budget; the varlen property (a batch of dense calls per example) at an invariant's.
+        "window_softcap": max(6, gradients // 3),
+        "varlen": max(6, invariants),
     }
 
 

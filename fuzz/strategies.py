@@ -1,8 +1,10 @@
 """Composable hypothesis strategies for everything core.attention accepts.
 
-Every axis has its own strategy (sequence lengths, head dims, GQA head counts, softmax scales, memory
-layouts, value distributions, upstream gradients); `problems()` and `cases()` compose them within the
-active profile's Limits, and each takes the others as arguments so a property can pin or narrow any axis.
+Every axis has its own strategy (sequence lengths, head dims, GQA head counts, softmax scales, sliding
+windows, softcaps, memory layouts, value distributions, upstream gradients); `problems()` and `cases()`
+compose them within the active profile's Limits, and each takes the others as arguments so a property
+can pin or narrow any axis. `windowed_problems()` adds a window and a softcap to a problem;
+`varlen_cases()` draws ragged packed batches for core.attention_varlen.
 Sizes are drawn with extra weight on the edges where tiled kernels go wrong: 1, the powers of two and
 their neighbours, and the neighbours of every tile size the kernels use on this machine.
 
@@ -12,6 +14,7 @@ integer (cases.make_values), never from global RNG, so every example replays fro
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
@@ -23,7 +26,7 @@ from hypothesis import strategies as st
 import core
 from core.testing import portable
 from fuzz import profiles, sharding
-from fuzz.cases import DISTRIBUTIONS, Case, Layout, Problem, Upstream, Values
+from fuzz.cases import DISTRIBUTIONS, Case, Layout, Problem, Upstream, Values, VarlenCase
 
 DTYPES = sharding.DTYPES
 # The upstream of forward-only properties: the LSE is returned (and judged), no backward runs.
@@ -236,6 +239,84 @@ def breakages(draw, catalogue: dict) -> tuple[tuple[str, int], ...]:
             chosen.append((name, draw(st.integers(0, len(breakage.forms) - 1))))
             touched |= breakage.touches
     return tuple(chosen)
+
+
+def window_sizes(n_queries: int, n_keys: int) -> st.SearchStrategy[tuple[int, int]]:
+    """FlashAttention's (left, right): each side unbounded (-1), 0 (a window on the diagonal), a tile edge
+    size, the offset between the sequences' ends (the window then starts or stops at a sequence's first
+    key), or anything up to past the whole sequence (a window that bounds nothing)."""
+    reach = n_queries + n_keys + 2
+    side = st.one_of(
+        st.just(-1),
+        st.sampled_from(edge_sizes(reach, kernel_block_sizes())),
+        st.sampled_from(sorted({0, abs(n_keys - n_queries), max(n_keys, n_queries)})),
+        st.integers(0, reach),
+    )
+    return st.tuples(side, side)
+
+
+def softcaps() -> st.SearchStrategy[float]:
+    """0 (off) half the time; else caps from far below the logits (every score saturates at +-cap) to
+    far above them (a no-op up to rounding), and the models' 30 and 50."""
+    return st.one_of(st.just(0.0), st.floats(1e-3, 1e3), st.sampled_from((0.5, 1.0, 30.0, 50.0)))
+
+
+@st.composite
+def windowed_problems(draw, problem: st.SearchStrategy[Problem] | None = None) -> Problem:
+    """A problem (problems() by default) with a sliding window, a softcap, or both: never neither (plain
+    problems are the other properties' business)."""
+    drawn = draw(problems() if problem is None else problem)
+    window = draw(st.one_of(st.just((-1, -1)), window_sizes(drawn.n_queries, drawn.n_keys)))
+    softcap = draw(softcaps())
+    if window == (-1, -1) and softcap == 0:
+        softcap = draw(st.floats(1e-3, 1e3))
+    return dataclasses.replace(drawn, window_size=window, softcap=softcap)
+
+
+def _ragged_length(upper: int) -> st.SearchStrategy[int]:
+    """A sequence length in 0..upper, with extra weight on 0, 1 and the tile edges."""
+    return st.one_of(st.sampled_from((0, 1)), seq_lens(max(upper, 1)).map(lambda n: min(n, upper)))
+
+
+@st.composite
+def varlen_cases(draw, limits: profiles.Limits | None = None) -> VarlenCase:
+    """A packed batch of 1-4 ragged sequences within `limits`, of the running test item's kernel
+    family: query and key lengths each 0, 1, a tile edge or anything (Nq != Nk both ways, chunked
+    prefill's Nk >= Nq, and key lengths equal to the query lengths), GQA, any head dim, a window, a
+    softcap, a scale, any value distribution, and sometimes q, k, v as views of one fused projection.
+    The work over all sequences stays within the profile's per-example budget."""
+    limits = limits or profiles.active().limits
+    kernel = sharding.current()
+    dtype = draw(st.sampled_from(DTYPES)) if kernel is None else kernel[0]
+    causal = draw(st.booleans()) if kernel is None else kernel[1]
+    head_dim = draw(head_dims(limits, dtype))
+    kv_heads = draw(st.integers(1, limits.max_kv_heads))
+    q_heads = kv_heads * draw(st.integers(1, limits.max_group))
+    n_sequences = draw(st.integers(1, 4))
+    pairs_left = max(1, min(limits.max_scores // q_heads, limits.max_work // (q_heads * head_dim)))
+    lens_q, lens_k = [], []
+    self_attention = draw(st.booleans())
+    for _ in range(n_sequences):
+        if self_attention:
+            n_queries = n_keys = draw(_ragged_length(min(limits.max_seq, math.isqrt(pairs_left))))
+        else:
+            n_queries = draw(_ragged_length(min(limits.max_seq, pairs_left)))
+            n_keys = draw(st.one_of(
+                st.just(n_queries),
+                _ragged_length(min(limits.max_seq, pairs_left // max(n_queries, 1))),
+            ))  # fmt: skip
+        n_keys = min(n_keys, pairs_left // max(n_queries, 1))
+        pairs_left -= n_queries * n_keys
+        lens_q.append(n_queries)
+        lens_k.append(n_keys)
+    longest = max(max(lens_q), max(lens_k), 1)
+    window = draw(st.one_of(st.just((-1, -1)), window_sizes(longest, longest)))
+    return VarlenCase(
+        lens_q=tuple(lens_q), lens_k=tuple(lens_k), q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
+        dtype=dtype, causal=causal, sm_scale=draw(sm_scales(head_dim)),
+        window_size=window, softcap=draw(softcaps()), values=draw(values()),
+        fused=self_attention and draw(st.booleans()),
+    )  # fmt: skip
 
 
 # --- Menus of one slice (profiles.Profile.sliced) --------------------------------------------------------

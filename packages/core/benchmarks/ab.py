@@ -87,13 +87,19 @@ class Side:
         """The dK/dV launch on its own (Delta computed once beforehand, as the backward does)."""
         plan = self.plan
         delta = torch.empty(plan.delta_shape, device="cuda", dtype=torch.float32)
-        plan.preprocess(plan.index, self.out, self.dout, self.lse, delta)  # the LSE stands in for dLSE
+        # The LSE stands in for dLSE, Delta for cu_seqlens (trailing pointers that plain calls never read,
+        # of kernels that take them: a baseline from before packed sequences has none).
+        unused = [delta] * getattr(plan.preprocess, "trailing_tensors", 0)
+        plan.preprocess(plan.index, self.out, self.dout, self.lse, delta, *unused)
         dk, dv = torch.empty_like(self.k), torch.empty_like(self.v)
+        unused = [delta] * getattr(plan.dkdv, "trailing_tensors", 0)
 
         def run():
             if plan.needs_scratch:
                 self.package.testing.portable.plans.install_scratch_allocator()
-            plan.dkdv(plan.index, self.q, self.k, self.v, self.dout, self.lse, self.lse_low, delta, dk, dv)
+            plan.dkdv(
+                plan.index, self.q, self.k, self.v, self.dout, self.lse, self.lse_low, delta, dk, dv, *unused
+            )
 
         return run
 

@@ -18,6 +18,9 @@ blocks. Two things it finds that a timing only hints at (docs/perf-notes.md):
 Loops are listed in SASS order, innermost loops with tensor-core work only: the forward's and dQ
 kernel's unmasked loop, then their masked one; the dK/dV kernel's masked and unmasked loops with the
 LSE low part, then the same two without it (the one typical inputs run).
+
+`--features window,softcap,varlen` compiles the kernels with those switches on instead (a sliding
+window, logit softcapping, packed sequences; any subset): the plain kernels' report is the default.
 """
 
 from __future__ import annotations
@@ -79,10 +82,15 @@ def signature(kernel, arguments: dict):
     return types, constants, attributes
 
 
-def kernel_arguments(kind: str, d: int, n: int, element: str, torch_dtype, causal: bool) -> tuple[dict, dict]:
-    """(arguments by name, launch options) of one kernel as core's plans launch it."""
+def kernel_arguments(
+    kind: str, d: int, n: int, element: str, torch_dtype, causal: bool, features: frozenset = frozenset()
+) -> tuple[dict, dict]:
+    """(arguments by name, launch options) of one kernel as core's plans launch it, with the switches
+    named in `features` ("window", "softcap", "varlen") on."""
     heads = WIDTH // d
-    strides = (heads * n * d, n * d, d, 1)
+    varlen = "varlen" in features
+    # varlen: (total, H, D) tensors, batch stride 0 (plans.kernel_strides)
+    strides = (0, d, heads * d, 1) if varlen else (heads * n * d, n * d, d, 1)
     block_d = _config.padded_head_dim(d)
     if kind == "forward":
         config = _config.forward_config(block_d, torch_dtype, False)
@@ -102,17 +110,25 @@ def kernel_arguments(kind: str, d: int, n: int, element: str, torch_dtype, causa
         if kind == "dkdv":
             extra = {
                 "PREFETCH_ROW_STATS": config.prefetch_row_stats,
-                "WHOLE_QUERY_BLOCKS": _launch.whole_query_blocks(n, config.block_m),
+                "WHOLE_QUERY_BLOCKS": not varlen and _launch.whole_query_blocks(n, config.block_m),
             }
         else:
             extra = {"DELTA_IN_DQ": False}
+    pointers |= {"CuSeqlensQ": "i32", "CuSeqlensK": "i32"}  # stand-ins unless varlen
     arguments = {name: Pointer(element_type) for name, element_type in pointers.items()}
     for tensor, dims in tensors.items():
         arguments |= {f"stride_{tensor}{dim}": stride for dim, stride in zip(dims, strides)}
     sizes = {"n_q_heads": heads, "kv_group": 1, "n_queries": n, "n_keys": n}
+    # A 4k window to the left of the causal diagonal (window_right 0) or none (unused arguments).
+    window = "window" in features
+    sizes |= {"window_left": 4096 if window else 0, "window_right": 0}
+    # softcap 50 at D = 128 in base 2 (sm_scale / 50, 50 * log2(e)), or unused zeros.
+    softcap = "softcap" in features
+    scalars |= {"softcap_in": 0.0025 if softcap else 0.0, "softcap_out": 72.1 if softcap else 0.0}
     constexprs, options = _launch._attention_meta(
-        d, causal, block_d, config, torch_dtype, False, config.descriptors
-    )
+        d, causal and not window, block_d, config, torch_dtype, False, config.descriptors, window,
+        "softcap" in features, varlen,
+    )  # fmt: skip
     arguments |= sizes | scalars | dict(constexprs) | extra
     return arguments, dict(options)
 
@@ -178,14 +194,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--kernels", default="forward,dq,dkdv")
+    parser.add_argument("--features", default="", help="comma list of window,softcap,varlen (default: none)")
     args = parser.parse_args(argv)
+    features = frozenset(filter(None, args.features.split(",")))
+    unknown = features - {"window", "softcap", "varlen"}
+    if unknown:
+        parser.error(f"--features: unknown {', '.join(sorted(unknown))}; choose from window,softcap,varlen")
     torch_dtype, element = DTYPES[args.dtype]
     kernels = {"forward": attention_forward_kernel, "dq": backward_dq_kernel, "dkdv": backward_dkdv_kernel}
-    print(f"triton {triton.__version__}, sm_90a, {args.dtype}, causal, N {args.n}")
+    shown = ",".join(sorted(features)) or "none"
+    print(f"triton {triton.__version__}, sm_90a, {args.dtype}, causal, N {args.n}, features: {shown}")
     for d in map(int, args.d.split(",")):
         for kind in args.kernels.split(","):
             kernel = kernels[kind]
-            arguments, options = kernel_arguments(kind, d, args.n, element, torch_dtype, causal=True)
+            arguments, options = kernel_arguments(kind, d, args.n, element, torch_dtype, True, features)
             compiled = triton.compile(
                 ASTSource(kernel, *signature(kernel, arguments)), target=HOPPER, options=options
             )

@@ -15,6 +15,7 @@
               ring and Ulysses attention per-GPU TFLOP/s and scaling (context_parallel.py)
     decode    KV-cache decode (core.attention_with_kvcache, dense and paged) vs SDPA FLASH/CUDNN and core's
               portable path, GB/s against the measured copy bandwidth (decode.py; --quick, --out FILE)
+    features  packed documents (varlen), a sliding window and softcapping: core vs Flex and SDPA (features.py)
 
 Every tool but `report`, `compile` (and `kernels --report`/`--dry-run`) needs a CUDA GPU.
 """
@@ -37,6 +38,7 @@ TOOLS = {
     "fused": "fused_bwd_check",
     "cp": "context_parallel",
     "decode": "decode",
+    "features": "features",
 }
 
 

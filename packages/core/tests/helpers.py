@@ -45,9 +45,12 @@ def leaf_copy(t: torch.Tensor, dtype=None) -> torch.Tensor:
     return t.detach().to(dtype or t.dtype).requires_grad_(t.requires_grad)
 
 
-def compare_with_reference(q, k, v, *, causal, sm_scale=None, grads=True, seed=0) -> list[Verdict]:
+def compare_with_reference(
+    q, k, v, *, causal, sm_scale=None, grads=True, seed=0, window_size=(-1, -1), softcap=0.0
+) -> list[Verdict]:
     """Run the kernel, the float64 truth and the eager same-dtype reference on the same inputs and
     return one tolerance verdict per quantity (out, lse and, with grads, dq/dk/dv)."""
+    options = {"causal": causal, "sm_scale": sm_scale, "window_size": window_size, "softcap": softcap}
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     dout = torch.randn(q.shape, generator=gen).to(device=q.device, dtype=q.dtype)
 
@@ -58,17 +61,10 @@ def compare_with_reference(q, k, v, *, causal, sm_scale=None, grads=True, seed=0
             (out * dout.to(out.dtype)).sum().backward()
         return out.detach(), lse.detach(), [t.grad for t in (qq, kk, vv)] if grads else []
 
-    kernel = run(
-        lambda a, b, c: core.attention(a, b, c, causal=causal, sm_scale=sm_scale, return_lse=True), None
-    )
-    truth = run(
-        lambda a, b, c: core.attention_reference(a, b, c, causal=causal, sm_scale=sm_scale, return_lse=True),
-        torch.float64,
-    )
+    kernel = run(lambda a, b, c: core.attention(a, b, c, **options, return_lse=True), None)
+    truth = run(lambda a, b, c: core.attention_reference(a, b, c, **options, return_lse=True), torch.float64)
     eager = run(
-        lambda a, b, c: core.attention_reference(
-            a, b, c, causal=causal, sm_scale=sm_scale, return_lse=True, compute_dtype=None
-        ),
+        lambda a, b, c: core.attention_reference(a, b, c, **options, return_lse=True, compute_dtype=None),
         None,
     )
     verdicts = [

@@ -45,6 +45,14 @@ else:
     ]
 
 
+@pytest.fixture(autouse=True)
+def family():
+    """The fused backward belongs to the portable family, whose forward these tests call: once, not once
+    per family."""
+    with core.testing.use_family("portable"):
+        yield "portable"
+
+
 def case_id(case):
     (b, hq, hkv, nq, nk, d), dtype = case
     return f"B{b}-H{hq}/{hkv}-Nq{nq}-Nk{nk}-D{d}-{str(dtype).removeprefix('torch.')}"

@@ -115,6 +115,7 @@ def test_constexprs_out_of_signature_order_are_refused():
     """A bound relaunch passes constexprs by position, so one that names them out of order must fail."""
     in_order = ["HEAD_DIM", "CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D"]
     in_order += ["DOT_PRECISION", "BASE_2", "PRECISE_EXP", "TENSOR_DESCRIPTORS"]
+    in_order += ["WINDOW", "SOFTCAP", "VARLEN"]
     kernel = core.testing.portable.forward.attention_forward_kernel
     bind = core.testing.portable.launch.BoundLaunch
     bind(kernel, (1, 1, 1), (), (), tuple((name, None) for name in in_order), ())

@@ -61,6 +61,118 @@ def test_opcheck_backward(with_dlse):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_opcheck_forward_with_window_and_softcap(dtype):
+    q, k, v = _inputs(dtype=dtype, gqa=True)
+    torch.library.opcheck(torch.ops.core.attention_forward.default, (q, k, v, True, 0.25, 5, 0, 2.0))
+
+
+def test_opcheck_backward_with_window_and_softcap():
+    q, k, v = (t.detach() for t in _inputs(gqa=True))
+    options = (False, 0.25, 3, 7, 1.5)
+    out, lse, lse_low = torch.ops.core.attention_forward(q, k, v, *options)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    torch.library.opcheck(
+        torch.ops.core.attention_backward.default, (dout, q, k, v, out, lse, lse_low, dlse, *options)
+    )
+
+
+def _packed(dtype=torch.float16, lens_q=(5, 0, 17, 1), lens_k=(9, 3, 17, 0), seed=0):
+    """Packed q (total_q, 4, 16), k, v (total_k, 2, 16) leaves and their sequences."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lens_q), 4, 16, generator=gen).to(DEVICE, dtype).requires_grad_()
+    k, v = (torch.randn(sum(lens_k), 2, 16, generator=gen).to(DEVICE, dtype).requires_grad_() for _ in "kv")
+
+    def cumulative(lengths):
+        return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+    return q, k, v, cumulative(lens_q), cumulative(lens_k), max(lens_q), max(lens_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_opcheck_varlen_forward(dtype):
+    q, k, v, *sequences = _packed(dtype)
+    torch.library.opcheck(
+        torch.ops.core.attention_varlen_forward.default, (q, k, v, *sequences, True, 0.25, 4, -1, 3.0)
+    )
+
+
+def test_opcheck_varlen_backward():
+    q, k, v, *sequences = (t.detach() if isinstance(t, torch.Tensor) else t for t in _packed())
+    options = (*sequences, False, 0.25, -1, -1, 0.0)
+    out, lse, lse_low = torch.ops.core.attention_varlen_forward(q, k, v, *options)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    torch.library.opcheck(
+        torch.ops.core.attention_varlen_backward.default, (dout, q, k, v, out, lse, lse_low, dlse, *options)
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"window_size": (6, -1)}, {"softcap": 2.0, "causal": False}, {"window_size": (3, 2), "softcap": 1.5}],
+)
+def test_fullgraph_compile_with_window_and_softcap_equals_eager_bitwise(options):
+    q, k, v = _inputs(layout="bshd", gqa=True)
+
+    def attend(q, k, v):
+        return core.attention(q, k, v, **options, return_lse=True)
+
+    eager = _loss_and_grads(attend, q, k, v, True)
+    counter = torch._dynamo.testing.CompileCounterWithBackend(BACKEND)
+    compiled = _loss_and_grads(torch.compile(attend, backend=counter, fullgraph=True), q, k, v, True)
+    assert counter.frame_count == 1
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), eager, compiled):
+        assert torch.equal(a, b), f"{name}: compiled differs from eager"
+    assert torch._dynamo.explain(attend)(q, k, v).graph_break_count == 0
+
+
+def test_varlen_fullgraph_compile_equals_eager_bitwise():
+    q, k, v, cu_q, cu_k, max_q, max_k = _packed()
+
+    def attend(q, k, v):
+        return core.attention_varlen(
+            q, k, v, cu_q, cu_k, max_q, max_k, causal=True, window_size=(5, -1), softcap=2.0, return_lse=True
+        )
+
+    def loss_and_grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*leaves)
+        weights = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out).to(out.dtype)
+        seen = torch.isfinite(lse)  # rows of a sequence without keys have LSE -inf
+        (out * weights).float().sum().add(lse[seen].sum()).backward()
+        return [out.detach(), lse.detach(), *(t.grad for t in leaves)]
+
+    eager = loss_and_grads(attend)
+    counter = torch._dynamo.testing.CompileCounterWithBackend(BACKEND)
+    compiled = loss_and_grads(torch.compile(attend, backend=counter, fullgraph=True))
+    assert counter.frame_count == 1
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), eager, compiled):
+        assert torch.equal(a, b), f"{name}: compiled differs from eager"
+    explanation = torch._dynamo.explain(attend)(q, k, v)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_varlen_dynamic_compile_once_for_every_packing():
+    """New totals, batch sizes and max_seqlen reuse one graph (dynamic=True)."""
+    counter = torch._dynamo.testing.CompileCounterWithBackend(BACKEND)
+
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k):
+        return core.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)
+
+    compiled = torch.compile(attend, backend=counter, dynamic=True, fullgraph=True)
+    # Sizes that coincide with no other size (Dynamo's duck sizing would make them one symbol).
+    packings = (
+        ((5, 0, 17, 1, 6), (9, 3, 18, 0, 8)),
+        ((20, 3), (21, 31)),
+        ((1, 2, 3, 5, 7, 9), (9, 6, 5, 3, 1, 11)),
+    )
+    for seed, (lens_q, lens_k) in enumerate(packings):
+        arguments = _packed(lens_q=lens_q, lens_k=lens_k, seed=seed)
+        with torch.no_grad():
+            assert torch.equal(compiled(*arguments), attend(*arguments))
+    assert counter.frame_count == 1, "a new packing recompiled"
+
+
 @pytest.mark.parametrize("return_lse", [False, True])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("layout,gqa", [("bhsd", False), ("bshd", True)])

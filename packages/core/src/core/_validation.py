@@ -1,7 +1,9 @@
-"""Every check on the inputs of `core.attention` and `core.attention_with_kvcache`, run before anything is
-launched.
+"""Every check on the inputs of `core.attention`, `core.attention_varlen` and
+`core.attention_with_kvcache`, run before anything is launched.
 
-Each message says what was wrong and what is accepted.
+Each message says what was wrong and what is accepted. A varlen call's cumulative sequence lengths live on
+the device: reading them would wait for the GPU, so only what their metadata shows is checked (dtype,
+device, shape, contiguity), never their values (see validate_varlen_inputs).
 """
 
 from __future__ import annotations
@@ -25,7 +27,35 @@ MAX_SM_SCALE = torch.finfo(torch.float32).max / math.log2(math.e)  # 2.36e38
 MIN_PAGE_SIZE = 16
 
 
-def validate_attention_inputs(q, k, v, causal, sm_scale, return_lse, interpreted: bool) -> None:
+def validate_attention_inputs(
+    q, k, v, causal, sm_scale, return_lse, interpreted: bool, window_size=(-1, -1), softcap=0.0
+) -> None:
+    _validate_tensors(q, k, v, 4, "(batch, heads, seq_len, head_dim)")
+    _validate_dtypes(q, k, v)
+    _validate_devices(q, k, v, interpreted)
+    _validate_shapes(q, k, v)
+    _validate_options(causal, sm_scale, return_lse, window_size, softcap)
+
+
+def validate_varlen_inputs(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, sm_scale, return_lse,
+    interpreted: bool, window_size=(-1, -1), softcap=0.0,
+) -> None:  # fmt: skip
+    """core.attention_varlen's checks. Not checked, since it would read cu_seqlens on the host (a sync):
+    that cu_seqlens start at 0, never decrease and end at the packed totals, and that no sequence is
+    longer than max_seqlen_q / max_seqlen_k. Breaking these leaves rows unwritten or attends across
+    sequences: they are the caller's contract, as in FlashAttention."""
+    _validate_tensors(q, k, v, 3, "(total_tokens, heads, head_dim)")
+    _validate_dtypes(q, k, v)
+    _validate_devices(q, k, v, interpreted)
+    _validate_packed_shapes(q, k, v)
+    _validate_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k)
+    for name, longest in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        validate_max_seqlen(name, longest)
+    _validate_options(causal, sm_scale, return_lse, window_size, softcap)
+
+
+def _validate_tensors(q, k, v, rank: int, dims: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -34,18 +64,18 @@ def validate_attention_inputs(q, k, v, causal, sm_scale, return_lse, interpreted
             kind = "nested" if t.is_nested else str(t.layout)
             raise TypeError(f"{name} is a {kind} tensor; core.attention accepts strided (dense) tensors")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name} must have 4 dims (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}"
-            )
-    _validate_dtypes(q, k, v)
-    _validate_devices(q, k, v, interpreted)
-    _validate_shapes(q, k, v)
+        if t.dim() != rank:
+            raise ValueError(f"{name} must have {rank} dims {dims}, got shape {tuple(t.shape)}")
+
+
+def _validate_options(causal, sm_scale, return_lse, window_size, softcap) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     _validate_sm_scale(sm_scale)
+    _validate_window_size(window_size)
+    _validate_softcap(softcap)
 
 
 def _validate_dtypes(q, k, v) -> None:
@@ -104,6 +134,113 @@ def _validate_shapes(q, k, v) -> None:
         raise ValueError(f"batch ({batch}) and heads ({q_heads}) must each be at most {MAX_GRID_YZ}")
 
 
+def _validate_packed_shapes(q, k, v) -> None:
+    _, q_heads, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(
+            f"k and v must have the same shape (total_k, Hkv, D), got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    _, kv_heads, k_head_dim = k.shape
+    if k_head_dim != head_dim:
+        raise ValueError(f"head dim differs: q has {head_dim}, k and v have {k_head_dim}")
+    for what, size in (("heads", q_heads), ("kv heads", kv_heads), ("head dim", head_dim)):
+        if size == 0:
+            raise ValueError(f"{what} is 0; heads and head dim of q, k and v must be >= 1")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dim {head_dim} is larger than the supported maximum {MAX_HEAD_DIM} (1..256 accepted)"
+        )
+    if q_heads % kv_heads != 0:
+        raise ValueError(
+            f"q has {q_heads} heads, which is not a multiple of k/v's {kv_heads} heads; "
+            "GQA/MQA needs Hq % Hkv == 0"
+        )
+    if q_heads > MAX_GRID_YZ:
+        raise ValueError(f"heads ({q_heads}) must be at most {MAX_GRID_YZ}")
+
+
+def _validate_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k) -> None:
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of int32 (batch + 1,), got {type(cu).__name__}")
+        if cu.is_nested or cu.layout != torch.strided:
+            raise TypeError(f"{name} must be a strided (dense) int32 tensor")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} has dtype {cu.dtype}; cumulative sequence lengths must be torch.int32")
+        if cu.device != q.device:
+            raise ValueError(
+                f"{name} is on {cu.device} but q, k and v are on {q.device}: cumulative sequence lengths "
+                "must be on the inputs' device (the kernels read them there, never the host)"
+            )
+        if cu.dim() != 1 or cu.shape[0] < 2:
+            raise ValueError(
+                f"{name} must be 1-D of length batch + 1 >= 2 (0, len_0, len_0 + len_1, ...), got shape "
+                f"{tuple(cu.shape)}"
+            )
+        if cu.stride(0) != 1:
+            raise ValueError(f"{name} must be contiguous (stride 1), got stride {cu.stride(0)}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries, got {cu_seqlens_q.shape[0]} "
+            f"and {cu_seqlens_k.shape[0]}"
+        )
+    if cu_seqlens_q.shape[0] - 1 > MAX_GRID_YZ:
+        raise ValueError(f"batch ({cu_seqlens_q.shape[0] - 1} sequences) must be at most {MAX_GRID_YZ}")
+
+
+def validate_max_seqlen(name: str, longest) -> None:
+    """max_seqlen_q / max_seqlen_k: a Python int >= 1 (it sizes the grid; it is not a tensor, so no sync
+    reads it). Checked on every call, also when the rest of the signature is cached."""
+    if isinstance(longest, bool) or not isinstance(longest, (int, torch.SymInt)):
+        raise TypeError(
+            f"{name} must be a Python int (an upper bound of the longest sequence), "
+            f"got {type(longest).__name__}"
+        )
+    if longest < 1:
+        raise ValueError(f"{name} must be >= 1, got {longest}")
+
+
+def _validate_window_size(window_size) -> None:
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(
+            "window_size must be a pair (left, right) of ints, -1 for an unbounded side, "
+            f"got {window_size!r:.60}"
+        )
+    for side, size in zip(("left", "right"), window_size):
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+            raise TypeError(
+                f"window_size's {side} side must be an int (-1: unbounded), got {type(size).__name__}"
+            )
+        if size < -1:
+            raise ValueError(f"window_size's {side} side must be -1 (unbounded) or >= 0, got {size}")
+
+
+def _validate_softcap(softcap) -> None:
+    if isinstance(softcap, torch.Tensor):
+        raise TypeError("softcap must be a Python number, not a tensor (pass float(softcap))")
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a real number (0 for none), got {type(softcap).__name__}")
+    if softcap == 0:
+        return  # off (reading the float limit below would make torch.compile trace it symbolically)
+    try:
+        as_float = float(softcap)
+    except OverflowError:  # an int beyond float's range
+        as_float = math.inf
+    if not _finite(as_float) or as_float < 0:
+        raise ValueError(f"softcap must be finite and >= 0 (0 turns it off), got {softcap!r:.40}")
+    if as_float > MAX_SM_SCALE:
+        raise ValueError(
+            f"softcap must be at most {MAX_SM_SCALE:.4g} (the kernels take it as a float32 with log2(e) "
+            f"folded in), got {softcap}"
+        )
+
+
+def _finite(x: float) -> bool:
+    """math.isfinite, written with comparisons: torch.compile(dynamic=True) traces a float option that is
+    not a literal (a model's attribute) as a SymFloat, which math.isfinite cannot take."""
+    return x == x and abs(x) != math.inf
+
+
 def _validate_sm_scale(sm_scale) -> None:
     if sm_scale is None:
         return
@@ -118,7 +255,7 @@ def _validate_sm_scale(sm_scale) -> None:
         as_float = float(sm_scale)
     except OverflowError:  # an int beyond float's range
         as_float = math.inf
-    if not math.isfinite(as_float):
+    if not _finite(as_float):
         raise ValueError(f"sm_scale must be finite, got {sm_scale!r:.40}")
     if abs(as_float) > MAX_SM_SCALE:
         raise ValueError(

@@ -1,9 +1,10 @@
-"""The public entry point, `core.attention`: validate, then run the registered ops (core.ops).
+"""The public entry points, `core.attention` and `core.attention_varlen`: validate, then run the
+registered ops (core.ops).
 
-Two routes reach the same kernels. While torch.compile traces, the call validates its (fake) inputs
-and records `torch.ops.core.attention_forward`, whose autograd records the backward op. In eager mode
-a call that needs no graph skips the dispatcher: it takes its cached plan (core._plans) straight to the
-kernels, which saves the op's dispatch and autograd bookkeeping on small, host-bound calls.
+Two routes reach the same kernels. While torch.compile traces, a call validates its (fake) inputs and
+records the forward op, whose autograd records the backward op. In eager mode a call that needs no graph
+skips the dispatcher: it takes its cached plan (core._plans) straight to the kernels, which saves the op's
+dispatch and autograd bookkeeping on small, host-bound calls.
 """
 
 from __future__ import annotations
@@ -14,12 +15,21 @@ import torch
 
 from core import _plans, ops
 from core._runtime import is_interpreted
-from core._validation import validate_attention_inputs, validate_kvcache_inputs
-from core.kernels.host import uses_base_2
+from core._validation import validate_attention_inputs, validate_kvcache_inputs, validate_varlen_inputs
+from core.kernels.host import Packed, uses_base_2
 
 # Read once here: the interpreter decision is made when the kernels are imported, and a traced call
 # should see a constant rather than trace into the cached lookup.
 _INTERPRETED = is_interpreted()
+
+__all__ = ["attention", "attention_varlen"]
+
+
+def _feature_options(window_size, softcap) -> tuple[int, int, float]:
+    """The ops' window_left, window_right and softcap, as the Python types their schemas declare (a
+    validated window side may be any integral type, numpy's included)."""
+    left, right = window_size
+    return int(left), int(right), float(softcap)
 
 
 def attention(
@@ -29,9 +39,11 @@ def attention(
     *,
     causal: bool = True,
     sm_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0,  # 0, not 0.0: torch.compile(dynamic=True) would trace a float default symbolically
     return_lse: bool = False,
 ):
-    """Scaled dot-product attention, fused: softmax(q k^T * sm_scale + mask) v.
+    """Scaled dot-product attention, fused: softmax(cap(q k^T * sm_scale) + mask) v.
 
     Args:
         q: (B, Hq, Nq, D) query. k, v: (B, Hkv, Nk, D) keys and values, with Hq a multiple of Hkv
@@ -43,7 +55,13 @@ def attention(
         causal: mask key j for query i unless j <= i + (Nk - Nq) (bottom-right aligned, as in
             FlashAttention). Rows that see no key output 0 with LSE -inf and zero gradients.
         sm_scale: the softmax scale; defaults to 1 / sqrt(D).
-        return_lse: also return the log-sum-exp of each row's scaled, masked scores.
+        window_size: (left, right), FlashAttention's sliding window: query i sees only keys
+            i + Nk - Nq - left <= j <= i + Nk - Nq + right; -1 leaves a side unbounded, and causal=True
+            makes the right side 0 whatever it says. Work scales with the visible band: blocks outside
+            every row's window are skipped, not masked.
+        softcap: > 0 replaces each scaled score s by softcap * tanh(s / softcap) before the softmax
+            (Gemma 2's logit softcapping; the LSE is over the capped scores). 0 turns it off.
+        return_lse: also return the log-sum-exp of each row's scaled, capped, masked scores.
 
     Returns:
         out with q's shape and dtype (q's strides when q is dense, else contiguous), or (out, lse) with
@@ -52,14 +70,86 @@ def attention(
         or dynamic shapes) and capturable in CUDA graphs.
     """
     if torch.compiler.is_compiling():
-        validate_attention_inputs(q, k, v, causal, sm_scale, return_lse, _INTERPRETED)
-        out, lse, _ = ops.attention_forward(q, k, v, causal, _plans.default_scale(q, sm_scale))
+        validate_attention_inputs(q, k, v, causal, sm_scale, return_lse, _INTERPRETED, window_size, softcap)
+        out, lse, _ = ops.attention_forward(
+            q, k, v, causal, _plans.default_scale(q, sm_scale), *_feature_options(window_size, softcap)
+        )
     else:
-        plan = _plans.forward_plan(q, k, v, causal, sm_scale, return_lse)  # validates a new signature
+        # validates a new signature
+        plan = _plans.forward_plan(q, k, v, causal, sm_scale, return_lse, window_size, softcap)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            out, lse, _ = ops.attention_forward(q, k, v, causal, plan.sm_scale)
+            out, lse, _ = ops.attention_forward(
+                q, k, v, causal, plan.sm_scale, *_feature_options(window_size, softcap)
+            )
         else:
             out, lse, _ = plan(q, k, v, keep_statistics=return_lse)
+    if not return_lse:
+        return out
+    return out, (lse * math.log(2.0) if uses_base_2(q.dtype) else lse)
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0,  # as core.attention's
+    return_lse: bool = False,
+):
+    """core.attention over a batch of variable-length sequences packed end to end (FlashAttention's
+    flash_attn_varlen_func): each sequence attends only within itself.
+
+    Args:
+        q: (total_q, Hq, D); k, v: (total_k, Hkv, D); any strides (e.g. views of a packed QKV
+            projection), dtypes, heads and head dims as core.attention.
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 on the inputs' device, contiguous: the cumulative
+            lengths 0, n_0, n_0 + n_1, ... Sequence b is q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] against
+            k, v[cu_seqlens_k[b]:cu_seqlens_k[b + 1]]. Empty sequences are allowed, and Nq_b != Nk_b
+            (chunked prefill: Nk_b >= Nq_b); masks are aligned to each sequence's own bottom-right corner,
+            and rows that see no key output 0 with LSE -inf.
+        max_seqlen_q, max_seqlen_k: Python ints >= 1, upper bounds of the longest query and key
+            sequence; they size the grid (a larger bound costs only idle programs).
+        causal, sm_scale, window_size, softcap, return_lse: as core.attention.
+
+    Returns:
+        out (total_q, Hq, D), laid out like q when q is dense, else contiguous; with return_lse also the
+        LSE as FlashAttention returns it: (Hq, total_q) float32, natural log.
+
+    Nothing here reads cu_seqlens on the host, so a call never waits for the GPU. What validation
+    therefore cannot check is the caller's contract: cu_seqlens start at 0, never decrease and end at
+    total_q / total_k; no sequence is longer than max_seqlen_q / max_seqlen_k. Rows of q past
+    cu_seqlens_q[-1] (and their LSE) are left unwritten. Checked before any launch: dtypes, devices,
+    ranks and shapes (k and v alike, one length B + 1 for both cu_seqlens), and the options.
+    """
+    if torch.compiler.is_compiling():
+        validate_varlen_inputs(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, sm_scale, return_lse,
+            _INTERPRETED, window_size, softcap,
+        )  # fmt: skip
+        out, lse, _ = ops.attention_varlen_forward(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+            _plans.default_scale(q, sm_scale), *_feature_options(window_size, softcap),
+        )  # fmt: skip
+    else:
+        plan = _plans.varlen_forward_plan(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, sm_scale, return_lse,
+            window_size, softcap,
+        )  # fmt: skip
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            out, lse, _ = ops.attention_varlen_forward(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, plan.sm_scale,
+                *_feature_options(window_size, softcap),
+            )  # fmt: skip
+        else:
+            packed = Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+            out, lse, _ = plan(q, k, v, keep_statistics=return_lse, packed=packed)
     if not return_lse:
         return out
     return out, (lse * math.log(2.0) if uses_base_2(q.dtype) else lse)

@@ -1,8 +1,14 @@
 """core's attention as PyTorch operators: the ops, their fake kernels and their autograd, side by side.
 
-    torch.ops.core.attention_forward(q, k, v, causal, sm_scale) -> (out, lse, lse_low)
-    torch.ops.core.attention_backward(dout, q, k, v, out, lse, lse_low, dlse, causal, sm_scale)
-        -> (dq, dk, dv)
+    torch.ops.core.attention_forward(q, k, v, causal, sm_scale, window_left=-1, window_right=-1,
+        softcap=0.0) -> (out, lse, lse_low)
+    torch.ops.core.attention_backward(dout, q, k, v, out, lse, lse_low, dlse, causal, sm_scale,
+        window_left=-1, window_right=-1, softcap=0.0) -> (dq, dk, dv)
+    torch.ops.core.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, causal, sm_scale, window_left=-1, window_right=-1, softcap=0.0) -> (out, lse, lse_low)
+    torch.ops.core.attention_varlen_backward(dout, q, k, v, out, lse, lse_low, dlse, cu_seqlens_q,
+        cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, sm_scale, window_left=-1, window_right=-1,
+        softcap=0.0) -> (dq, dk, dv)
     torch.ops.core.kvcache_append(k_cache, v_cache, k, v, cache_seqlens, fixed_seqlen, block_table,
         cache_batch_idx) -> None                           (writes k, v into the caches in place)
     torch.ops.core.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, fixed_seqlen, n_new,
@@ -14,11 +20,16 @@ fake kernels, never the host code, so the call plans and bound launches (core._p
 sight and a compiled graph calls the same kernels as eager code. The public functions (core.api)
 validate their inputs before calling these, eagerly and while tracing alike.
 
-Conventions of both ops (core.kernels.host): `lse` is the log-sum-exp of each row's scaled scores,
-(B, Hq, Nq) float32, in the kernels' base for q's dtype (`uses_base_2(dtype)`: base 2 for fp16/bf16,
-natural = lse * ln 2; natural for float32), -inf for rows that see no key. `lse_low` holds its low
-parts ((1, B, Hq, Nq) for fp16/bf16, (2, B, Hq, Nq) for float32), which let the backward rebuild the
-forward's exponent exactly. `dlse` is the gradient of `lse` (same base, any layout) or None.
+window_left/window_right are FlashAttention's window_size (-1: unbounded; causal makes the right side 0)
+and softcap its logit softcap (0: off), as core.attention documents them. The varlen ops take packed
+(total, H, D) tensors and int32 cumulative sequence lengths on the device, which no host code reads.
+
+Conventions of the attention ops (core.kernels.host): `lse` is the log-sum-exp of each row's scaled (and
+capped) scores, (B, Hq, Nq) float32, or (Hq, total_q) for varlen, in the kernels' base for q's dtype
+(`uses_base_2(dtype)`: base 2 for fp16/bf16, natural = lse * ln 2; natural for float32), -inf for rows
+that see no key. `lse_low` holds its low parts ((1, *lse.shape) for fp16/bf16, (2, *lse.shape) for
+float32), which let the backward rebuild the forward's exponent exactly. `dlse` is the gradient of
+`lse` (same base, any layout) or None.
 
 The backward takes `out` and `lse` as arguments, so a caller that split the keys (context parallelism)
 can pass the merged ones, with zeros for `lse_low`, and get each key block's share of dK and dV and of
@@ -39,34 +50,48 @@ from __future__ import annotations
 import torch
 
 from core import _plans
-from core.kernels.host import uses_base_2
+from core.kernels.host import Packed, uses_base_2
 
 __all__ = [
     "attention_backward",
     "attention_forward",
+    "attention_varlen_backward",
+    "attention_varlen_forward",
     "attention_with_kvcache",
     "kvcache_append",
     "uses_base_2",
 ]
 
 
+def _statistics_like(q, lse_shape):
+    low_planes = 2 if q.dtype == torch.float32 else 1
+    return (
+        q.new_empty(lse_shape, dtype=torch.float32),
+        q.new_empty((low_planes, *lse_shape), dtype=torch.float32),
+    )
+
+
 @torch.library.custom_op("core::attention_forward", mutates_args=())
 def attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    sm_scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, lse, lse_low) of softmax(q k^T * sm_scale + mask) v; inputs validated by the caller."""
-    return _plans.forward_plan(q, k, v, causal, sm_scale, True)(q, k, v)
+    """(out, lse, lse_low) of softmax(cap(q k^T * sm_scale) + mask) v; inputs validated by the caller."""
+    window = (window_left, window_right)
+    return _plans.forward_plan(q, k, v, causal, sm_scale, True, window, softcap)(q, k, v)
 
 
 @attention_forward.register_fake
-def _(q, k, v, causal, sm_scale):
+def _(q, k, v, causal, sm_scale, window_left=-1, window_right=-1, softcap=0.0):
     batch, q_heads, n_queries, _ = q.shape
-    low_planes = 2 if q.dtype == torch.float32 else 1
-    return (
-        torch.empty_like(q),  # core.kernels.host.new_buffer's layout rule
-        q.new_empty((batch, q_heads, n_queries), dtype=torch.float32),
-        q.new_empty((low_planes, batch, q_heads, n_queries), dtype=torch.float32),
-    )
+    # core.kernels.host.new_buffer's layout rule for out
+    return (torch.empty_like(q), *_statistics_like(q, (batch, q_heads, n_queries)))
 
 
 @torch.library.custom_op("core::attention_backward", mutates_args=())
@@ -81,6 +106,9 @@ def attention_backward(
     dlse: torch.Tensor | None,
     causal: bool,
     sm_scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), each laid out like its input when that input is dense, else contiguous.
     Deterministic: every gradient element is summed in one fixed order."""
@@ -88,20 +116,90 @@ def attention_backward(
         # The kernels read dLSE as a contiguous (B, Hq, Nq) float32 vector; autograd may hand it over
         # in any layout (e.g. from lse.transpose(1, 2)). It is one float per row: copy it.
         dlse = dlse.contiguous()
-    plan = _plans.forward_plan(q, k, v, causal, sm_scale, True).backward_plan(dout, dlse, q, k, v)
+    window = (window_left, window_right)
+    forward = _plans.forward_plan(q, k, v, causal, sm_scale, True, window, softcap)
+    plan = forward.backward_plan(dout, dlse, q, k, v)
     return plan(dout, dlse, q, k, v, out, lse, lse_low)
 
 
 @attention_backward.register_fake
-def _(dout, q, k, v, out, lse, lse_low, dlse, causal, sm_scale):
+def _(dout, q, k, v, out, lse, lse_low, dlse, causal, sm_scale, window_left=-1, window_right=-1, softcap=0.0):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@torch.library.custom_op("core::attention_varlen_forward", mutates_args=())
+def attention_varlen_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    sm_scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, lse_low) of packed sequences: out (total_q, Hq, D), lse (Hq, total_q)."""
+    plan = _plans.varlen_forward_plan(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, sm_scale, True,
+        (window_left, window_right), softcap,
+    )  # fmt: skip
+    return plan(q, k, v, packed=Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+
+
+@attention_varlen_forward.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, sm_scale, window_left=-1,
+      window_right=-1, softcap=0.0):  # fmt: skip
+    n_queries, q_heads, _ = q.shape
+    return (torch.empty_like(q), *_statistics_like(q, (q_heads, n_queries)))
+
+
+@torch.library.custom_op("core::attention_varlen_backward", mutates_args=())
+def attention_varlen_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    lse_low: torch.Tensor,
+    dlse: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    sm_scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of packed sequences, each laid out like its input when dense, else contiguous."""
+    if dlse is not None:
+        dlse = dlse.contiguous()  # read as a contiguous (Hq, total_q) vector, as attention_backward's
+    forward = _plans.varlen_forward_plan(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, sm_scale, True,
+        (window_left, window_right), softcap,
+    )  # fmt: skip
+    plan = forward.backward_plan(dout, dlse, q, k, v)
+    packed = Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return plan(dout, dlse, q, k, v, out, lse, lse_low, packed=packed)
+
+
+@attention_varlen_backward.register_fake
+def _(dout, q, k, v, out, lse, lse_low, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+      sm_scale, window_left=-1, window_right=-1, softcap=0.0):  # fmt: skip
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, sm_scale = inputs
+    q, k, v, causal, sm_scale, *features = inputs
     out, lse, lse_low = output
     ctx.save_for_backward(q, k, v, out, lse, lse_low)
-    ctx.causal, ctx.sm_scale = causal, sm_scale
+    ctx.options = (causal, sm_scale, *features)
     ctx.mark_non_differentiable(lse_low)
     # An unused output's gradient arrives as None rather than as a materialised zero tensor: a zero dLSE
     # would still take the backward's LSE-gradient path.
@@ -112,8 +210,27 @@ def _backward(ctx, dout, dlse, _dlse_low):
     q, k, v, out, lse, lse_low = ctx.saved_tensors
     if dout is None:  # only the LSE was used: dO = 0 leaves just the LSE term
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, lse_low, dlse, ctx.causal, ctx.sm_scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, lse_low, dlse, *ctx.options)
+    return dq, dk, dv, *(None,) * len(ctx.options)
+
+
+def _setup_varlen_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *options = inputs
+    out, lse, lse_low = output
+    ctx.save_for_backward(q, k, v, out, lse, lse_low, cu_seqlens_q, cu_seqlens_k)
+    ctx.options = tuple(options)
+    ctx.mark_non_differentiable(lse_low)
+    ctx.set_materialize_grads(False)
+
+
+def _varlen_backward(ctx, dout, dlse, _dlse_low):
+    q, k, v, out, lse, lse_low, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = attention_varlen_backward(
+        dout, q, k, v, out, lse, lse_low, dlse, cu_seqlens_q, cu_seqlens_k, *ctx.options
+    )
+    return dq, dk, dv, None, None, *(None,) * len(ctx.options)
 
 
 def _no_double_backward(ctx, *grads):
@@ -125,8 +242,12 @@ def _no_double_backward(ctx, *grads):
 
 torch.library.register_autograd("core::attention_forward", _backward, setup_context=_setup_context)
 torch.library.register_autograd(
-    "core::attention_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    "core::attention_varlen_forward", _varlen_backward, setup_context=_setup_varlen_context
 )
+for _name in ("core::attention_backward", "core::attention_varlen_backward"):
+    torch.library.register_autograd(
+        _name, _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    )
 
 
 @torch.library.custom_op("core::kvcache_append", mutates_args=("k_cache", "v_cache"))

@@ -10,7 +10,7 @@ Code outside the package imports `core`, `core.testing`, `core.ops`, `core.refer
 - introspection: `plan_for(q, k, v, ...)`, `cached_plans()`, `clear_plans()`, `families()`, `family(name)`,
   `kernel_fingerprint()`;
 - the kernels' raw passes and conventions: `forward`, `backward` (the LSE in the kernels' base with its
-  low parts, as core.ops documents), `uses_base_2`, `score_scale`;
+  low parts, as core.ops documents; with window_size and softcap too), `uses_base_2`, `score_scale`;
 - the interpreter's GPU-faithful arithmetic: `patch_interpreter`, `float64_dot`;
 - `portable`: the portable family's modules (tile table, plans, kernels, and the bound launches its
   plans hold), for tests that swap a tile config or a layout rule with monkeypatch and for tools that
@@ -32,7 +32,7 @@ from core.kernels import launch as _launch
 from core.kernels.decode import config as _decode_config
 from core.kernels.decode import forward as _decode_forward
 from core.kernels.decode import plans as _decode_plans
-from core.kernels.host import OutputPoison, score_scale, uses_base_2
+from core.kernels.host import Features, OutputPoison, score_scale, uses_base_2
 from core.kernels.launch import HostCache
 from core.kernels.portable import backward as _portable_backward
 from core.kernels.portable import config as _portable_config
@@ -158,21 +158,30 @@ def clear_plans() -> None:
     _plans.clear()
 
 
-def forward(q, k, v, *, causal: bool, sm_scale: float | None = None, config=None):
+def forward(q, k, v, *, causal: bool, sm_scale: float | None = None, config=None, window_size=(-1, -1),
+            softcap=0.0):  # fmt: skip
     """(out, lse, lse_low) from a fresh plan of the chosen family (no autograd): lse in the kernels' base,
-    lse_low its low parts (core.ops). `config` (a portable KernelConfig) overrides the portable tiles."""
+    lse_low its low parts (core.ops). `config` (a portable KernelConfig) overrides the portable tiles;
+    window_size and softcap as core.attention's (validated inputs only: no checks here)."""
     scale = _plans.default_scale(q, sm_scale)
+    features = Features.of(causal, window_size, softcap)
     with torch.no_grad():
         if config is not None:
-            return _portable_plans.ForwardPlan(q, k, v, causal, scale, config)(q, k, v)
-        return kernels.choose(q, k, v, causal).ForwardPlan(q, k, v, causal, scale)(q, k, v)
+            return _portable_plans.ForwardPlan(q, k, v, causal, scale, config, features)(q, k, v)
+        return kernels.choose(q, k, v, causal, features).ForwardPlan(
+            q, k, v, causal, scale, features=features
+        )(q, k, v)
 
 
-def backward(dout, dlse, q, k, v, out, lse, lse_low, *, causal: bool, sm_scale: float | None = None):
+def backward(dout, dlse, q, k, v, out, lse, lse_low, *, causal: bool, sm_scale: float | None = None,
+             window_size=(-1, -1), softcap=0.0):  # fmt: skip
     """(dq, dk, dv) from a fresh plan of the chosen family, for `forward`'s outputs."""
     scale = _plans.default_scale(q, sm_scale)
+    features = Features.of(causal, window_size, softcap)
     with torch.no_grad():
-        plan = kernels.choose(q, k, v, causal).ForwardPlan(q, k, v, causal, scale)
+        plan = kernels.choose(q, k, v, causal, features).ForwardPlan(
+            q, k, v, causal, scale, features=features
+        )
         return plan.backward_plan(dout, dlse, q, k, v)(dout, dlse, q, k, v, out, lse, lse_low)
 
 

@@ -4,11 +4,15 @@ A family is a package here with one small contract:
 
 - `NAME`: how tests and users refer to it (core.testing.use_family);
 - `available() -> bool`: whether this machine can run it at all;
-- `supports(q, k, v, causal) -> bool`: whether it takes this (validated) call;
-- `ForwardPlan(q, k, v, causal, sm_scale)`: the forward of one call signature; calling it with tensors
-  of that signature returns (out, lse, lse_low) with the conventions of core.kernels.host (out laid out
-  by new_buffer, lse (B, Hq, Nq) float32 in the base uses_base_2 names, lse_low its low parts), and
-  its `backward_plan(dout, dlse, q, k, v)` returns a callable giving (dq, dk, dv).
+- `supports(q, k, v, causal, features) -> bool`: whether it takes this (validated) call; `features`
+  (core.kernels.host.Features) says what the call asks beyond causal or full attention: a sliding
+  window, a logit softcap, packed sequences (varlen);
+- `ForwardPlan(q, k, v, causal, sm_scale, features=features)`: the forward of one call signature;
+  calling it with tensors of that signature (and, for varlen, `packed=` the call's
+  core.kernels.host.Packed) returns (out, lse, lse_low) with the conventions of core.kernels.host (out
+  laid out by new_buffer, lse (B, Hq, Nq) float32 in the base uses_base_2 names, or (Hq, total_q) for
+  varlen, lse_low its low parts), and its `backward_plan(dout, dlse, q, k, v)` returns a callable
+  giving (dq, dk, dv) (taking `packed=` too).
 
 Every family's forward output is consumable by every family's backward: that is what the LSE
 conventions are for. `choose` takes the first family in `PRIORITY` that supports a call, unless a test
@@ -20,6 +24,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from core.kernels import decode, hopper, portable
+from core.kernels.host import PLAIN, Features
 
 FAMILIES: dict[str, ModuleType] = {decode.NAME: decode, hopper.NAME: hopper, portable.NAME: portable}
 # decode takes only the decode-shaped calls it supports, hopper the long fp16/bf16 D 128 ones it wins on
@@ -39,16 +44,16 @@ class Forced:
     strict: bool = True
 
 
-def choose(q, k, v, causal: bool) -> ModuleType:
+def choose(q, k, v, causal: bool, features: Features = PLAIN) -> ModuleType:
     """The family that runs this validated call."""
     if Forced.name is not None:
         family = FAMILIES[Forced.name]
-        if family.supports(q, k, v, causal):
+        if family.supports(q, k, v, causal, features):
             return family
         if Forced.strict:
             raise FamilyUnsupported(f"the forced kernel family {Forced.name!r} does not support this call")
     for name in PRIORITY:
         family = FAMILIES[name]
-        if family.supports(q, k, v, causal):
+        if family.supports(q, k, v, causal, features):
             return family
     raise AssertionError("the portable family supports every validated call")

@@ -1,13 +1,60 @@
-"""Host-side conventions every kernel family follows: how outputs are allocated, the base of the LSE the
-forward saves for the backward, grid arithmetic, and launching on the inputs' device."""
+"""Host-side conventions every kernel family follows: what a call asks beyond plain attention (Features,
+Packed), how outputs are allocated, the base of the LSE the forward saves for the backward, grid
+arithmetic, and launching on the inputs' device."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 LOG2E = math.log2(math.e)
+
+
+@dataclass(frozen=True)
+class Features:
+    """What a call asks of the kernels beyond causal or full attention, part of core.kernels' contract.
+
+    window_left, window_right: FlashAttention's window_size after its causal rule. Query i sees key j iff
+    i + Nk - Nq - window_left <= j <= i + Nk - Nq + window_right, -1 leaving that side unbounded; a causal
+    call's right side is 0, which its causal flag already says, so a causal call keeps window_right -1
+    unless it has a left bound too (then it is (left, 0)). softcap: each scaled score s becomes
+    softcap * tanh(s / softcap) before the softmax (0: off). varlen: q, k, v are packed sequences
+    (total, H, D), described per call by a Packed.
+    """
+
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    varlen: bool = False
+
+    @staticmethod
+    def of(causal: bool, window_size=(-1, -1), softcap: float = 0.0, varlen: bool = False) -> Features:
+        """The features of a validated call, in the normal form above."""
+        left, right = (int(side) for side in window_size)
+        if causal:
+            right = 0 if left >= 0 else -1
+        return Features(left, right, float(softcap), varlen)
+
+    @property
+    def windowed(self) -> bool:
+        """Whether the window bounds a side that the causal flag does not."""
+        return self.window_left >= 0 or self.window_right >= 0
+
+
+PLAIN = Features()
+
+
+class Packed(NamedTuple):
+    """The sequences of one varlen call: cumulative lengths (int32, (B + 1,), on the inputs' device, never
+    read on the host) and upper bounds of the longest query and key sequence, which size the grid."""
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
 
 
 class OutputPoison:

@@ -1,8 +1,11 @@
 """@triton.jit building blocks shared by the Triton kernel families: the score and block dots with
-their float32 two-part variants, exp/log in either base, and tile loads by pointer or tensor descriptor.
+their float32 two-part variants, logit softcapping, exp/log/tanh in either precision, the sliding
+window's visibility rule and the block ranges it leaves, packed sequences' bounds, and tile loads by
+pointer or tensor descriptor.
 
-Every kernel that scores a tile goes through `_scores` and `_scaled_scores`, so a backward recomputes
-bitwise the scores its forward used, whichever family ran either pass.
+Every kernel that scores a tile goes through `_scores` (or with a softcap `_softcapped_scores`) and
+`_scaled_scores`, so a backward recomputes bitwise the scores its forward used, whichever family ran
+either pass.
 """
 
 import triton
@@ -12,6 +15,9 @@ from triton.language.extra import libdevice
 # Compiled kernels round the scaled scores with libdevice's mul_rn (see _scaled_scores); the interpreter
 # has no libdevice and never fuses a multiply into an add, so its plain multiply rounds the same way.
 ROUND_SCORES_EXPLICITLY = tl.constexpr(not triton.knobs.runtime.interpret)
+# libdevice exists only for compiled kernels; the interpreter evaluates float32's tanh in float64 (_tanh).
+HAS_LIBDEVICE = tl.constexpr(not triton.knobs.runtime.interpret)
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -74,6 +80,122 @@ def _scores(a, bT, qk_scale, DOT_PRECISION: tl.constexpr, TWO_PART: tl.constexpr
         return scores, tl.fma(raw_low, qk_scale, tl.fma(raw, qk_scale, -scores))
     else:
         return scores, tl.zeros_like(scores)
+
+
+@triton.jit
+def _tanh(x, PRECISE: tl.constexpr):
+    """tanh(x) of a float32 tile.
+
+    PRECISE (float32 inputs): libdevice's tanhf (within 2 ulp, as torch.tanh on the GPU); the interpreter,
+    which has no libdevice, evaluates it in float64 and rounds once. Otherwise (fp16/bf16) from one fast
+    exp2, (1 - e) / (1 + e) with e = 2^(-2 log2(e) |x|), and below |x| = 2^-5, where 1 - e would cancel,
+    the series x - x^3/3 + 2x^5/15: about 1e-6 relative either way, far below the rounding of P to
+    fp16/bf16 (the hardware's tanh.approx, 2^-11 relative, would be as large as fp16's rounding of P
+    itself, times the cap).
+    """
+    if PRECISE:
+        if HAS_LIBDEVICE:
+            return libdevice.tanh(x)
+        else:
+            wide = tl.abs(x.to(tl.float64))
+            e = tl.exp(-2.0 * wide)
+            series = wide - wide * wide * wide / 3.0
+            magnitude = tl.where(wide < 0.00390625, series, (1.0 - e) / (1.0 + e))  # below 2^-8
+            return tl.where(x < 0, -magnitude, magnitude).to(tl.float32)
+    else:
+        small = tl.abs(x)
+        e = tl.math.exp2(small * (-2.0 * LOG2E))
+        square = small * small
+        series = small + small * square * (square * 0.13333333333333333 - 0.3333333333333333)
+        if HAS_LIBDEVICE:
+            ratio = libdevice.fast_dividef(1.0 - e, 1.0 + e)  # div.approx: 2 ulp, no IEEE slow path
+        else:
+            ratio = (1.0 - e) / (1.0 + e)
+        magnitude = tl.where(small < 0.03125, series, ratio)
+        return tl.where(x < 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _softcapped_scores(a, bT, softcap_in, softcap_out, DOT_PRECISION: tl.constexpr, TWO_PART: tl.constexpr):
+    """(scores, scores_low, slope) of logit softcapping: scores = softcap_out * tanh(dot * softcap_in), with
+    softcap_in = sm_scale / softcap and softcap_out = softcap (times log2(e) in base 2), i.e. each scaled
+    score s becomes softcap * tanh(s / softcap) in the kernel's base. slope = 1 - tanh^2 = d capped / d s,
+    which the backward multiplies into dS (recomputed here from the raw dot, never stored).
+
+    Both products are rounded explicitly (_scaled_scores), so forward and backward see the same scores.
+    TWO_PART (float32): the raw dot's and the first product's rounding errors go through the tanh's
+    derivative into scores_low, with the second product's exact error (an FMA); tanh's own rounding (within
+    2 ulp of its result) is not carried, so a capped float32 logit is good to a few ulps of itself, as in
+    float32 eager attention, which rounds s, s / softcap, the tanh and the product.
+    """
+    raw, raw_low = _dot_parts(a, bT, DOT_PRECISION, TWO_PART)
+    x = _scaled_scores(raw, softcap_in)
+    t = _tanh(x, TWO_PART)
+    slope = 1.0 - t * t
+    scores = _scaled_scores(t, softcap_out)
+    if TWO_PART:
+        x_low = tl.fma(raw_low, softcap_in, tl.fma(raw, softcap_in, -x))
+        return scores, tl.fma(t, softcap_out, -scores) + softcap_out * (slope * x_low), slope
+    else:
+        return scores, tl.zeros_like(scores), slope
+
+
+@triton.jit
+def _in_window(keys, rows, diagonal, window_left, window_right):
+    """Whether query i sees key j (broadcast): i + diagonal - window_left <= j <= i + diagonal + window_right,
+    FlashAttention's sliding window."""
+    offset = keys - rows - diagonal
+    return (offset >= -window_left) & (offset <= window_right)
+
+
+@triton.jit
+def _window_key_blocks(start_m, n_keys, diagonal, window_left, window_right, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):  # fmt: skip
+    """The keys the query tile [start_m, start_m + BLOCK_M) sees under a sliding window, as
+    (key_start, unmasked_start, unmasked_end, key_end): keys [unmasked_start, unmasked_end) are whole
+    blocks below n_keys that every row of the tile sees in full (no mask, no predicated load);
+    [key_start, unmasked_start) and [unmasked_end, key_end) are the window's two edges (masked). Blocks
+    outside [key_start, key_end) are never visited. Each range starts at a multiple of BLOCK_N or is
+    empty. Where no block is whole, unmasked_start is key_end rounded up to a block: the first edge
+    then covers every visible key and the others are empty."""
+    key_start = (tl.maximum(start_m + diagonal - window_left, 0) // BLOCK_N) * BLOCK_N
+    key_end = tl.minimum(n_keys, tl.maximum(start_m + BLOCK_M + diagonal + window_right, 0))
+    seen_by_all_from = (
+        tl.cdiv(tl.maximum(start_m + BLOCK_M - 1 + diagonal - window_left, 0), BLOCK_N) * BLOCK_N
+    )
+    seen_by_all_to = tl.minimum(
+        (tl.maximum(start_m + diagonal + window_right + 1, 0) // BLOCK_N) * BLOCK_N,
+        (n_keys // BLOCK_N) * BLOCK_N,
+    )
+    unmasked_start = tl.maximum(key_start, tl.minimum(seen_by_all_from, tl.cdiv(key_end, BLOCK_N) * BLOCK_N))
+    return key_start, unmasked_start, tl.maximum(unmasked_start, seen_by_all_to), key_end
+
+
+@triton.jit
+def _window_query_blocks(start_n, n_queries, diagonal, window_left, window_right, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):  # fmt: skip
+    """The transpose of _window_key_blocks, for the key tile [start_n, start_n + BLOCK_N):
+    (row_start, unmasked_start, unmasked_end, row_end), rows [unmasked_start, unmasked_end) seeing every
+    key of the tile (the last block may reach past n_queries: such rows have P = 0 and need no mask),
+    the two edges masked, rows outside [row_start, row_end) never visited; the same block alignment."""
+    row_start = (tl.maximum(start_n - diagonal - window_right, 0) // BLOCK_M) * BLOCK_M
+    row_end = tl.minimum(n_queries, tl.maximum(start_n + BLOCK_N - diagonal + window_left, 0))
+    seeing_all_from = (
+        tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diagonal - window_right, 0), BLOCK_M) * BLOCK_M
+    )
+    seeing_all_to = tl.minimum(
+        (tl.maximum(start_n - diagonal + window_left + 1, 0) // BLOCK_M) * BLOCK_M,
+        tl.cdiv(n_queries, BLOCK_M) * BLOCK_M,
+    )
+    unmasked_start = tl.maximum(row_start, tl.minimum(seeing_all_from, tl.cdiv(row_end, BLOCK_M) * BLOCK_M))
+    return row_start, unmasked_start, tl.maximum(unmasked_start, seeing_all_to), row_end
+
+
+@triton.jit
+def _sequence(CuSeqlens, index):
+    """(first row, length) of packed sequence `index`, from its cumulative lengths (VARLEN)."""
+    start = tl.load(CuSeqlens + index)
+    return start, tl.load(CuSeqlens + index + 1) - start
 
 
 @triton.jit

@@ -10,6 +10,7 @@ one row tile and whose keys are many; its backward is the portable family's.
 from core._runtime import is_interpreted
 from core.kernels.decode import config
 from core.kernels.decode.plans import AppendPlan, AttendPlan, ForwardPlan, KvCachePlan
+from core.kernels.host import PLAIN, Features
 
 NAME = "decode"
 
@@ -19,10 +20,13 @@ def available() -> bool:
     return True
 
 
-def supports(q, k, v, causal: bool) -> bool:
-    """Decode-shaped calls: at most one row tile of queries per KV head (group x Nq <= 64) against at
-    least config.min_keys_for_attention keys, where splitting the keys over programs pays. Gradients or
-    not: the portable backward consumes this family's LSE like its own."""
+def supports(q, k, v, causal: bool, features: Features = PLAIN) -> bool:
+    """Decode-shaped calls, dense (not varlen), with or without a window and softcap: at most one row
+    tile of queries per KV head (group x Nq <= 64) against at least config.min_keys_for_attention keys,
+    where splitting the keys over programs pays. Gradients or not: the portable backward consumes this
+    family's LSE like its own."""
+    if features.varlen:
+        return False
     rows = (q.shape[1] // k.shape[1]) * q.shape[2]
     return rows <= config.MAX_BLOCK_M and k.shape[2] >= config.min_keys_for_attention(is_interpreted())
 

@@ -12,7 +12,15 @@ import torch
 from core._runtime import is_interpreted, patch_interpreter
 from core.kernels.decode import config as _config
 from core.kernels.decode.forward import decode_merge_kernel, decode_split_kernel, kvcache_append_kernel
-from core.kernels.host import OnDevice, ceil_div, layout_of_new_buffer, new_buffer, score_scale
+from core.kernels.host import (
+    PLAIN,
+    Features,
+    OnDevice,
+    ceil_div,
+    layout_of_new_buffer,
+    new_buffer,
+    score_scale,
+)
 from core.kernels.launch import BoundLaunch
 from core.kernels.portable.config import padded_head_dim
 from core.kernels.portable.plans import BackwardPlan, _precision_flags
@@ -220,10 +228,13 @@ class ForwardPlan:
     attention against a dense cache that is k, v themselves, every sequence holding all Nk keys. Its
     backward is the portable family's, which reads this forward's LSE conventions."""
 
-    def __init__(self, q, k, v, causal: bool, sm_scale: float):
-        self.causal, self.sm_scale = causal, sm_scale
+    def __init__(self, q, k, v, causal: bool, sm_scale: float, features: Features = PLAIN):
+        self.causal, self.sm_scale, self.features = causal, sm_scale, features
         self.n_keys = k.shape[2]
-        self.attend = AttendPlan(q, k, v, self.n_keys, None, None, n_new=0, causal=causal, sm_scale=sm_scale)
+        self.attend = AttendPlan(
+            q, k, v, self.n_keys, None, None, n_new=0, causal=causal, sm_scale=sm_scale,
+            window_size=(features.window_left, features.window_right), softcap=features.softcap,
+        )  # fmt: skip
         self.backward_plans: dict[tuple, BackwardPlan] = {}
 
     def __call__(self, q, k, v, keep_statistics: bool = True):
@@ -236,5 +247,7 @@ class ForwardPlan:
         if plan is None:
             if len(self.backward_plans) >= 64:
                 self.backward_plans.clear()
-            plan = self.backward_plans[key] = BackwardPlan(dout, dlse, q, k, v, self.causal, self.sm_scale)
+            plan = self.backward_plans[key] = BackwardPlan(
+                dout, dlse, q, k, v, self.causal, self.sm_scale, self.features
+            )
         return plan

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from core.kernels import portable
-from core.kernels.host import OnDevice, new_buffer, score_scale
+from core.kernels.host import PLAIN, Features, OnDevice, new_buffer, score_scale
 
 NAME = "hopper"
 
@@ -79,11 +79,12 @@ def available() -> bool:
     return ENABLED and not is_interpreted() and torch.cuda.is_available() and _is_sm90(torch.device("cuda"))
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, head_dims=HEAD_DIMS) -> bool:
-    """Whether this family takes a validated call: fp16/bf16 on an sm_90 GPU, D in `head_dims`, at least
+def supports(q, k, v, causal: bool, features: Features = PLAIN, head_dims=HEAD_DIMS) -> bool:
+    """Whether this family takes a validated call: plain attention (no window, softcap or packing)
+    in fp16/bf16 on an sm_90 GPU, D in `head_dims`, at least
     one full tile of queries (shorter calls are launch-bound and the portable kernels' smaller tiles
     waste less), and layouts the copy engine can read. `causal` does not restrict."""
-    if not ENABLED or q.device.type != "cuda" or q.dtype not in _DTYPES:
+    if not ENABLED or features != PLAIN or q.device.type != "cuda" or q.dtype not in _DTYPES:
         return False
     batch, q_heads, n_queries, head_dim = q.shape
     n_keys = k.shape[2]
@@ -114,7 +115,7 @@ class ForwardPlan(OnDevice):
     -inf for rows that see no key; lse_low (1, B, Hq, Nq), its TwoSum rounding error, 0 where
     |lse| < 256 and for rows that see no key. The backward is the portable family's."""
 
-    def __init__(self, q, k, v, causal: bool, sm_scale: float):
+    def __init__(self, q, k, v, causal: bool, sm_scale: float, features: Features = PLAIN):
         super().__init__(q)
         from triton.experimental.gluon import language as gl
 

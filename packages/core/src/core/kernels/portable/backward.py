@@ -21,7 +21,14 @@ the fuzzer), and inf * 0 is NaN. So the dQ kernel, like the forward, masks the r
 together with the causal diagonal.
 
 dS here is the gradient with respect to the *scaled* scores, dS = P * (dP - Delta), so dQ and dK pick
-up the factor sm_scale once at the end.
+up the factor sm_scale once at the end. With logit softcapping (SOFTCAP) P is the softmax of the capped
+scores softcap * tanh(s / softcap), and dS picks up the tanh's derivative 1 - tanh^2, recomputed from the
+raw score (core.kernels.shared._softcapped_scores).
+
+The kernels share the forward's switches (forward.py: attention_forward_kernel): WINDOW (a sliding
+window: each program visits only the blocks its window reaches, the edges masked), SOFTCAP, and VARLEN
+(packed sequences, the per-row statistics laid out (Hq, total_q), programs past their sequence's end
+returning at once). Off, the kernels are the plain ones.
 """
 
 import triton
@@ -32,10 +39,15 @@ from core.kernels.shared import (
     _dot_parts,
     _exp,
     _head_rows,
+    _in_window,
     _load_cols,
     _load_rows,
     _load_tile,
     _scores,
+    _sequence,
+    _softcapped_scores,
+    _window_key_blocks,
+    _window_query_blocks,
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -48,9 +60,9 @@ def backward_preprocess_kernel(
     Out, dOut, dLse, Delta,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    n_q_heads, n_queries,
+    n_q_heads, n_queries, CuSeqlensQ,
     HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BASE_2: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DELTA_IN_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DELTA_IN_DQ: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """Delta[b, h, i] = sum_d dOut * Out - dLse * (log2(e) if BASE_2 else 1) (float32); with DELTA_IN_DQ
     only the dLse term, which the dQ kernel completes with sum_j P_ij dP_ij (see backward_dq_kernel).
@@ -66,11 +78,20 @@ def backward_preprocess_kernel(
     exactly 0, as it is in eager attention; a tree sum differs from the dot in the last bits, and
     sm_scale (1e4, say) multiplied that noise into dq and dk (found by the fuzzer: 6.6x the bound in
     float16). The extra BLOCK_M x BLOCK_M x D dot per tile is a few percent of the backward's flops at
-    N = 1k and vanishes at longer N. Grid: (cdiv(Nq, BLOCK_M), Hq, B).
+    N = 1k and vanishes at longer N. Grid: (cdiv(Nq, BLOCK_M), Hq, B). VARLEN: packed sequences as in
+    the forward (Out, dOut (total_q, Hq, HEAD_DIM), dLse and each Delta plane (Hq, total_q), n_queries
+    the packed total).
     """
     head = tl.program_id(1)
     batch = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    packed_queries = n_queries
+    if VARLEN:
+        q_start, n_queries = _sequence(CuSeqlensQ, batch)
+        if tl.program_id(0) * BLOCK_M >= n_queries:
+            return
+        Out += q_start.to(tl.int64) * stride_om  # batch stride 0: as in the forward kernel
+        dOut += q_start.to(tl.int64) * stride_dom
     if DELTA_IN_DQ:
         delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     else:
@@ -89,7 +110,10 @@ def backward_preprocess_kernel(
         on_diagonal = rows[:, None] == rows[None, :]
         products = tl.dot(do, tl.trans(o), input_precision=DOT_PRECISION)
         delta = tl.sum(tl.where(on_diagonal, products, 0.0), axis=1)
-    row_offsets = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
+    if VARLEN:
+        row_offsets = head.to(tl.int64) * packed_queries + q_start + rows
+    else:
+        row_offsets = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
     if HAS_DLSE:
         dlse = tl.load(dLse + row_offsets, mask=rows < n_queries, other=0.0)
         if BASE_2:
@@ -187,13 +211,16 @@ def _dkdv_from_query_blocks(
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
     use_lse_low, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
     DESCRIPTORS: tl.constexpr, PREFETCH_ROW_STATS: tl.constexpr, WHOLE_BLOCKS: tl.constexpr,
+    window_left=0, window_right=0, softcap_in=0.0, softcap_out=0.0,
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):  # fmt: skip
     """Add the contributions of query rows [row_start, row_end) to one tile's dK and dV.
 
     Works on transposed tiles (keys along the rows) so that dK and dV come out of plain dots.
     q_src/do_src are tensor descriptors of this head's Q and dO (DESCRIPTORS), or pointer tiles at
     row_start: Q^T (BLOCK_D, BLOCK_M) and dO (BLOCK_M, BLOCK_D).
-    MASKED applies the causal rule (the diagonal blocks); other blocks are fully visible.
+    MASKED applies the causal rule (the diagonal blocks), or with WINDOW the window's (its edges); other
+    blocks are fully visible. SOFTCAP multiplies dS by the capped scores' slope.
     PREFETCH_ROW_STATS loads each block's LSE and Delta one step ahead, in registers: Triton's pipeliner
     leaves these one-float-per-row loads in the step that uses them (it pays at D=64 with three stages,
     not at D=128: config.py). WHOLE_BLOCKS: Nq is a multiple of BLOCK_M, so
@@ -245,13 +272,23 @@ def _dkdv_from_query_blocks(
             lse, lse_low, max_low, delta = _load_row_stats(
                 Lse, LseLow, Delta, stat_offset + rows, row_ok, rows_in_all_heads, COMPENSATE, use_lse_low
             )
-        scores_t, scores_low_t = _scores(k, qT, qk_scale, DOT_PRECISION, COMPENSATE)
+        if SOFTCAP:
+            scores_t, scores_low_t, slope_t = _softcapped_scores(
+                k, qT, softcap_in, softcap_out, DOT_PRECISION, COMPENSATE
+            )
+        else:
+            scores_t, scores_low_t = _scores(k, qT, qk_scale, DOT_PRECISION, COMPENSATE)
         pT = _probabilities(
             scores_t, scores_low_t, lse[None, :], lse_low[None, :], max_low[None, :], use_lse_low, BASE_2,
             PRECISE_EXP, COMPENSATE,
         )  # fmt: skip
         if MASKED:
-            pT = tl.where(keys[:, None] <= rows[None, :] + diagonal, pT, 0.0)
+            if WINDOW:
+                pT = tl.where(
+                    _in_window(keys[:, None], rows[None, :], diagonal, window_left, window_right), pT, 0.0
+                )
+            else:
+                pT = tl.where(keys[:, None] <= rows[None, :] + diagonal, pT, 0.0)
         dv, dv_comp = _accumulate_dot(dv, dv_comp, pT.to(do.dtype), do, DOT_PRECISION, COMPENSATE)
         dpT, dpT_low = _dot_parts(v, tl.trans(do), DOT_PRECISION, COMPENSATE)
         if COMPENSATE:
@@ -261,6 +298,8 @@ def _dkdv_from_query_blocks(
         else:
             delta_low = delta
         dsT = pT * _dp_minus_delta(dpT, dpT_low, delta[None, :], delta_low[None, :], COMPENSATE)
+        if SOFTCAP:
+            dsT = dsT * slope_t
         dk, dk_comp = _accumulate_dot(dk, dk_comp, dsT.to(qT.dtype), tl.trans(qT), DOT_PRECISION, COMPENSATE)
         if not DESCRIPTORS:
             q_src += BLOCK_M * stride_qm
@@ -273,14 +312,18 @@ def _dkdv_from_group(
     dk, dv, dk_comp, dv_comp, k, v, Q, dOut, Lse, LseLow, Delta,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod,
     batch, first_head, kv_group, n_q_heads, rows_in_all_heads, row_start, unmasked_start, keys, n_queries,
-    diagonal, qk_scale, d_ok, offs_d,
+    diagonal, qk_scale, d_ok, offs_d, q_start, packed_queries, unmasked_end, row_end, window_left,
+    window_right, softcap_in, softcap_out,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
     COMPENSATE: tl.constexpr, USE_LSE_LOW: tl.constexpr, DESCRIPTORS: tl.constexpr,
-    PREFETCH_ROW_STATS: tl.constexpr, WHOLE_BLOCKS: tl.constexpr,
+    PREFETCH_ROW_STATS: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
     """Add every query row of the kv_group query heads from first_head on that sees these keys: those
-    straddling the causal diagonal, [row_start, unmasked_start), masked; those after it unmasked."""
+    straddling the causal diagonal, [row_start, unmasked_start), masked; those after it unmasked. With
+    WINDOW: rows [unmasked_start, unmasked_end) unmasked between the window's two edges,
+    [row_start, unmasked_start) and [unmasked_end, row_end), masked (shared._window_query_blocks)."""
     offs_m = tl.arange(0, BLOCK_M)
     for group_member in range(0, kv_group):
         head = first_head + group_member
@@ -298,28 +341,70 @@ def _dkdv_from_group(
                 do_base + row_start.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom
                 + offs_d[None, :] * stride_dod
             )  # fmt: skip
-        stat_offset = (batch.to(tl.int64) * n_q_heads + head) * n_queries
-        if CAUSAL:
+        if VARLEN:
+            stat_offset = head.to(tl.int64) * packed_queries + q_start
+        else:
+            stat_offset = (batch.to(tl.int64) * n_q_heads + head) * n_queries
+        if WINDOW:
             dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
                 dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
                 rows_in_all_heads, stride_qm, stride_dom, row_start, unmasked_start, keys, n_queries,
                 diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
-                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_BLOCKS,
+                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_BLOCKS, window_left,
+                window_right, softcap_in, softcap_out, True, SOFTCAP,
             )  # fmt: skip
-            if not DESCRIPTORS:
-                q_src += (unmasked_start - row_start).to(tl.int64) * stride_qm
-                do_src += (unmasked_start - row_start).to(tl.int64) * stride_dom
-        dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
-            dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
-            rows_in_all_heads, stride_qm, stride_dom, unmasked_start, n_queries, keys, n_queries, diagonal,
-            qk_scale, d_ok, False, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2, PRECISE_EXP,
-            COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_BLOCKS,
-        )  # fmt: skip
+            q_whole = _rows_from(q_src, unmasked_start - row_start, stride_qm, DESCRIPTORS)
+            do_whole = _rows_from(do_src, unmasked_start - row_start, stride_dom, DESCRIPTORS)
+            dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
+                dk, dv, dk_comp, dv_comp, k, v, q_whole, do_whole, Lse, LseLow, Delta, stat_offset,
+                rows_in_all_heads, stride_qm, stride_dom, unmasked_start, unmasked_end, keys, n_queries,
+                diagonal, qk_scale, d_ok, False, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
+                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_BLOCKS, window_left,
+                window_right, softcap_in, softcap_out, True, SOFTCAP,
+            )  # fmt: skip
+            q_edge = _rows_from(q_src, unmasked_end - row_start, stride_qm, DESCRIPTORS)
+            do_edge = _rows_from(do_src, unmasked_end - row_start, stride_dom, DESCRIPTORS)
+            dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
+                dk, dv, dk_comp, dv_comp, k, v, q_edge, do_edge, Lse, LseLow, Delta, stat_offset,
+                rows_in_all_heads, stride_qm, stride_dom, unmasked_end, row_end, keys, n_queries, diagonal,
+                qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2, PRECISE_EXP,
+                COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_BLOCKS, window_left, window_right,
+                softcap_in, softcap_out, True, SOFTCAP,
+            )  # fmt: skip
+        else:
+            if CAUSAL:
+                dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
+                    dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
+                    rows_in_all_heads, stride_qm, stride_dom, row_start, unmasked_start, keys, n_queries,
+                    diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
+                    PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_BLOCKS,
+                    softcap_in=softcap_in, softcap_out=softcap_out, SOFTCAP=SOFTCAP,
+                )  # fmt: skip
+                if not DESCRIPTORS:
+                    q_src += (unmasked_start - row_start).to(tl.int64) * stride_qm
+                    do_src += (unmasked_start - row_start).to(tl.int64) * stride_dom
+            dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
+                dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
+                rows_in_all_heads, stride_qm, stride_dom, unmasked_start, n_queries, keys, n_queries,
+                diagonal, qk_scale, d_ok, False, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
+                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_BLOCKS, softcap_in=softcap_in,
+                softcap_out=softcap_out, SOFTCAP=SOFTCAP,
+            )  # fmt: skip
 
     return dk, dv, dk_comp, dv_comp
 
 
-@triton.jit(do_not_specialize=["n_queries", "n_keys"])
+@triton.jit
+def _rows_from(source, rows_ahead, stride_row, DESCRIPTORS: tl.constexpr):
+    """A Q or dO source moved `rows_ahead` rows on: a tensor descriptor indexes by row itself, a pointer
+    tile moves."""
+    if DESCRIPTORS:
+        return source
+    else:
+        return source + rows_ahead.to(tl.int64) * stride_row
+
+
+@triton.jit(do_not_specialize=["n_queries", "n_keys", "window_left", "window_right"])
 def backward_dkdv_kernel(
     Q, K, V, dOut, Lse, LseLow, Delta, dK, dV,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -329,10 +414,12 @@ def backward_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     n_q_heads, kv_group, n_queries, n_keys, sm_scale, qk_scale,
+    CuSeqlensQ, CuSeqlensK, window_left, window_right, softcap_in, softcap_out,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
-    TENSOR_DESCRIPTORS: tl.constexpr, PREFETCH_ROW_STATS: tl.constexpr, WHOLE_QUERY_BLOCKS: tl.constexpr,
+    TENSOR_DESCRIPTORS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
+    PREFETCH_ROW_STATS: tl.constexpr, WHOLE_QUERY_BLOCKS: tl.constexpr,
 ):  # fmt: skip
     """dK, dV for BLOCK_N keys of one key/value head.
 
@@ -347,10 +434,26 @@ def backward_dkdv_kernel(
     Nq is a multiple of BLOCK_M, so the query rows' LSE and Delta load unmasked, as aligned vectors. The
     masks and per-element predicates of those one-float-per-row loads were a third of the D=128 loop's
     instructions (docs/perf-notes.md).
+    WINDOW, SOFTCAP, VARLEN: as in the forward (packed K, V, dK, dV (total_k, Hkv, HEAD_DIM); the host
+    never asks for WHOLE_QUERY_BLOCKS with VARLEN).
     """
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
     start_n = tl.program_id(0) * BLOCK_N
+    packed_queries = n_queries
+    q_start: tl.constexpr = 0  # a plain call's (a constexpr: `= 0` would put a constant into the IR)
+    if VARLEN:
+        q_start, n_queries = _sequence(CuSeqlensQ, batch)
+        k_start, n_keys = _sequence(CuSeqlensK, batch)
+        if start_n >= n_keys:
+            return
+        # Batch stride 0: as in the forward kernel.
+        Q += q_start.to(tl.int64) * stride_qm
+        dOut += q_start.to(tl.int64) * stride_dom
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
+        dK += k_start.to(tl.int64) * stride_dkn
+        dV += k_start.to(tl.int64) * stride_dvn
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     keys = start_n + offs_n
@@ -378,17 +481,27 @@ def backward_dkdv_kernel(
     # Query i sees key j iff j <= i + diagonal. Rows below `row_start` see none of this tile's keys;
     # rows from `unmasked_start` on see all of them; the rows between straddle the diagonal.
     diagonal = n_keys - n_queries
-    if CAUSAL:
-        row_start = (tl.maximum(start_n - diagonal, 0) // BLOCK_M) * BLOCK_M
-        unmasked_start = tl.maximum(
-            row_start, tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diagonal, 0), BLOCK_M) * BLOCK_M
+    if WINDOW:
+        row_start, unmasked_start, unmasked_end, row_end = _window_query_blocks(
+            start_n, n_queries, diagonal, window_left, window_right, BLOCK_M, BLOCK_N
         )
-        unmasked_start = tl.minimum(unmasked_start, tl.cdiv(n_queries, BLOCK_M) * BLOCK_M)
     else:
-        row_start = 0
-        unmasked_start = 0
+        if CAUSAL:
+            row_start = (tl.maximum(start_n - diagonal, 0) // BLOCK_M) * BLOCK_M
+            unmasked_start = tl.maximum(
+                row_start, tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diagonal, 0), BLOCK_M) * BLOCK_M
+            )
+            unmasked_start = tl.minimum(unmasked_start, tl.cdiv(n_queries, BLOCK_M) * BLOCK_M)
+        else:
+            row_start = 0
+            unmasked_start = 0
+        unmasked_end = n_queries
+        row_end = n_queries
 
-    rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
+    if VARLEN:
+        rows_in_all_heads = packed_queries.to(tl.int64) * n_q_heads
+    else:
+        rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
     first_head = kv_head * kv_group
     # fp16/bf16 save a zero low part for typical rows (forward.py). Scanning it first, one float
     # per row against 2 x HEAD_DIM inputs per row in the loop, lets such tiles take a loop without its
@@ -398,24 +511,31 @@ def backward_dkdv_kernel(
     if (not COMPENSATE) and BLOCK_D <= 128:
         nonzero_lows = 0
         for group_member in range(0, kv_group):
-            stat_offset = (batch.to(tl.int64) * n_q_heads + first_head + group_member) * n_queries
-            nonzero_lows += _nonzero_count(LseLow, stat_offset, row_start, n_queries, LOW_PART_SCAN_BLOCK)
+            if VARLEN:
+                stat_offset = (first_head + group_member).to(tl.int64) * packed_queries + q_start
+            else:
+                stat_offset = (batch.to(tl.int64) * n_q_heads + first_head + group_member) * n_queries
+            nonzero_lows += _nonzero_count(LseLow, stat_offset, row_start, row_end, LOW_PART_SCAN_BLOCK)
         use_lse_low = nonzero_lows > 0
     if use_lse_low:
         dk, dv, dk_comp, dv_comp = _dkdv_from_group(
             dk, dv, dk_comp, dv_comp, k, v, Q, dOut, Lse, LseLow, Delta, stride_qb, stride_qh, stride_qm,
             stride_qd, stride_dob, stride_doh, stride_dom, stride_dod, batch, first_head, kv_group, n_q_heads,
             rows_in_all_heads, row_start, unmasked_start, keys, n_queries, diagonal, qk_scale, d_ok, offs_d,
-            HEAD_DIM, CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, True,
-            TENSOR_DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_QUERY_BLOCKS,
+            q_start, packed_queries, unmasked_end, row_end, window_left, window_right, softcap_in,
+            softcap_out, HEAD_DIM, CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION, BASE_2, PRECISE_EXP,
+            COMPENSATE, True, TENSOR_DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_QUERY_BLOCKS, WINDOW, SOFTCAP,
+            VARLEN,
         )  # fmt: skip
     else:
         dk, dv, dk_comp, dv_comp = _dkdv_from_group(
             dk, dv, dk_comp, dv_comp, k, v, Q, dOut, Lse, LseLow, Delta, stride_qb, stride_qh, stride_qm,
             stride_qd, stride_dob, stride_doh, stride_dom, stride_dod, batch, first_head, kv_group, n_q_heads,
             rows_in_all_heads, row_start, unmasked_start, keys, n_queries, diagonal, qk_scale, d_ok, offs_d,
-            HEAD_DIM, CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, False,
-            TENSOR_DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_QUERY_BLOCKS,
+            q_start, packed_queries, unmasked_end, row_end, window_left, window_right, softcap_in,
+            softcap_out, HEAD_DIM, CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION, BASE_2, PRECISE_EXP,
+            COMPENSATE, False, TENSOR_DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_QUERY_BLOCKS, WINDOW, SOFTCAP,
+            VARLEN,
         )  # fmt: skip
 
     dk_ptrs = (
@@ -436,10 +556,20 @@ def _p_and_dp(
     q, do, kT, vT, lse, lse_low, max_low, cols, col_ok, rows, diagonal, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr,
     PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
+    window_left=0, window_right=0, softcap_in=0.0, softcap_out=0.0,
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):  # fmt: skip
-    """(P, dP, dP's low part) for one key block of a query tile, dP = dO V^T (_dot_parts). MASKED blocks
-    (the causal diagonal and the ragged end of N) zero P for keys past Nk and keys the causal rule hides."""
-    scores, scores_low = _scores(q, kT, qk_scale, DOT_PRECISION, COMPENSATE)
+    """(P, dP, dP's low part, slope) for one key block of a query tile, dP = dO V^T (_dot_parts). MASKED
+    blocks (the causal diagonal, a window's edges and the ragged end of N) zero P for keys past Nk and
+    keys the causal rule or the window hides. slope: the capped scores' d capped / d s (SOFTCAP; else
+    never read, and the score tile stands in for it: no work)."""
+    if SOFTCAP:
+        scores, scores_low, slope = _softcapped_scores(
+            q, kT, softcap_in, softcap_out, DOT_PRECISION, COMPENSATE
+        )
+    else:
+        scores, scores_low = _scores(q, kT, qk_scale, DOT_PRECISION, COMPENSATE)
+        slope = scores
     p = _probabilities(
         scores, scores_low, lse[:, None], lse_low[:, None], max_low[:, None], True, BASE_2, PRECISE_EXP,
         COMPENSATE,
@@ -448,9 +578,11 @@ def _p_and_dp(
         visible = col_ok[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= rows[:, None] + diagonal)
+        if WINDOW:
+            visible = visible & _in_window(cols[None, :], rows[:, None], diagonal, window_left, window_right)
         p = tl.where(visible, p, 0.0)
     dp, dp_low = _dot_parts(do, vT, DOT_PRECISION, COMPENSATE)
-    return p, dp, dp_low
+    return p, dp, dp_low, slope
 
 
 @triton.jit
@@ -459,7 +591,8 @@ def _dq_from_key_blocks(
     key_start, key_end, rows, n_keys, diagonal, qk_scale, d_ok,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
-    DESCRIPTORS: tl.constexpr,
+    DESCRIPTORS: tl.constexpr, window_left=0, window_right=0, softcap_in=0.0, softcap_out=0.0,
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):  # fmt: skip
     """Add the contributions of keys [key_start, key_end) to one query tile's dQ.
 
@@ -474,11 +607,14 @@ def _dq_from_key_blocks(
         col_ok = cols < n_keys
         kT = _load_cols(k_src, block_start, d_ok, col_ok, EVEN_D, False, DESCRIPTORS)
         vT = _load_cols(v_src, block_start, d_ok, col_ok, EVEN_D, False, DESCRIPTORS)
-        p, dp, dp_low = _p_and_dp(
+        p, dp, dp_low, slope = _p_and_dp(
             q, do, kT, vT, lse, lse_low, max_low, cols, col_ok, rows, diagonal, qk_scale, MASKED, CAUSAL,
-            DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE,
+            DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, window_left, window_right, softcap_in,
+            softcap_out, WINDOW, SOFTCAP,
         )  # fmt: skip
         ds = p * _dp_minus_delta(dp, dp_low, delta[:, None], delta_low[:, None], COMPENSATE)
+        if SOFTCAP:
+            ds = ds * slope
         dq, dq_comp = _accumulate_dot(dq, dq_comp, ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, COMPENSATE)
         if not DESCRIPTORS:
             k_src += BLOCK_N * stride_kn
@@ -492,7 +628,8 @@ def _p_dp_row_sums(
     key_start, key_end, rows, n_keys, diagonal, qk_scale, d_ok,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
-    DESCRIPTORS: tl.constexpr,
+    DESCRIPTORS: tl.constexpr, window_left=0, window_right=0, softcap_in=0.0, softcap_out=0.0,
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):  # fmt: skip
     """(p_dp_sum, p_sum) (one per row: float64 for float32 inputs, else float32) plus the sums of P * dP
     (dP in two parts for float32) and of P over keys [key_start, key_end)."""
@@ -502,9 +639,10 @@ def _p_dp_row_sums(
         col_ok = cols < n_keys
         kT = _load_cols(k_src, block_start, d_ok, col_ok, EVEN_D, False, DESCRIPTORS)
         vT = _load_cols(v_src, block_start, d_ok, col_ok, EVEN_D, False, DESCRIPTORS)
-        p, dp, dp_low = _p_and_dp(
+        p, dp, dp_low, _ = _p_and_dp(
             q, do, kT, vT, lse, lse_low, max_low, cols, col_ok, rows, diagonal, qk_scale, MASKED, CAUSAL,
-            DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE,
+            DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, window_left, window_right, softcap_in,
+            softcap_out, WINDOW, SOFTCAP,
         )  # fmt: skip
         if COMPENSATE:
             p_dp_sum += tl.sum(p.to(tl.float64) * (dp.to(tl.float64) + dp_low.to(tl.float64)), 1)
@@ -518,7 +656,7 @@ def _p_dp_row_sums(
     return p_dp_sum, p_sum
 
 
-@triton.jit(do_not_specialize=["n_queries", "n_keys"])
+@triton.jit(do_not_specialize=["n_queries", "n_keys", "window_left", "window_right"])
 def backward_dq_kernel(
     Q, K, V, dOut, Lse, LseLow, Delta, dQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -527,10 +665,12 @@ def backward_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     n_q_heads, kv_group, n_queries, n_keys, sm_scale, qk_scale,
+    CuSeqlensQ, CuSeqlensK, window_left, window_right, softcap_in, softcap_out,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
-    TENSOR_DESCRIPTORS: tl.constexpr, DELTA_IN_DQ: tl.constexpr,
+    TENSOR_DESCRIPTORS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
+    DELTA_IN_DQ: tl.constexpr,
 ):  # fmt: skip
     """dQ for BLOCK_M query rows of one query head.
 
@@ -540,6 +680,7 @@ def backward_dq_kernel(
     whose LSE has a gradient) this kernel completes Delta (both planes for float32) before its dQ loop.
     Grid: (cdiv(Nq, BLOCK_M), Hq, B), causal tiles that see the most keys launched first.
     TENSOR_DESCRIPTORS: K and V tiles come through the copy engine (core.kernels.shared._head_rows).
+    WINDOW, SOFTCAP, VARLEN: as in the forward.
     """
     block_m_index = tl.program_id(0)
     if CAUSAL:
@@ -548,6 +689,18 @@ def backward_dq_kernel(
     batch = tl.program_id(2)
     kv_head = head // kv_group
     start_m = block_m_index * BLOCK_M
+    packed_queries = n_queries
+    if VARLEN:
+        q_start, n_queries = _sequence(CuSeqlensQ, batch)
+        k_start, n_keys = _sequence(CuSeqlensK, batch)
+        if start_m >= n_queries:
+            return
+        # Batch stride 0: as in the forward kernel.
+        Q += q_start.to(tl.int64) * stride_qm
+        dOut += q_start.to(tl.int64) * stride_dom
+        dQ += q_start.to(tl.int64) * stride_dqm
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -568,8 +721,12 @@ def backward_dq_kernel(
         row_ok, d_ok, False, EVEN_D,
     )  # fmt: skip
     COMPENSATE: tl.constexpr = Q.dtype.element_ty == tl.float32
-    rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
-    stat_rows = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
+    if VARLEN:
+        rows_in_all_heads = packed_queries.to(tl.int64) * n_q_heads
+        stat_rows = head.to(tl.int64) * packed_queries + q_start + rows
+    else:
+        rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
+        stat_rows = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
     lse, lse_low, max_low, delta = _load_row_stats(
         Lse, LseLow, Delta, stat_rows, row_ok, rows_in_all_heads, COMPENSATE
     )
@@ -579,10 +736,16 @@ def backward_dq_kernel(
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     # The same split as the forward: whole key blocks every row of the tile sees, then the causal
-    # diagonal and the ragged end of N through the masked path.
+    # diagonal and the ragged end of N through the masked path. A window (WINDOW) has two masked edges
+    # around its whole blocks: [key_start, first_unmasked) comes first.
     diagonal = n_keys - n_queries
     whole_blocks_end = (n_keys // BLOCK_N) * BLOCK_N
-    if CAUSAL:
+    first_unmasked: tl.constexpr = 0
+    if WINDOW:
+        key_start, first_unmasked, unmasked_end, key_end = _window_key_blocks(
+            start_m, n_keys, diagonal, window_left, window_right, BLOCK_M, BLOCK_N
+        )
+    elif CAUSAL:
         fully_visible = (tl.maximum(start_m + diagonal + 1, 0) // BLOCK_N) * BLOCK_N
         unmasked_end = tl.minimum(fully_visible, whole_blocks_end)
         key_end = tl.minimum(n_keys, tl.maximum(start_m + BLOCK_M + diagonal, 0))
@@ -590,15 +753,22 @@ def backward_dq_kernel(
         unmasked_end = whole_blocks_end
         key_end = n_keys
     # K and V from key 0 (k_src, v_src) and from unmasked_end (k_tail, v_tail): descriptors index by key.
+    # With WINDOW, k_src and v_src start at first_unmasked, and k_head, v_head at key_start.
     if TENSOR_DESCRIPTORS:
         k_src = _head_rows(k_base, n_keys, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D)
         v_src = _head_rows(v_base, n_keys, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D)
         k_tail, v_tail = k_src, v_src
+        k_head, v_head = k_src, v_src
     else:
         k_src = k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
         v_src = v_base + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn
         k_tail = k_src + unmasked_end.to(tl.int64) * stride_kn
         v_tail = v_src + unmasked_end.to(tl.int64) * stride_vn
+        if WINDOW:
+            k_head = k_src + key_start.to(tl.int64) * stride_kn
+            v_head = v_src + key_start.to(tl.int64) * stride_vn
+            k_src += first_unmasked.to(tl.int64) * stride_kn
+            v_src += first_unmasked.to(tl.int64) * stride_vn
     delta_low = delta
     if DELTA_IN_DQ:
         # float32: Delta = sum_j P_ij dP_ij / sum_j P_ij, summed here in float64 and saved in two parts,
@@ -621,16 +791,26 @@ def backward_dq_kernel(
         # whose 2^-24 is far below their own rounding (float64 runs at half float32's rate on Hopper's
         # CUDA cores).
         sum_dtype = tl.float64 if COMPENSATE else tl.float32
+        p_dp_sum = tl.zeros([BLOCK_M], dtype=sum_dtype)
+        p_sum = tl.zeros([BLOCK_M], dtype=sum_dtype)
+        if WINDOW:
+            p_dp_sum, p_sum = _p_dp_row_sums(
+                p_dp_sum, p_sum, q, do, lse, lse_low, max_low, k_head, v_head, stride_kn, stride_vn,
+                key_start, first_unmasked, rows, n_keys, diagonal, qk_scale, d_ok, True, False, EVEN_D,
+                BLOCK_N, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS, window_left,
+                window_right, softcap_in, softcap_out, True, SOFTCAP,
+            )  # fmt: skip
         p_dp_sum, p_sum = _p_dp_row_sums(
-            tl.zeros([BLOCK_M], dtype=sum_dtype), tl.zeros([BLOCK_M], dtype=sum_dtype), q, do, lse, lse_low,
-            max_low, k_src, v_src, stride_kn, stride_vn, 0, unmasked_end, rows, n_keys, diagonal, qk_scale,
-            d_ok, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE,
-            TENSOR_DESCRIPTORS,
+            p_dp_sum, p_sum, q, do, lse, lse_low, max_low, k_src, v_src, stride_kn, stride_vn, first_unmasked,
+            unmasked_end, rows, n_keys, diagonal, qk_scale, d_ok, False, CAUSAL, EVEN_D, BLOCK_N,
+            DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS, window_left, window_right,
+            softcap_in, softcap_out, WINDOW, SOFTCAP,
         )  # fmt: skip
         p_dp_sum, p_sum = _p_dp_row_sums(
             p_dp_sum, p_sum, q, do, lse, lse_low, max_low, k_tail, v_tail, stride_kn, stride_vn, unmasked_end,
             key_end, rows, n_keys, diagonal, qk_scale, d_ok, True, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION,
-            BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS,
+            BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS, window_left, window_right, softcap_in,
+            softcap_out, WINDOW, SOFTCAP,
         )  # fmt: skip
         # A row that sees no key has no P at all: its Delta is the preprocess's -dLSE term alone.
         row_sums = tl.where(p_sum > 0.0, p_dp_sum / tl.where(p_sum > 0.0, p_sum, 1.0), 0.0)
@@ -642,15 +822,24 @@ def backward_dq_kernel(
             tl.store(Delta + rows_in_all_heads + stat_rows, delta_low, mask=row_ok)
         else:
             delta_low = delta
+    if WINDOW:
+        dq, dq_comp = _dq_from_key_blocks(
+            dq, dq_comp, q, do, lse, lse_low, max_low, delta, delta_low, k_head, v_head, stride_kn, stride_vn,
+            key_start, first_unmasked, rows, n_keys, diagonal, qk_scale, d_ok, True, False, EVEN_D, BLOCK_N,
+            DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS, window_left, window_right,
+            softcap_in, softcap_out, True, SOFTCAP,
+        )  # fmt: skip
     dq, dq_comp = _dq_from_key_blocks(
-        dq, dq_comp, q, do, lse, lse_low, max_low, delta, delta_low, k_src, v_src, stride_kn, stride_vn, 0,
-        unmasked_end, rows, n_keys, diagonal, qk_scale, d_ok, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION,
-        BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS,
+        dq, dq_comp, q, do, lse, lse_low, max_low, delta, delta_low, k_src, v_src, stride_kn, stride_vn,
+        first_unmasked, unmasked_end, rows, n_keys, diagonal, qk_scale, d_ok, False, CAUSAL, EVEN_D, BLOCK_N,
+        DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS, window_left, window_right,
+        softcap_in, softcap_out, WINDOW, SOFTCAP,
     )  # fmt: skip
     dq, dq_comp = _dq_from_key_blocks(
         dq, dq_comp, q, do, lse, lse_low, max_low, delta, delta_low, k_tail, v_tail, stride_kn, stride_vn,
         unmasked_end, key_end, rows, n_keys, diagonal, qk_scale, d_ok, True, CAUSAL, EVEN_D, BLOCK_N,
-        DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS,
+        DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS, window_left, window_right,
+        softcap_in, softcap_out, WINDOW, SOFTCAP,
     )  # fmt: skip
 
     dq_ptrs = (

@@ -20,11 +20,15 @@ from core.kernels.shared import (
     _accumulate_dot,
     _exp,
     _head_rows,
+    _in_window,
     _load_cols,
     _load_rows,
     _load_tile,
     _log,
     _scores,
+    _sequence,
+    _softcapped_scores,
+    _window_key_blocks,
 )
 
 # |LSE2| below which fp16/bf16 save no low part for the LSE (see the end of attention_forward_kernel).
@@ -38,6 +42,8 @@ def _attend_to_key_blocks(
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
     COMPENSATE: tl.constexpr, DESCRIPTORS: tl.constexpr,
+    window_left=0, window_right=0, softcap_in=0.0, softcap_out=0.0,
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):  # fmt: skip
     """Fold keys [key_start, key_end) into the running (acc, comp, m_i, m_low, l_i, l_comp) of one query
     tile. comp and m_low are float32's compensation terms (unused, and zero, for fp16/bf16).
@@ -51,8 +57,9 @@ def _attend_to_key_blocks(
     keys starting at key_start.
 
     With MASKED False every key of every block is in bounds and visible to every row, so no mask is
-    built and no load is predicated on N: the bulk of the work. MASKED blocks (the causal diagonal and
-    the ragged tail of N) mask keys past n_keys and keys the causal rule hides.
+    built and no load is predicated on N: the bulk of the work. MASKED blocks (the causal diagonal, a
+    sliding window's edges and the ragged tail of N) mask keys past n_keys and keys the causal rule or
+    the window (WINDOW: shared._in_window) hides. SOFTCAP caps the scores (shared._softcapped_scores).
     """
     offs_n = tl.arange(0, BLOCK_N)
     for block_start in range(key_start, key_end, BLOCK_N):
@@ -60,11 +67,20 @@ def _attend_to_key_blocks(
         col_ok = cols < n_keys
         # k is read transposed, (BLOCK_D, BLOCK_N), so the score tile is a plain q @ kT.
         kT = _load_cols(k_src, block_start, d_ok, col_ok, EVEN_D, not MASKED, DESCRIPTORS)
-        scores, scores_low = _scores(q, kT, qk_scale, DOT_PRECISION, COMPENSATE)
+        if SOFTCAP:
+            scores, scores_low, _ = _softcapped_scores(
+                q, kT, softcap_in, softcap_out, DOT_PRECISION, COMPENSATE
+            )
+        else:
+            scores, scores_low = _scores(q, kT, qk_scale, DOT_PRECISION, COMPENSATE)
         if MASKED:
             visible = col_ok[None, :]
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows[:, None] + diagonal)
+            if WINDOW:
+                visible = visible & _in_window(
+                    cols[None, :], rows[:, None], diagonal, window_left, window_right
+                )
             scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         if MASKED:
@@ -108,7 +124,17 @@ def _attend_to_key_blocks(
     return acc, comp, m_i, m_low, l_i, l_comp
 
 
-@triton.jit(do_not_specialize=["n_queries", "n_keys"])
+@triton.jit
+def _keys_from(source, start, stride_row, DESCRIPTORS: tl.constexpr):
+    """A K or V source placed at key `start`: a tensor descriptor indexes by key itself, a pointer tile
+    moves there."""
+    if DESCRIPTORS:
+        return source
+    else:
+        return source + start.to(tl.int64) * stride_row
+
+
+@triton.jit(do_not_specialize=["n_queries", "n_keys", "window_left", "window_right"])
 def attention_forward_kernel(
     Q, K, V, Out, Lse, LseLow,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -116,10 +142,11 @@ def attention_forward_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     n_q_heads, kv_group, n_queries, n_keys, qk_scale,
+    CuSeqlensQ, CuSeqlensK, window_left, window_right, softcap_in, softcap_out,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
-    TENSOR_DESCRIPTORS: tl.constexpr,
+    TENSOR_DESCRIPTORS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """Out = softmax(Q K^T * sm_scale + mask) V and its log-sum-exp, for one BLOCK_M x HEAD_DIM tile.
 
@@ -138,6 +165,23 @@ def attention_forward_kernel(
     qk_scale = sm_scale * log2(e) when BASE_2, else sm_scale. Grid: (cdiv(Nq, BLOCK_M), Hq, B).
     TENSOR_DESCRIPTORS: K and V tiles come through the copy engine (TMA) instead of pointer loads, for
     layouts that allow it (plans.py: descriptors_fit).
+
+    Switches that are off for plain calls (their arguments, the last ones before the constexprs, are
+    then unused, and the code is the plain kernel's):
+    - WINDOW: query i sees key j iff i + d - window_left <= j <= i + d + window_right, d = Nk - Nq (the
+      host passes a side without a bound as one past every key; a causal window has window_right 0 and
+      CAUSAL off). Each tile visits only the key blocks its rows' windows reach
+      (shared._window_key_blocks): whole blocks unmasked, the two edges masked.
+    - SOFTCAP: every score s becomes softcap * tanh(s / softcap) before the softmax (in the kernel's
+      base: softcap_out * tanh(dot * softcap_in), shared._softcapped_scores); the LSE is the capped
+      scores'.
+    - VARLEN: B packed sequences. Q, Out are (total_q, Hq, HEAD_DIM) and K, V (total_k, Hkv, HEAD_DIM),
+      passed with batch stride 0; sequence b holds rows CuSeqlensQ[b] .. CuSeqlensQ[b + 1] of Q (int32,
+      read here, never on the host) and CuSeqlensK[b] .. of K and V; n_queries and n_keys are the packed
+      totals, and each sequence attends within itself, masks aligned to its own lengths. Lse and each
+      plane of LseLow are (Hq, total_q). The grid's first axis covers the longest sequence; programs
+      past their own sequence's end return at once. Descriptors are made per sequence, so the copy
+      engine clips at the sequence's end.
     """
     # Causal tiles near the end of the sequence see the most keys: launch them first so the long
     # programs do not start last and leave the GPU's tail idle.
@@ -148,6 +192,18 @@ def attention_forward_kernel(
     batch = tl.program_id(2)
     kv_head = head // kv_group
     start_m = block_m_index * BLOCK_M
+    packed_queries = n_queries
+    if VARLEN:
+        q_start, n_queries = _sequence(CuSeqlensQ, batch)
+        k_start, n_keys = _sequence(CuSeqlensK, batch)
+        if start_m >= n_queries:
+            return
+        # The packed tensors' batch stride is 0: from the sequence's first rows on, the kernel reads them
+        # as a batch of one.
+        Q += q_start.to(tl.int64) * stride_qm
+        Out += q_start.to(tl.int64) * stride_om
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -181,29 +237,62 @@ def attention_forward_kernel(
     # Query i sees key j iff j <= i + diagonal (bottom-right aligned causal mask).
     diagonal = n_keys - n_queries
     whole_blocks_end = (n_keys // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        # Keys below `unmasked_end` are visible to every row of this tile; keys up to `key_end` are
-        # visible to some of them and go through the masked path.
-        unmasked_end = tl.minimum(
-            (tl.maximum(start_m + diagonal + 1, 0) // BLOCK_N) * BLOCK_N, whole_blocks_end
+    if WINDOW:
+        # The window's left edge (masked), the keys every row of the tile sees (unmasked), its right edge
+        # (masked); blocks outside are skipped.
+        key_start, unmasked_start, unmasked_end, key_end = _window_key_blocks(
+            start_m, n_keys, diagonal, window_left, window_right, BLOCK_M, BLOCK_N
         )
-        key_end = tl.minimum(n_keys, tl.maximum(start_m + BLOCK_M + diagonal, 0))
+        k_edge = _keys_from(k_src, key_start, stride_kn, TENSOR_DESCRIPTORS)
+        v_edge = _keys_from(v_src, key_start, stride_vn, TENSOR_DESCRIPTORS)
+        acc, comp, m_i, m_low, l_i, l_comp = _attend_to_key_blocks(
+            acc, comp, m_i, m_low, l_i, l_comp, q, k_edge, v_edge, stride_kn, stride_vn, key_start,
+            unmasked_start, rows, n_keys, diagonal, qk_scale, d_ok, True, False, EVEN_D, BLOCK_N,
+            DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS, window_left, window_right,
+            softcap_in, softcap_out, True, SOFTCAP,
+        )  # fmt: skip
+        k_whole = _keys_from(k_src, unmasked_start, stride_kn, TENSOR_DESCRIPTORS)
+        v_whole = _keys_from(v_src, unmasked_start, stride_vn, TENSOR_DESCRIPTORS)
+        acc, comp, m_i, m_low, l_i, l_comp = _attend_to_key_blocks(
+            acc, comp, m_i, m_low, l_i, l_comp, q, k_whole, v_whole, stride_kn, stride_vn, unmasked_start,
+            unmasked_end, rows, n_keys, diagonal, qk_scale, d_ok, False, False, EVEN_D, BLOCK_N,
+            DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS, window_left, window_right,
+            softcap_in, softcap_out, True, SOFTCAP,
+        )  # fmt: skip
+        k_edge = _keys_from(k_src, unmasked_end, stride_kn, TENSOR_DESCRIPTORS)
+        v_edge = _keys_from(v_src, unmasked_end, stride_vn, TENSOR_DESCRIPTORS)
+        acc, comp, m_i, m_low, l_i, l_comp = _attend_to_key_blocks(
+            acc, comp, m_i, m_low, l_i, l_comp, q, k_edge, v_edge, stride_kn, stride_vn, unmasked_end,
+            key_end, rows, n_keys, diagonal, qk_scale, d_ok, True, False, EVEN_D, BLOCK_N, DOT_PRECISION,
+            BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS, window_left, window_right, softcap_in,
+            softcap_out, True, SOFTCAP,
+        )  # fmt: skip
     else:
-        unmasked_end = whole_blocks_end
-        key_end = n_keys
-    acc, comp, m_i, m_low, l_i, l_comp = _attend_to_key_blocks(
-        acc, comp, m_i, m_low, l_i, l_comp, q, k_src, v_src, stride_kn, stride_vn, 0, unmasked_end, rows,
-        n_keys, diagonal, qk_scale, d_ok, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2, PRECISE_EXP,
-        COMPENSATE, TENSOR_DESCRIPTORS,
-    )  # fmt: skip
-    if not TENSOR_DESCRIPTORS:
-        k_src += unmasked_end.to(tl.int64) * stride_kn
-        v_src += unmasked_end.to(tl.int64) * stride_vn
-    acc, comp, m_i, m_low, l_i, l_comp = _attend_to_key_blocks(
-        acc, comp, m_i, m_low, l_i, l_comp, q, k_src, v_src, stride_kn, stride_vn, unmasked_end, key_end,
-        rows, n_keys, diagonal, qk_scale, d_ok, True, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2,
-        PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS,
-    )  # fmt: skip
+        if CAUSAL:
+            # Keys below `unmasked_end` are visible to every row of this tile; keys up to `key_end` are
+            # visible to some of them and go through the masked path.
+            unmasked_end = tl.minimum(
+                (tl.maximum(start_m + diagonal + 1, 0) // BLOCK_N) * BLOCK_N, whole_blocks_end
+            )
+            key_end = tl.minimum(n_keys, tl.maximum(start_m + BLOCK_M + diagonal, 0))
+        else:
+            unmasked_end = whole_blocks_end
+            key_end = n_keys
+        acc, comp, m_i, m_low, l_i, l_comp = _attend_to_key_blocks(
+            acc, comp, m_i, m_low, l_i, l_comp, q, k_src, v_src, stride_kn, stride_vn, 0, unmasked_end, rows,
+            n_keys, diagonal, qk_scale, d_ok, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2,
+            PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS,
+            softcap_in=softcap_in, softcap_out=softcap_out, SOFTCAP=SOFTCAP,
+        )  # fmt: skip
+        if not TENSOR_DESCRIPTORS:
+            k_src += unmasked_end.to(tl.int64) * stride_kn
+            v_src += unmasked_end.to(tl.int64) * stride_vn
+        acc, comp, m_i, m_low, l_i, l_comp = _attend_to_key_blocks(
+            acc, comp, m_i, m_low, l_i, l_comp, q, k_src, v_src, stride_kn, stride_vn, unmasked_end, key_end,
+            rows, n_keys, diagonal, qk_scale, d_ok, True, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2,
+            PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS,
+            softcap_in=softcap_in, softcap_out=softcap_out, SOFTCAP=SOFTCAP,
+        )  # fmt: skip
 
     # l_i >= 1 for every row that saw a key (its max contributes exp(0)); rows that saw none output
     # 0 and LSE -inf rather than 0/0. One correctly rounded division per output element costs nothing
@@ -221,7 +310,10 @@ def attention_forward_kernel(
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     else:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    row_offsets = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
+    if VARLEN:
+        row_offsets = head.to(tl.int64) * packed_queries + q_start + rows  # (Hq, total_q) statistics
+    else:
+        row_offsets = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
     # The backward recomputes P = exp(S - LSE): a rounded LSE of magnitude |m| shifts every P of the row by
     # eps32 * |m| relative. For peaky float32 rows (|m| ~ 1e3 at sm_scale 100) that is far more than eager
     # attention's exp(S - m) / l loses (the fuzzer measured dv at 233x the bound); in every dtype, beyond
@@ -241,5 +333,8 @@ def attention_forward_kernel(
         lse_low = tl.where(tl.abs(lse) < LOW_PART_NEGLIGIBLE_BELOW, 0.0, lse_low)
     tl.store(LseLow + row_offsets, lse_low, mask=row_ok)
     if COMPENSATE:
-        rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
+        if VARLEN:
+            rows_in_all_heads = packed_queries.to(tl.int64) * n_q_heads
+        else:
+            rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
         tl.store(LseLow + rows_in_all_heads + row_offsets, m_low, mask=row_ok)

@@ -49,6 +49,16 @@ class FusedBackward:
 INTERPRETER = _config.INTERPRETER_DESCRIPTORS
 
 
+def _plain(meta):
+    """The split kernels' (constexprs, options) without the feature flags (WINDOW, SOFTCAP, VARLEN),
+    which the fused kernels do not take: they run plain attention only."""
+    constexprs, options = meta
+    return tuple((name, value) for name, value in constexprs if name not in _FEATURE_FLAGS), options
+
+
+_FEATURE_FLAGS = ("WINDOW", "SOFTCAP", "VARLEN")
+
+
 @functools.cache
 def fused_config(block_d: int, interpreted: bool) -> _config.KernelConfig:
     """BLOCK_M query rows x BLOCK_N keys per step. A program holds its keys' dK and dV (BLOCK_N x BLOCK_D,
@@ -90,8 +100,10 @@ class FusedBackwardPlan(OnDevice):
             (*q_layout, *dout.stride(), q_heads, n_queries),
             (),
             (("HEAD_DIM", head_dim), ("HAS_DLSE", has_dlse), base_2, dot_precision,
-             ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d), ("DELTA_IN_DQ", has_dlse)),
+             ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d), ("DELTA_IN_DQ", has_dlse),
+             ("VARLEN", False)),
             (),
+            trailing_tensors=1,
         )  # fmt: skip
         input_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
         scales = (sm_scale, score_scale(q.dtype, sm_scale))
@@ -108,15 +120,15 @@ class FusedBackwardPlan(OnDevice):
                 (ceil_div(n_queries, delta_config.block_m), q_heads, batch),
                 (*input_strides, q_heads, q_heads // kv_heads, n_queries, n_keys),
                 scales[1:],
-                *_attention_meta(
+                *_plain(_attention_meta(
                     head_dim, causal, block_d, delta_config, q.dtype, interpreted, delta_descriptors
-                ),
+                )),
             )  # fmt: skip
 
         descriptors = _use_descriptors(config, descriptors_pay_off(n_keys, config.block_n), q, dout)
         self.needs_scratch = (descriptors or delta_descriptors) and not interpreted
-        constexprs, options = _attention_meta(
-            head_dim, causal, block_d, config, q.dtype, interpreted, descriptors
+        constexprs, options = _plain(
+            _attention_meta(head_dim, causal, block_d, config, q.dtype, interpreted, descriptors)
         )
         self.fused = BoundLaunch(
             fused_backward_kernel,
@@ -147,7 +159,7 @@ class FusedBackwardPlan(OnDevice):
         if self.needs_scratch:
             install_scratch_allocator()
         delta = new_buffer(q, self.delta_shape)
-        self.preprocess(self.index, out, dout, _or_unused(dlse, lse), delta)
+        self.preprocess(self.index, out, dout, _or_unused(dlse, lse), delta, delta)  # delta: no cu_seqlens
         if self.delta_pass is not None:
             self.delta_pass(self.index, q, k, v, dout, lse, lse_low, delta)
         dq, dk, dv = new_buffer(q), new_buffer(k), new_buffer(v)

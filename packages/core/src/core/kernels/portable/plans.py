@@ -10,6 +10,11 @@ The work is split in two so that a repeated call does only the second half:
 
 core._plans keeps the forward plans of validated call signatures, and each forward plan keeps its
 backward plans.
+
+A call's Features (core.kernels.host) become the kernels' switches (WINDOW, SOFTCAP, VARLEN) and their
+arguments; a plain call passes them off, and its kernels are the plain ones. A varlen plan (packed
+(total, H, D) inputs) takes each call's Packed sequences: their cumulative lengths go to the kernels as
+pointers, and the longest sequence sizes that call's grid.
 """
 
 from __future__ import annotations
@@ -19,7 +24,18 @@ import functools
 import torch
 
 from core._runtime import install_scratch_allocator, is_interpreted, patch_interpreter
-from core.kernels.host import OnDevice, ceil_div, layout_of_new_buffer, new_buffer, score_scale, uses_base_2
+from core.kernels.host import (
+    LOG2E,
+    PLAIN,
+    Features,
+    OnDevice,
+    Packed,
+    ceil_div,
+    layout_of_new_buffer,
+    new_buffer,
+    score_scale,
+    uses_base_2,
+)
 from core.kernels.launch import BoundLaunch
 from core.kernels.portable import config as _config
 from core.kernels.portable.backward import (
@@ -29,9 +45,12 @@ from core.kernels.portable.backward import (
 )
 from core.kernels.portable.forward import attention_forward_kernel
 
+FP32_MAX = torch.finfo(torch.float32).max
+
 
 def _or_unused(optional: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
-    """A pointer argument the kernel never reads (dLSE when the LSE was not used) still needs a tensor."""
+    """A pointer argument the kernel never reads (dLSE when the LSE was not used, cu_seqlens of a call
+    that is not packed) still needs a tensor."""
     return stand_in if optional is None else optional
 
 
@@ -49,13 +68,35 @@ def _precision_flags(dtype: torch.dtype, interpreted: bool) -> tuple:
     )
 
 
+def _as_kernel_strides(strides: tuple[int, ...]) -> tuple[int, ...]:
+    if len(strides) == 3:  # packed (total, H, D)
+        row_stride, head_stride, d_stride = strides
+        return 0, head_stride, row_stride, d_stride
+    return strides
+
+
+def kernel_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """The (batch, head, row, head dim) strides a kernel takes for t: a (B, H, N, D) tensor's own, or for a
+    packed (total, H, D) one batch stride 0 (VARLEN kernels place each sequence by its first row)."""
+    return _as_kernel_strides(t.stride())
+
+
+def _kernel_strides_of_new_buffer(like: torch.Tensor) -> tuple[int, ...]:
+    """kernel_strides of new_buffer(like), without allocating."""
+    return _as_kernel_strides(layout_of_new_buffer(like))
+
+
 def descriptors_fit(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels may read these (B, H, N, D) tensors through tensor descriptors (the copy
-    engine, TMA): unit stride along D, and 16-byte aligned start, batch, head and row steps, with rows
-    that do not overlap. Any other layout is read with pointer loads, which take every stride."""
+    """Whether the kernels may read these (B, H, N, D) or packed (total, H, D) tensors through tensor
+    descriptors (the copy engine, TMA): unit stride along D, and 16-byte aligned start, batch, head and
+    row steps, with rows that do not overlap. (A packed sequence's first row is then aligned too.) Any
+    other layout is read with pointer loads, which take every stride, and so is an empty packed tensor
+    (no sequence has keys), whose address may be null."""
     for t in tensors:
+        if t.numel() == 0:
+            return False
         size = t.element_size()
-        batch_stride, head_stride, row_stride, d_stride = t.stride()
+        batch_stride, head_stride, row_stride, d_stride = kernel_strides(t)
         if d_stride != 1 or t.data_ptr() % 16 or (t.shape[-1] * size) % 16 or row_stride < t.shape[-1]:
             return False
         if (batch_stride * size) % 16 or (head_stride * size) % 16 or (row_stride * size) % 16:
@@ -65,8 +106,9 @@ def descriptors_fit(*tensors: torch.Tensor) -> bool:
 
 @functools.cache
 def _attention_meta(
-    head_dim: int, causal: bool, block_d: int, config, dtype, interpreted: bool, descriptors: bool
-):
+    head_dim: int, causal: bool, block_d: int, config, dtype, interpreted: bool, descriptors: bool,
+    window: bool = False, softcap: bool = False, varlen: bool = False,
+):  # fmt: skip
     """(constexprs, options) of the forward, dK/dV and dQ kernels, which share their constexpr list (the
     dK/dV and dQ kernels' end with one more each), in signature order (a bound launch passes
     constexprs by position). Cached: built once per shape."""
@@ -74,9 +116,85 @@ def _attention_meta(
         ("HEAD_DIM", head_dim), ("CAUSAL", causal),
         ("BLOCK_M", config.block_m), ("BLOCK_N", config.block_n), ("BLOCK_D", block_d),
         *_precision_flags(dtype, interpreted),
-        ("TENSOR_DESCRIPTORS", descriptors),
+        ("TENSOR_DESCRIPTORS", descriptors), ("WINDOW", window), ("SOFTCAP", softcap), ("VARLEN", varlen),
     )  # fmt: skip
     return constexprs, (("num_warps", config.num_warps), ("num_stages", config.num_stages))
+
+
+def _side(size: int, unbounded: int) -> int:
+    """A window side as the kernels take it: -1 (no bound) as `unbounded`, one past every key, and a bound
+    clipped to the same."""
+    return unbounded if size < 0 else min(size, unbounded)
+
+
+class _Call:
+    """What the kernels take from a call's features: the masks and their integer arguments, the softcap's
+    scales, and the sizes (packed totals for varlen).
+
+    causal: the kernels' CAUSAL, a causal call without a left window bound (a causal window is a WINDOW
+    whose right side is 0). window: the kernels' (window_left, window_right), each side without a bound
+    passed as one past every key (left: Nk, right: Nq, or the packed totals: no sequence is longer), and a
+    bound side clipped to the same, so that the kernels' index arithmetic stays within int32.
+    softcap: (softcap_in, softcap_out) = (sm_scale / softcap, softcap in the kernels' base); softcap_in is
+    clipped to float32's range (beyond it every nonzero logit's tanh is +-1 anyway, and an infinite
+    scale would make a zero dot NaN).
+    """
+
+    def __init__(self, q, k, causal: bool, sm_scale: float, features: Features):
+        self.varlen = features.varlen
+        if self.varlen:
+            self.batch, self.n_queries, self.q_heads, self.head_dim = None, *q.shape
+            self.n_keys, self.kv_heads = k.shape[0], k.shape[1]
+            self.lse_shape = (self.q_heads, self.n_queries)
+        else:
+            self.batch, self.q_heads, self.n_queries, self.head_dim = q.shape
+            self.kv_heads, self.n_keys = k.shape[1], k.shape[2]
+            self.lse_shape = (self.batch, self.q_heads, self.n_queries)
+        self.low_shape = (2 if q.dtype == torch.float32 else 1, *self.lse_shape)
+        self.windowed = features.windowed
+        self.causal = causal and not self.windowed
+        if self.windowed:
+            self.window = (
+                _side(features.window_left, self.n_keys),
+                _side(features.window_right, self.n_queries),
+            )
+        else:
+            self.window = (0, 0)
+        self.softcapped = features.softcap > 0
+        if self.softcapped:
+            softcap_in = max(-FP32_MAX, min(FP32_MAX, sm_scale / features.softcap))
+            self.softcap = (softcap_in, features.softcap * (LOG2E if uses_base_2(q.dtype) else 1.0))
+        else:
+            self.softcap = (0.0, 0.0)
+
+    @property
+    def trailing(self) -> tuple[int, tuple]:
+        """(trailing_tensors, extra) of the kernels' bound launches: the feature arguments, after the
+        plain kernels' own (core.kernels.launch.BoundLaunch): cu_seqlens_q and cu_seqlens_k (stand-ins
+        for plain calls), the window's two sides, the softcap's two scales."""
+        return 2, (*self.window, *self.softcap)
+
+    def meta(self, block_d, config, dtype, interpreted: bool, descriptors: bool):
+        return _attention_meta(
+            self.head_dim, self.causal, block_d, config, dtype, interpreted, descriptors, self.windowed,
+            self.softcapped, self.varlen,
+        )  # fmt: skip
+
+    def grid(self, block: int, heads: int, rows: int):
+        """A grid over `rows` (queries or keys) in blocks of `block`, `heads` and the batch; None for
+        varlen, whose grid each call gives (_launch)."""
+        return None if self.varlen else (ceil_div(rows, block), heads, self.batch)
+
+
+def _launch(launch: BoundLaunch, index, packed: Packed | None, block: int, heads: int, *tensors,
+            longest_queries: bool = True) -> None:  # fmt: skip
+    """Run a bound launch on its own grid, or for a varlen call on one over the call's longest query (or
+    key) sequence in blocks, the heads and the sequences."""
+    if packed is None:
+        launch(index, *tensors)
+        return
+    longest = packed.max_seqlen_q if longest_queries else packed.max_seqlen_k
+    launch(index, *tensors, grid=(ceil_div(longest, block), heads, packed.cu_seqlens_q.shape[0] - 1))
 
 
 def whole_query_blocks(n_queries: int, block_m: int) -> bool:
@@ -90,7 +208,8 @@ def descriptors_pay_off(resident_rows: int, resident_block: int) -> bool:
     """Whether a problem is big enough for descriptor loads: the rows a program keeps (queries in the
     forward and dQ kernels, keys in the dK/dV kernel) fill at least one tile. Below that every program
     is short and bound by memory or by the launch, and descriptors only cost: building them takes device
-    time, and their scratch memory host time, on every launch (docs/perf-notes.md, "Host overhead")."""
+    time, and their scratch memory host time, on every launch (docs/perf-notes.md, "Host overhead"). A
+    varlen plan, which knows only the packed totals, judges by those."""
     return resident_rows >= resident_block
 
 
@@ -114,7 +233,8 @@ class ForwardPlan(OnDevice):
     (B, Hq, Nq) float32 contiguous, the log-sum-exp of the scaled scores in the kernels' base
     (`uses_base_2`: natural LSE = lse * ln 2 in base 2); lse_low its low parts for the backward,
     (1, B, Hq, Nq) for fp16/bf16 and (2, B, Hq, Nq) for float32, whose second plane is the row max's
-    low part (forward.py).
+    low part (forward.py). A varlen plan takes packed (total, H, D) inputs and each call's Packed
+    sequences, `plan(q, k, v, packed=...)`, and its lse is (Hq, total_q) (low parts (1 or 2, Hq, total_q)).
 
     With keep_statistics False the caller wants only out (no autograd, no LSE): the kernel's LSE and
     low parts then go to one throwaway buffer, which saves an allocation (a visible part of a small
@@ -123,31 +243,34 @@ class ForwardPlan(OnDevice):
     Valid for inputs with the shapes, strides, dtypes, device and 16-byte alignment of the ones it was
     built from (core._plans keys on exactly these)."""
 
-    def __init__(self, q, k, v, causal: bool, sm_scale: float, config: _config.KernelConfig | None = None):
+    def __init__(
+        self, q, k, v, causal: bool, sm_scale: float, config: _config.KernelConfig | None = None,
+        features: Features = PLAIN,
+    ):  # fmt: skip
         super().__init__(q)
-        batch, q_heads, n_queries, head_dim = q.shape
-        kv_heads, n_keys = k.shape[1], k.shape[2]
+        call = _Call(q, k, causal, sm_scale, features)
         interpreted, block_d = _prepare_launch(q)
         config = config or _config.forward_config(block_d, q.dtype, interpreted)
-        self.causal, self.sm_scale = causal, sm_scale
-        self.lse_shape = (batch, q_heads, n_queries)
-        self.low_shape = (2 if q.dtype == torch.float32 else 1, *self.lse_shape)
-        self.descriptors = _use_descriptors(config, descriptors_pay_off(n_queries, config.block_m), k, v)
+        self.causal, self.sm_scale, self.features = causal, sm_scale, features
+        self.lse_shape, self.low_shape = call.lse_shape, call.low_shape
+        self.q_heads, self.block_m = call.q_heads, config.block_m
+        self.descriptors = _use_descriptors(config, descriptors_pay_off(call.n_queries, config.block_m), k, v)
         self.needs_scratch = self.descriptors and not interpreted
         self.launch = BoundLaunch(
             attention_forward_kernel,
-            (ceil_div(n_queries, config.block_m), q_heads, batch),
-            (*q.stride(), *k.stride(), *v.stride(), *layout_of_new_buffer(q), q_heads, q_heads // kv_heads,
-             n_queries, n_keys),
+            call.grid(config.block_m, call.q_heads, call.n_queries),
+            (*kernel_strides(q), *kernel_strides(k), *kernel_strides(v), *_kernel_strides_of_new_buffer(q),
+             call.q_heads, call.q_heads // call.kv_heads, call.n_queries, call.n_keys),
             (score_scale(q.dtype, sm_scale),),
-            *_attention_meta(head_dim, causal, block_d, config, q.dtype, interpreted, self.descriptors),
+            *call.meta(block_d, config, q.dtype, interpreted, self.descriptors),
+            *call.trailing,
         )  # fmt: skip
         self.backward_plans: dict[tuple, BackwardPlan] = {}
 
-    def __call__(self, q, k, v, keep_statistics: bool = True):
-        return self.on_device(self._run, q, k, v, keep_statistics)
+    def __call__(self, q, k, v, keep_statistics: bool = True, packed: Packed | None = None):
+        return self.on_device(self._run, q, k, v, keep_statistics, packed)
 
-    def _run(self, q, k, v, keep_statistics):
+    def _run(self, q, k, v, keep_statistics, packed):
         if self.needs_scratch:
             install_scratch_allocator()
         out = new_buffer(q)
@@ -155,11 +278,19 @@ class ForwardPlan(OnDevice):
             # The kernel writes the rows' LSE and their low parts into this one buffer (the same
             # addresses, so it ends up holding one or the other), and nothing reads it.
             discarded = new_buffer(q, self.low_shape)
-            self.launch(self.index, q, k, v, out, discarded, discarded)
+            sequences = (discarded, discarded) if packed is None else packed[:2]
+            _launch(
+                self.launch, self.index, packed, self.block_m, self.q_heads, q, k, v, out, discarded,
+                discarded, *sequences,
+            )  # fmt: skip
             return out, None, None
         lse = new_buffer(q, self.lse_shape)
         lse_low = new_buffer(q, self.low_shape)
-        self.launch(self.index, q, k, v, out, lse, lse_low)
+        sequences = (lse, lse) if packed is None else packed[:2]
+        _launch(
+            self.launch, self.index, packed, self.block_m, self.q_heads, q, k, v, out, lse, lse_low,
+            *sequences,
+        )  # fmt: skip
         return out, lse, lse_low
 
     def backward_plan(self, dout, dlse, q, k, v):
@@ -167,14 +298,21 @@ class ForwardPlan(OnDevice):
         split backward, or the fused one where its switch is on (fused_plans.py)."""
         from core.kernels.portable import fused_plans  # it builds on this module
 
-        fused = fused_plans.FusedBackward.enabled and fused_plans.supports(q, k, v, dout, self.causal)
+        fused = (
+            fused_plans.FusedBackward.enabled
+            and self.features == PLAIN
+            and fused_plans.supports(q, k, v, dout, self.causal)
+        )
         key = (dout.stride(), dout.dtype, dout.data_ptr() & 15, dlse is None, fused)
         plan = self.backward_plans.get(key)
         if plan is None:
             if len(self.backward_plans) >= 64:
                 self.backward_plans.clear()
-            kind = fused_plans.FusedBackwardPlan if fused else BackwardPlan
-            plan = self.backward_plans[key] = kind(dout, dlse, q, k, v, self.causal, self.sm_scale)
+            if fused:
+                plan = fused_plans.FusedBackwardPlan(dout, dlse, q, k, v, self.causal, self.sm_scale)
+            else:
+                plan = BackwardPlan(dout, dlse, q, k, v, self.causal, self.sm_scale, self.features)
+            self.backward_plans[key] = plan
         return plan
 
 
@@ -182,77 +320,93 @@ class BackwardPlan(OnDevice):
     """The backward of one call signature and dO layout. `plan(dout, dlse, q, k, v, out, lse, lse_low)`
     returns (dq, dk, dv), each laid out like its input. lse is the forward's LSE (in the kernels' base)
     and dlse its gradient (contiguous float32), or None when the LSE was not used; lse_low is the
-    forward's."""
+    forward's. A varlen plan takes the call's Packed sequences too (packed=...)."""
 
-    def __init__(self, dout, dlse, q, k, v, causal: bool, sm_scale: float):
+    def __init__(self, dout, dlse, q, k, v, causal: bool, sm_scale: float, features: Features = PLAIN):
         super().__init__(q)
-        batch, q_heads, n_queries, head_dim = q.shape
-        kv_heads, n_keys = k.shape[1], k.shape[2]
+        call = _Call(q, k, causal, sm_scale, features)
+        q_heads, kv_heads, n_queries, n_keys = call.q_heads, call.kv_heads, call.n_queries, call.n_keys
         interpreted, block_d = _prepare_launch(q)
         dkdv_config, dq_config = _config.backward_configs(block_d, q.dtype, interpreted)
         dot_precision, base_2, _ = _precision_flags(q.dtype, interpreted)
-        q_layout = layout_of_new_buffer(q)  # the forward's output and dq are laid out like this
+        q_layout = _kernel_strides_of_new_buffer(q)  # the forward's output and dq are laid out like this
 
         # float32 saves Delta in two parts (backward.py: backward_dq_kernel), like the LSE's low parts.
-        self.delta_shape = (2 if q.dtype == torch.float32 else 1, batch, q_heads, n_queries)
+        self.delta_shape = call.low_shape
         # The dQ kernel sums Delta from P and dP for float32, and for a gradient of the LSE in any dtype.
         delta_in_dq = ("DELTA_IN_DQ", q.dtype == torch.float32 or dlse is not None)
         rows_per_program = _config.preprocess_block_m(interpreted)
+        self.blocks = (rows_per_program, dq_config.block_m, dkdv_config.block_n)
+        self.heads = (q_heads, kv_heads)
         self.preprocess = BoundLaunch(
             backward_preprocess_kernel,
-            (ceil_div(n_queries, rows_per_program), q_heads, batch),
-            (*q_layout, *dout.stride(), q_heads, n_queries),
+            call.grid(rows_per_program, q_heads, n_queries),
+            (*q_layout, *kernel_strides(dout), q_heads, n_queries),
             (),
-            (("HEAD_DIM", head_dim), ("HAS_DLSE", dlse is not None), base_2, dot_precision,
-             ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d), delta_in_dq),
+            (("HEAD_DIM", call.head_dim), ("HAS_DLSE", dlse is not None), base_2, dot_precision,
+             ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d), delta_in_dq, ("VARLEN", call.varlen)),
             (),
+            trailing_tensors=1,
         )  # fmt: skip
 
         sizes = (q_heads, q_heads // kv_heads, n_queries, n_keys)
         scales = (sm_scale, score_scale(q.dtype, sm_scale))
-        input_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+        input_strides = (*kernel_strides(q), *kernel_strides(k), *kernel_strides(v), *kernel_strides(dout))
         dq_descriptors = _use_descriptors(dq_config, descriptors_pay_off(n_queries, dq_config.block_m), k, v)
         dkdv_descriptors = _use_descriptors(
             dkdv_config, descriptors_pay_off(n_keys, dkdv_config.block_n), q, dout
         )
         self.needs_scratch = (dq_descriptors or dkdv_descriptors) and not interpreted
-        dq_constexprs, dq_options = _attention_meta(
-            head_dim, causal, block_d, dq_config, q.dtype, interpreted, dq_descriptors
-        )
+        dq_constexprs, dq_options = call.meta(block_d, dq_config, q.dtype, interpreted, dq_descriptors)
         self.dq = BoundLaunch(
             backward_dq_kernel,
-            (ceil_div(n_queries, dq_config.block_m), q_heads, batch),
+            call.grid(dq_config.block_m, q_heads, n_queries),
             (*input_strides, *q_layout, *sizes),
             scales,
             (*dq_constexprs, delta_in_dq),
             dq_options,
+            *call.trailing,
         )  # fmt: skip
-        dkdv_constexprs, dkdv_options = _attention_meta(
-            head_dim, causal, block_d, dkdv_config, q.dtype, interpreted, dkdv_descriptors
+        dkdv_constexprs, dkdv_options = call.meta(
+            block_d, dkdv_config, q.dtype, interpreted, dkdv_descriptors
         )
+        # Packed sequences start anywhere: their query blocks are never all whole.
+        whole = not call.varlen and whole_query_blocks(n_queries, dkdv_config.block_m)
         self.dkdv = BoundLaunch(
             backward_dkdv_kernel,
-            (ceil_div(n_keys, dkdv_config.block_n), kv_heads, batch),
-            (*input_strides, *layout_of_new_buffer(k), *layout_of_new_buffer(v), *sizes),
+            call.grid(dkdv_config.block_n, kv_heads, n_keys),
+            (*input_strides, *_kernel_strides_of_new_buffer(k), *_kernel_strides_of_new_buffer(v), *sizes),
             scales,
             (
                 *dkdv_constexprs,
                 ("PREFETCH_ROW_STATS", dkdv_config.prefetch_row_stats),
-                ("WHOLE_QUERY_BLOCKS", whole_query_blocks(n_queries, dkdv_config.block_m)),
+                ("WHOLE_QUERY_BLOCKS", whole),
             ),
             dkdv_options,
+            *call.trailing,
         )  # fmt: skip
 
-    def __call__(self, dout, dlse, q, k, v, out, lse, lse_low):
-        return self.on_device(self._run, dout, dlse, q, k, v, out, lse, lse_low)
+    def __call__(self, dout, dlse, q, k, v, out, lse, lse_low, packed: Packed | None = None):
+        return self.on_device(self._run, dout, dlse, q, k, v, out, lse, lse_low, packed)
 
-    def _run(self, dout, dlse, q, k, v, out, lse, lse_low):
+    def _run(self, dout, dlse, q, k, v, out, lse, lse_low, packed):
         if self.needs_scratch:
             install_scratch_allocator()
         delta = new_buffer(q, self.delta_shape)
-        self.preprocess(self.index, out, dout, _or_unused(dlse, lse), delta)
+        cu_q, cu_k = (delta, delta) if packed is None else packed[:2]
+        (preprocess_rows, dq_rows, dkdv_keys), (q_heads, kv_heads) = self.blocks, self.heads
+        dlse_or_unused = _or_unused(dlse, lse)
+        _launch(
+            self.preprocess, self.index, packed, preprocess_rows, q_heads, out, dout, dlse_or_unused, delta,
+            cu_q,
+        )  # fmt: skip
         dq, dk, dv = new_buffer(q), new_buffer(k), new_buffer(v)
         # dQ first: it may complete Delta, which the dK/dV kernel reads (backward.py, DELTA_IN_DQ).
-        self.dq(self.index, q, k, v, dout, lse, lse_low, delta, dq)
-        self.dkdv(self.index, q, k, v, dout, lse, lse_low, delta, dk, dv)
+        _launch(
+            self.dq, self.index, packed, dq_rows, q_heads, q, k, v, dout, lse, lse_low, delta, dq, cu_q, cu_k
+        )
+        _launch(
+            self.dkdv, self.index, packed, dkdv_keys, kv_heads, q, k, v, dout, lse, lse_low, delta, dk, dv,
+            cu_q, cu_k, longest_queries=False,
+        )  # fmt: skip
         return dq, dk, dv
