@@ -337,7 +337,7 @@ def validate_kvcache_inputs(
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     _validate_sm_scale(sm_scale)
-    _validate_window(window_size)
+    _validate_window_size(window_size)
     _validate_softcap(softcap)
     _validate_num_splits(num_splits)
 
@@ -436,23 +436,6 @@ def _validate_cache_seqlens(cache_seqlens, q, batch, n_new, capacity, interprete
             f"cache_seqlens {cache_seqlens} with {n_new} new keys does not fit a cache of {capacity} keys "
             "per sequence (0 <= cache_seqlens and cache_seqlens + Nnew <= capacity)"
         )
-
-
-def _validate_window(window_size) -> None:
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise TypeError(f"window_size must be a (left, right) pair of ints, got {window_size!r:.60}")
-    for side, size in zip(("left", "right"), window_size):
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
-            raise TypeError(f"window_size's {side} must be an int, got {type(size).__name__}")
-        if size < -1:
-            raise ValueError(f"window_size's {side} must be >= 0, or -1 for no limit, got {size}")
-
-
-def _validate_softcap(softcap) -> None:
-    if isinstance(softcap, (torch.Tensor, bool)) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap must be a Python number, got {type(softcap).__name__}")
-    if not (math.isfinite(float(softcap)) and softcap >= 0):
-        raise ValueError(f"softcap must be finite and >= 0 (0 turns it off), got {softcap}")
 
 
 def _validate_num_splits(num_splits) -> None:
