@@ -26,8 +26,8 @@ nvidia-smi -L > "$out/card.log" 2>&1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$out/card.log" 2>&1
 run=packages/core/benchmarks/run.py
 if [[ $what == tests || $what == all ]]; then
-  step tests 360 python3 -m pytest packages/core/tests packages/core/benchmarks/test_bench_harness.py -n 16 -q -p no:cacheprovider
-  step host 90 python3 $run host
+  step tests 330 python3 -m pytest packages/core/tests packages/core/benchmarks/test_bench_harness.py -n 16 -q -p no:cacheprovider -o junit_family=xunit1 --junitxml "$out/tests.xml"
+  step host 80 python3 $run host
 fi
 if [[ $what == bench || $what == all ]]; then
   step kernels 200 python3 $run kernels --quick --out "$out" --docs "$out/docs"
