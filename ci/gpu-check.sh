@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU checks (the device tool runs this from the repository root; logs go to
-# $OUT, a short summary is printed last). Usage: bash ci/gpu-check.sh [tests|bench|all] [seconds]
-#   tests: the core suite on the GPU (every kernel family), then host time per call route
-#   bench: kernels (--quick), decode (--quick), features (--quick), e2e (--quick)
+# $OUT, a short summary is printed last). Usage: bash ci/gpu-check.sh [WHAT] [seconds]
+# WHAT is a space-separated list of steps or groups (default "all"), run in the order given:
+#   tests = "suite host": the core suite on the GPU (every kernel family), then host time per call route
+#   bench = "kernels decode features e2e": each benchmark's --quick profile
+#   also: host-ab (host time beside the baseline in .ab/), cp (the simulated ring on one GPU)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -18,22 +20,31 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit, keeps 
   local remaining; remaining=$(left)
   (( limit > remaining )) && limit=$remaining
   if (( limit < 20 )); then summary+=("$name: skipped (time)"); return; fi
-  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  timeout -s INT -k 20 "$limit" "$@" > "$out/$name.log" 2>&1
   local code=$?
   summary+=("$name: exit $code, $(tail -n 1 "$out/$name.log" | cut -c1-150)")
 }
 nvidia-smi -L > "$out/card.log" 2>&1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$out/card.log" 2>&1
 run=packages/core/benchmarks/run.py
-if [[ $what == tests || $what == all ]]; then
-  step tests 330 python3 -m pytest packages/core/tests packages/core/benchmarks/test_bench_harness.py -n 16 -q -p no:cacheprovider -o junit_family=xunit1 --junitxml "$out/tests.xml"
-  step host 80 python3 $run host
-fi
-if [[ $what == bench || $what == all ]]; then
-  step kernels 200 python3 $run kernels --quick --out "$out" --docs "$out/docs"
-  step decode 90 python3 $run decode --quick
-  step features 90 python3 $run features --quick
-  step e2e 150 python3 $run e2e --quick --out "$out/e2e.json"
-fi
+what=${what//all/tests bench}
+what=${what//tests/suite host}
+what=${what//bench/kernels decode features e2e}
+for name in $what; do
+  case $name in
+    # SIGINT at the time limit: pytest still prints its summary (failures, errors, skips, counts)
+    suite) step suite ${SUITE_SECONDS:-330} python3 -m pytest packages/core/tests packages/core/benchmarks/test_bench_harness.py \
+             -n 16 -q -rfEs -p no:cacheprovider -o junit_family=xunit1 --junitxml "$out/tests.xml" ;;
+    host) step host 80 python3 $run host ;;
+    # host time beside the pre-restructure core (8f51f75) copied to .ab/ (the device call carries ".ab")
+    host-ab) step host-ab 90 python3 $run host --baseline .ab/packages/core/src/core ;;
+    cp) step cp 90 python3 $run cp --tokens 8192,32768 --out "$out/cp.json" ;;
+    kernels) step kernels 200 python3 $run kernels --quick --out "$out" --docs "$out/docs" ;;
+    decode) step decode 90 python3 $run decode --quick ;;
+    features) step features 90 python3 $run features --quick ;;
+    e2e) step e2e 150 python3 $run e2e --quick --out "$out/e2e.json" ;;
+    *) summary+=("$name: unknown step") ;;
+  esac
+done
 cat "$out/card.log"
 printf '%s\n' "${summary[@]}"
