@@ -201,32 +201,111 @@ def test_a_sliding_window_longer_than_the_sequence_hides_nothing_and_passes():
     assert verdict.ok, str(verdict)
 
 
-def test_without_a_cache_plain_position_ids_pass_and_restarting_ones_are_refused_as_packing():
-    """Without a cache, transformers treats position_ids as possibly packed and hands the mask function a
-    packed-sequence pattern; core accepts it when no row restarts."""
+def each_sequence_alone(model, ids, rows):
+    """Logits of each (row, start, end) token range of ids run alone, concatenated in that order: what a
+    padded or packed batch must give at those tokens."""
+    with torch.no_grad():
+        return torch.cat([model(ids[row : row + 1, start:end]).logits[0] for row, start, end in rows])
+
+
+def judge_against_each_sequence_alone(model, logits, ids, rows):
+    truth = each_sequence_alone(same_weights(model, "eager", torch.float64), ids, rows)
+    yardstick = each_sequence_alone(same_weights(model, "eager"), ids, rows)
+    verdict = judge("out", logits, truth, yardstick)
+    assert verdict.ok, str(verdict)
+
+
+def test_without_a_cache_restarting_position_ids_pack_sequences_that_attend_only_within_themselves():
+    """transformers reads position_ids that restart within a row as sequences packed into it (no cache);
+    each must give its own logits, as if it ran alone, in every row of the batch."""
     model = tiny_model("core")
     ids = token_ids()
-    assert torch.equal(model(ids, use_cache=False).logits, model(ids).logits)
-    restarting = torch.arange(SEQUENCE, device=DEVICE).remainder(SEQUENCE // 2).expand(BATCH, -1)
-    with pytest.raises(ValueError, match="packed"):
-        model(ids, position_ids=restarting, use_cache=False)
+    assert torch.equal(model(ids, use_cache=False).logits, model(ids).logits)  # plain ones change nothing
+    lengths = [(6, 10), (3, 4, 9)]
+    position_ids = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths]).to(DEVICE)
+    with torch.no_grad():
+        logits = model(ids, position_ids=position_ids, use_cache=False).logits
+    rows = [(row, sum(ns[:i]), sum(ns[: i + 1])) for row, ns in enumerate(lengths) for i in range(len(ns))]
+    judge_against_each_sequence_alone(model, logits.flatten(0, 1), ids, rows)
 
 
-def test_padding_is_refused():
+def test_flattening_collator_kwargs_pack_sequences_as_restarting_position_ids_do():
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True) hands cu_seq_lens_q/k and max_length_q/k
+    over, FlashAttention's packed-sequence arguments: the same logits, bitwise, as its position_ids alone."""
+    model = tiny_model("core")
+    lengths = {7: 5, 8: 1, 9: 10}  # seed: length
+    documents = [
+        {"input_ids": token_ids(seed=seed, length=n, batch=1)[0].tolist()} for seed, n in lengths.items()
+    ]
+    collated = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(documents)
+    batch = {name: value.to(DEVICE) if torch.is_tensor(value) else value for name, value in collated.items()}
+    assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["max_length_q"] == 10
+    with torch.no_grad():
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        with_kwargs = model(**{name: value for name, value in batch.items() if name != "labels"}).logits
+    assert torch.equal(with_kwargs, logits)
+    rows = [(0, 0, 5), (0, 5, 6), (0, 6, 16)]
+    judge_against_each_sequence_alone(model, logits[0], batch["input_ids"], rows)
+
+    cu_seq_lens = batch["cu_seq_lens_q"]
+    with pytest.raises(ValueError, match=r"\['max_length_q', 'max_length_k'\] missing"):
+        model(batch["input_ids"], cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens)
+    with pytest.raises(ValueError, match="seq_idx"):
+        model(batch["input_ids"], seq_idx=torch.zeros_like(batch["input_ids"], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_padded_batch_gives_each_row_the_logits_it_has_alone(side):
+    """A 2-D attention_mask with padding: core gathers the unpadded tokens into one packed batch. Each row's
+    unpadded tokens must give the logits they give alone (left padding shifts positions, and rotary
+    attention depends only on their differences)."""
     model = tiny_model("core")
     ids = token_ids()
-    left_padded = torch.ones_like(ids)
-    left_padded[0, :3] = 0
-    with pytest.raises(ValueError, match=r"padding.*causal attention .* or full attention, without padding"):
-        model(ids, attention_mask=left_padded)
+    mask = torch.ones_like(ids)
+    padded = slice(0, 5) if side == "left" else slice(SEQUENCE - 5, SEQUENCE)
+    mask[0, padded] = 0
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    kept = mask.bool()
+    rows = [(0, 5, SEQUENCE) if side == "left" else (0, 0, SEQUENCE - 5), (1, 0, SEQUENCE)]
+    judge_against_each_sequence_alone(model, logits[kept], ids, rows)
 
 
-def test_packed_sequence_kwargs_are_refused():
-    model = tiny_model("core")
-    ids = token_ids(batch=1)
-    boundaries = torch.tensor([0, 6, SEQUENCE], dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match=r"cu_seq_lens_q.*packed sequences.*varlen"):
-        model(ids, cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries, max_length_q=10, max_length_k=10)
+def test_the_attention_function_outputs_zeros_at_padded_queries_and_each_row_alone_elsewhere():
+    generator = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 4, 8, 16, generator=generator).to(DEVICE)
+    k = torch.randn(2, 2, 8, 16, generator=generator).to(DEVICE)
+    v = torch.randn(2, 2, 8, 16, generator=generator).to(DEVICE)
+    keys = torch.ones(2, 8, dtype=torch.bool, device=DEVICE)
+    keys[0, :3] = False
+    out, _ = integration.core_attention_forward(torch.nn.Module(), q, k, v, keys)
+    assert out.shape == (2, 8, 4, 16)
+    assert torch.equal(out[0, :3], torch.zeros_like(out[0, :3]))
+    alone = core.attention(q[:1, :, 3:], k[:1, :, 3:], v[:1, :, 3:]).transpose(1, 2)
+    torch.testing.assert_close(out[:1, 3:], alone)
+    torch.testing.assert_close(out[1:], core.attention(q[1:], k[1:], v[1:]).transpose(1, 2))
+
+
+def test_generate_from_a_left_padded_batch_matches_sdpa():
+    """Left-padded prompts, then one query per step against the growing cache, each row's queries aligned
+    to its own last key."""
+    model = tiny_model("core", seed=3)
+    prompt = token_ids(seed=4, length=10)
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0
+
+    def greedy(attn_model):
+        result = attn_model.generate(
+            prompt, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        return result.sequences, torch.stack(result.logits, dim=1)
+
+    sequences, _ = greedy(model)
+    sdpa_sequences, sdpa_logits = greedy(same_weights(model, "sdpa"))
+    top_two = sdpa_logits.topk(2, dim=-1).values  # clear greedy choices make equal tokens a fair demand
+    assert (top_two[..., 0] - top_two[..., 1]).min() > 1e-3
+    assert torch.equal(sequences, sdpa_sequences)
 
 
 def test_dropout_in_training_is_refused_and_ignored_in_eval():
@@ -242,22 +321,50 @@ def test_attention_weights_are_refused():
         tiny_model("core")(token_ids(), output_attentions=True)
 
 
-def test_a_sliding_window_that_hides_keys_is_refused():
-    model = tiny_model("core", config=tiny_config(transformers.MistralConfig, sliding_window=4))
-    with pytest.raises(ValueError, match="sliding-window"):
-        model(token_ids())
+def gemma2_config(**overrides):
+    """Gemma 2's attention: every other layer a sliding window (4 keys here), tanh softcapping of the
+    scores; weights drawn 10x wider than transformers' default, so that scores reach the cap."""
+    settings = dict(sliding_window=4, attn_logit_softcapping=5.0, final_logit_softcapping=None)
+    settings.update(query_pre_attn_scalar=16, initializer_range=0.2)
+    return tiny_config(transformers.Gemma2Config, **{**settings, **overrides})
 
 
-def test_window_and_softcap_arguments_are_refused_by_the_attention_function():
+def test_a_gemma2_model_with_a_sliding_window_and_softcapping_is_within_the_policy():
+    model = tiny_model("core", config=gemma2_config())
+    ids = token_ids()
+    with torch.no_grad():
+        logits = model(ids).logits
+        truth = same_weights(model, "eager", torch.float64)(ids).logits
+        yardstick = same_weights(model, "eager")(ids).logits
+    verdict = judge("out", logits, truth, yardstick)
+    assert verdict.ok, str(verdict)
+    # Both features change the logits (same weights without one of them): a kernel that ignored either
+    # would fail the verdict above.
+    for without_one in (gemma2_config(sliding_window=SEQUENCE), gemma2_config(attn_logit_softcapping=None)):
+        other = tiny_model("eager", config=without_one).to(torch.float64)
+        with torch.no_grad():
+            assert (other(ids).logits - truth).abs().max() > 100 * verdict.bound
+
+
+def test_generate_with_a_sliding_window_and_softcapping_matches_eager():
+    model = tiny_model("core", config=gemma2_config(), seed=3)
+    prompt = token_ids(seed=4, length=10)
+    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    settings["attention_mask"] = torch.ones_like(prompt)
+    sequences = model.generate(prompt, **settings)
+    expected = same_weights(model, "eager").generate(prompt, **settings)
+    assert torch.equal(sequences, expected)
+
+
+def test_the_attention_function_maps_the_window_and_softcap_as_flashattention_does():
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
     k = v = torch.randn(1, 1, 8, 16, device=DEVICE)
     module = torch.nn.Module()
-    with pytest.raises(ValueError, match="sliding_window=4 over 8 keys"):
-        integration.core_attention_forward(module, q, k, v, None, sliding_window=4)
-    with pytest.raises(ValueError, match="softcap"):
-        integration.core_attention_forward(module, q, k, v, None, softcap=30.0)
-    out, _ = integration.core_attention_forward(module, q, k, v, None, sliding_window=8, softcap=None)
-    assert torch.equal(out, core.attention(q, k, v).transpose(1, 2))
+    out, _ = integration.core_attention_forward(module, q, k, v, None, sliding_window=4, softcap=30.0)
+    expected = core.attention(q, k, v, window_size=(3, 0), softcap=30.0)
+    assert torch.equal(out, expected.transpose(1, 2))
+    with pytest.raises(ValueError, match="sliding_window=4 with full"):
+        integration.core_attention_forward(module, q, k, v, None, is_causal=False, sliding_window=4)
 
 
 def test_a_static_cache_is_refused():
@@ -300,16 +407,34 @@ def test_the_mask_function_hands_over_none_only_for_what_core_computes():
     with pytest.raises(ValueError, match="static cache"):
         mask(q_length=1, q_offset=torch.tensor(7))
 
+    # A causal sliding window passes: the attention function gets its size. Other local patterns pass
+    # only where they hide nothing.
     sliding = masks.and_masks(masks.sliding_window_overlay(4), causal)
-    assert mask(sliding, q_length=8, q_offset=0, local_size=16) is None  # a window longer than the keys
-    with pytest.raises(ValueError, match="sliding-window"):
-        mask(sliding, q_length=8, q_offset=0, local_size=4)
+    assert mask(sliding, q_length=8, q_offset=0, local_size=4) is None
+    both_ways = masks.sliding_window_bidirectional_mask_function(4)
+    assert mask(both_ways, q_length=8, q_offset=0, local_size=16) is None
+    with pytest.raises(ValueError, match="sliding_window_bidirectional_overlay"):
+        mask(both_ways, q_length=8, q_offset=0, local_size=4)
+    chunked = masks.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="chunked_overlay"):
+        mask(chunked, q_length=8, q_offset=0, local_size=4)
 
+    # Padding: the keys' mask, sliced to the keys, or None when it masks none of them.
+    assert mask(attention_mask=torch.ones(1, 8, dtype=torch.bool), q_length=8, q_offset=0) is None
+    padded = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask(attention_mask=padded, q_length=8, q_offset=0), padded)
+
+    # Packed rows: the boundaries of their sequences over the rows laid end to end.
     one_sequence = masks.packed_sequence_mask_function(torch.zeros(1, 8, dtype=torch.long))
     assert mask(masks.and_masks(causal, one_sequence)) is None
     two_sequences = masks.packed_sequence_mask_function(torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]))
-    with pytest.raises(ValueError, match="packed"):
-        mask(masks.and_masks(causal, two_sequences))
+    boundaries = mask(masks.and_masks(causal, two_sequences))
+    assert boundaries.dtype == torch.int32 and boundaries.tolist() == [0, 3, 8]
+    two_rows = masks.packed_sequence_mask_function(torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [0] * 8]))
+    boundaries = integration.core_attention_mask(
+        2, kv_length=8, mask_function=masks.and_masks(causal, two_rows), q_length=8, q_offset=0
+    )
+    assert boundaries.tolist() == [0, 3, 8, 16]
 
     def diagonal(batch, head, q, kv):
         return q == kv

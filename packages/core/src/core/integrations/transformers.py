@@ -11,34 +11,42 @@ to its `AttentionMaskInterface` (transformers 4.54 or newer; transformers stays 
 imported only by `register()`). A model then runs each layer's attention through `core.attention`, with
 GQA/MQA read in place (k and v are never repeated) and the output handed back as a view.
 
-What core honours: causal attention, bottom-right aligned (so queries at the end of a KV cache, a single
-decoded token included, see every key up to their own position), or full attention; in both cases
-without padding. The mask function checks everything transformers would otherwise put into a mask,
-once per forward, and hands over None; the attention function checks its keyword arguments. Nothing is
-ignored silently: each of these raises a ValueError before anything is launched, naming what was asked
-for and what is supported:
+What core honours, each the way transformers' FlashAttention integration reads it:
 
-- a 2-D attention_mask that masks a key (padding), and a static cache (keys past the current position,
-  masked by transformers' padded mask or found from the query offset);
-- sequences packed into one row: position_ids that restart where transformers reads them as packing
-  (no cache and no 2-D mask, the training case; SDPA reads them the same way), or the cu_seq_lens_q/k,
-  max_length_q/k or seq_idx keyword arguments. Packed sequences and padding masks come with core's
-  varlen support;
-- a sliding window or chunked attention that hides keys (a window longer than the keys hides none and
-  passes), logit soft-capping (softcap), attention sinks (s_aux), additive position biases,
-  other mask overlays, explicit 4-D masks;
-- dropout > 0 (core has no dropout; transformers passes 0 in eval mode) and output_attentions=True
-  (core never forms the attention weights).
+- causal attention, bottom-right aligned (so queries at the end of a KV cache, a single decoded token
+  included, see every key up to their own position), or full attention;
+- a causal sliding window (the attention function's `sliding_window`: a query sees the `sliding_window`
+  keys ending at its own position, window_size=(sliding_window - 1, 0)) and logit soft-capping
+  (`softcap`), as Mistral, Gemma 2/3, Qwen 2 and gpt-oss layers pass them;
+- padding: a 2-D attention_mask that masks keys. The mask function hands it over (B, keys) and the
+  attention function gathers the unmasked tokens into one packed batch (core.attention_varlen), each row
+  a sequence, queries aligned to their row's last key, and scatters the output back (zeros at padded
+  queries);
+- sequences packed into rows: position_ids that restart where transformers reads them as packing (no
+  cache and no 2-D mask; the mask function turns them into sequence boundaries), or the
+  cu_seq_lens_q/k and max_length_q/k keyword arguments (DataCollatorWithFlattening with
+  return_flash_attn_kwargs=True). Each sequence attends only within itself, positions counted from its
+  own start.
+
+Nothing is ignored silently: everything else raises a ValueError before anything is launched, naming
+what was asked for and what is supported: a static cache (keys past the current position, masked by
+transformers' padded mask or found from the query offset); bidirectional sliding windows and chunked
+attention that hide keys (a window longer than the keys hides none and passes), attention sinks (s_aux),
+additive position biases, paged caches, other mask overlays, explicit 4-D masks; seq_idx without
+cu_seq_lens; dropout > 0 (core has no dropout; transformers passes 0 in eval mode) and
+output_attentions=True (core never forms the attention weights).
 
 Keyword arguments accepted and ignored, because they do not change the attention: position_ids (they
 feed the rotary embedding; their packing meaning reaches core through the mask function), cache_position,
 use_cache, output_hidden_states, output_router_logits, return_dict, num_items_in_batch (loss
-normalisation) and deterministic (core's backward always is). Any other keyword argument that is set
-(not None or False) is a TypeError.
+normalisation), deterministic (core's backward always is) and seq_idx next to cu_seq_lens (the same
+boundaries). Any other keyword argument that is set (not None or False) is a TypeError.
 
 Reading a mask or position_ids costs a device sync, and under torch.compile a graph break, in the mask
-function. That happens only where transformers hands over data to read: a 2-D attention_mask, or,
-without a cache, position_ids that may be packed. A plain causal forward reads nothing.
+function; a padded batch costs one more sync per layer (the gather's size). That happens only where
+transformers hands over data to read: a 2-D attention_mask, or, without a cache, position_ids that may
+be packed. A plain causal forward reads nothing. A batch packed by position_ids sizes its grid by the
+row length (no sync per layer): the idle programs cost a little time, nothing else.
 """
 
 from __future__ import annotations
@@ -54,8 +62,9 @@ __all__ = ["ATTENTION_NAME", "core_attention_forward", "core_attention_mask", "r
 ATTENTION_NAME = "core"
 
 _SUPPORTED = (
-    "core honours causal attention (bottom-right aligned) or full attention, without padding; "
-    "packed sequences and padding masks come with core's varlen support"
+    "core honours causal attention (bottom-right aligned) or full attention, with a causal sliding window, "
+    "logit soft-capping, padding masks (2-D attention_mask) and packed sequences (restarting position_ids, "
+    "or cu_seq_lens_q/k with max_length_q/k)"
 )
 
 # transformers.masking_utils builds a mask pattern from named factories; these are the ones core knows.
@@ -83,13 +92,11 @@ _IGNORED_KWARGS = frozenset(
         "deterministic",
     }
 )
-_PACKED = f"packed sequences (several sequences in one row) are not supported: {_SUPPORTED}"
+# FlashAttention's packed-sequence keyword arguments: all four, or none.
+_PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 _REFUSED_KWARGS = {
-    "cu_seq_lens_q": _PACKED,
-    "cu_seq_lens_k": _PACKED,
-    "max_length_q": _PACKED,
-    "max_length_k": _PACKED,
-    "seq_idx": _PACKED,
+    "seq_idx": "seq_idx marks packed sequences, which core reads from cu_seq_lens_q/k and max_length_q/k "
+    "(DataCollatorWithFlattening(return_flash_attn_kwargs=True)) or from restarting position_ids",
     "output_attentions": "core never forms the attention weights; attn_implementation='eager' returns them",
     "s_aux": "attention sinks (s_aux) are not supported",
     "position_bias": "additive position biases are not supported",
@@ -133,29 +140,93 @@ def core_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query (B, Hq, N, D), key and value (B, Hkv, Nk, D) with
-    Hq a multiple of Hkv, not repeated. Returns (attn_output (B, N, Hq, D), None). attn_output is a
-    transposed view of core's output, which has the query's strides, so the model's usual reshape of it
-    to (B, N, Hq * D) copies nothing when the query came from a (B, N, Hq * D) projection.
+    Hq a multiple of Hkv, not repeated. Returns (attn_output (B, N, Hq, D), None). Without padding or
+    packing, attn_output is a transposed view of core's output, which has the query's strides, so the
+    model's usual reshape of it to (B, N, Hq * D) copies nothing when the query came from a
+    (B, N, Hq * D) projection.
 
-    is_causal, when not given, is the module's `is_causal` (default True), as transformers' SDPA and
-    FlashAttention integrations decide it; causal attention is bottom-right aligned.
+    attention_mask is what core_attention_mask handed over: None, a (B, Nk) boolean padding mask, or the
+    int32 boundaries of sequences packed into the rows. is_causal, when not given, is the module's
+    `is_causal` (default True), as transformers' SDPA and FlashAttention integrations decide it.
     """
-    if attention_mask is not None:
-        raise ValueError(
-            f"core was handed an attention mask tensor of shape {tuple(attention_mask.shape)}. Its mask "
-            "function hands over None for every mask core honours, so this one was built elsewhere (an "
-            f"explicit 4-D mask, or a model that builds its own masks) and core cannot apply it: {_SUPPORTED}"
-        )
     if dropout:
         raise ValueError(
             f"attention dropout {dropout} requested, but core has no dropout: set config.attention_dropout "
             "to 0.0 (transformers passes the dropout only in training mode)"
         )
+    packed_kwargs = _packed_keyword_arguments(kwargs)
     _check_keyword_arguments(kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    window_and_softcap = _window_and_softcap(sliding_window, softcap, n_keys=key.shape[2])
-    out = core.attention(query, key, value, causal=causal, sm_scale=scaling, **window_and_softcap)
-    return out.transpose(1, 2), None
+    options = dict(causal=causal, sm_scale=scaling, **_window_and_softcap(sliding_window, softcap, causal))
+    queries = query.transpose(1, 2)  # (B, N, Hq, D), as the model reads the output
+    keys, values = key.transpose(1, 2), value.transpose(1, 2)
+    if packed_kwargs is not None:
+        if attention_mask is not None:
+            raise ValueError(f"cu_seq_lens_q/k came with an attention mask as well: {_SUPPORTED}")
+        return _packed(queries, keys, values, *packed_kwargs, options), None
+    if attention_mask is None:
+        out = core.attention(query, key, value, **options)
+        return out.transpose(1, 2), None
+    if attention_mask.dtype == torch.int32 and attention_mask.dim() == 1:  # core_attention_mask's boundaries
+        length = queries.shape[1]  # a bound on every sequence's length: it sizes the grid, nothing is read
+        return _packed(queries, keys, values, attention_mask, attention_mask, length, length, options), None
+    if attention_mask.dtype == torch.bool and attention_mask.shape == (key.shape[0], key.shape[2]):
+        return _padded(queries, keys, values, attention_mask, options), None
+    raise ValueError(
+        f"core was handed an attention mask tensor of shape {tuple(attention_mask.shape)} and dtype "
+        f"{attention_mask.dtype}. Its mask function hands over None, a (batch, keys) boolean padding mask or "
+        "int32 sequence boundaries, so this one was built elsewhere (an explicit 4-D mask, or a model that "
+        f"builds its own masks) and core cannot apply it: {_SUPPORTED}"
+    )
+
+
+def _packed(queries, keys, values, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, options):
+    """Rows (B, N, H, D) holding sequences end to end, sequence boundaries over the flattened rows: one
+    core.attention_varlen call. Returns (B, N, Hq, D)."""
+    rows, length = queries.shape[:2]
+    flat = [x.flatten(0, 1) for x in (queries, keys, values)]  # a view for one row (the packed case)
+    out = core.attention_varlen(*flat, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)
+    return out.unflatten(0, (rows, length))
+
+
+def _padded(queries, keys, values, key_mask, options):
+    """A padded batch: gather each row's unmasked queries and keys into one packed batch, run
+    core.attention_varlen, scatter the output back (zeros at padded queries). The queries are the last
+    Nq positions of the keys' mask (a KV cache's new tokens), so each row's queries end at its last key:
+    bottom-right alignment per row, as core's causal mask is."""
+    query_mask = key_mask[:, -queries.shape[1] :]
+    cu_seqlens_q, max_seqlen_q = _sequence_lengths(query_mask)
+    cu_seqlens_k, max_seqlen_k = _sequence_lengths(key_mask)
+    out = core.attention_varlen(
+        queries[query_mask], keys[key_mask], values[key_mask],
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options,
+    )  # fmt: skip
+    padded = out.new_zeros(queries.shape[:3] + out.shape[-1:])
+    padded[query_mask] = out
+    return padded
+
+
+@torch.compiler.disable
+def _sequence_lengths(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The int32 cumulative sums from 0 of a (B, N) boolean mask's per-row counts, and the largest count
+    (at least 1, as attention_varlen's bound must be)."""
+    lengths = mask.sum(dim=1, dtype=torch.int32)
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return cu_seqlens, max(int(lengths.max()), 1)
+
+
+def _packed_keyword_arguments(kwargs: dict) -> tuple | None:
+    """FlashAttention's packed-sequence keyword arguments (cu_seq_lens_q/k as int32 tensors, max_length_q/k
+    as ints), taken out of kwargs, or None when none is set."""
+    given = {name: kwargs.pop(name, None) for name in _PACKED_KWARGS}
+    if all(value is None for value in given.values()):
+        return None
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+        raise ValueError(f"packed sequences need all of {list(_PACKED_KWARGS)}; {missing} missing")
+    kwargs.pop("seq_idx", None)  # the same boundaries, for models with state-space layers
+    cu_seqlens_q, cu_seqlens_k, max_length_q, max_length_k = given.values()
+    return cu_seqlens_q, cu_seqlens_k, int(max_length_q), int(max_length_k)
 
 
 def _check_keyword_arguments(kwargs: dict) -> None:
@@ -166,30 +237,29 @@ def _check_keyword_arguments(kwargs: dict) -> None:
             raise ValueError(f"{name} was passed to core's attention: {_REFUSED_KWARGS[name]}")
         raise TypeError(
             f"core's attention got the keyword argument {name}={value!r}, which it does not know. It "
-            f"honours dropout=0, scaling and is_causal; ignores {sorted(_IGNORED_KWARGS)}; refuses "
-            f"{sorted(_REFUSED_KWARGS)}, sliding windows and softcap"
+            f"honours dropout=0, scaling, is_causal, sliding_window, softcap and {list(_PACKED_KWARGS)}; "
+            f"ignores {sorted(_IGNORED_KWARGS)}; refuses {sorted(_REFUSED_KWARGS)}"
         )
 
 
-def _window_and_softcap(sliding_window: int | None, softcap: float | None, *, n_keys: int) -> dict:
-    """The keyword arguments that carry a sliding window and logit soft-capping to core.attention.
+def _window_and_softcap(sliding_window: int | None, softcap: float | None, causal: bool) -> dict:
+    """core.attention's window_size and softcap for transformers' sliding_window and softcap.
 
-    core has neither yet, so a window that hides a key, or a softcap, is refused, and nothing needs
-    passing otherwise. Once core.attention takes FlashAttention's window_size=(left, right) and softcap=,
-    this returns {"window_size": (sliding_window - 1, sliding_window - 1), "softcap": softcap} for the
-    ones that are set: transformers' sliding window shows a query the `sliding_window` keys ending at its
-    own position, and that is its FlashAttention integration's mapping.
+    transformers' causal sliding window shows a query the `sliding_window` keys ending at its own
+    position (its mask: key > query - sliding_window): window_size=(sliding_window - 1, 0). A window over
+    fewer keys than that hides none, so passing it always is exact.
     """
-    # A causal query sees at most n_keys keys, so a window of n_keys or more hides none (the test
-    # transformers' FlashAttention integration makes before passing a window on).
-    if sliding_window is not None and n_keys > sliding_window:
-        raise ValueError(
-            f"sliding_window={sliding_window} over {n_keys} keys: sliding-window attention is not "
-            f"supported yet; {_SUPPORTED}"
-        )
+    options = {}
+    if sliding_window is not None:
+        if not causal:
+            raise ValueError(
+                f"sliding_window={sliding_window} with full (bidirectional) attention: core takes causal "
+                f"sliding windows; {_SUPPORTED}"
+            )
+        options["window_size"] = (sliding_window - 1, 0)
     if softcap:
-        raise ValueError(f"softcap={softcap}: logit soft-capping is not supported yet; {_SUPPORTED}")
-    return {}
+        options["softcap"] = softcap
+    return options
 
 
 def core_attention_mask(
@@ -204,9 +274,12 @@ def core_attention_mask(
     q_offset: int | torch.Tensor = 0,
     cache_position: torch.Tensor | None = None,
     **tensor_options,
-) -> None:
-    """transformers' mask-function signature. Returns None (core needs no mask tensor) for a mask core
-    honours and raises a ValueError for any other.
+) -> torch.Tensor | None:
+    """transformers' mask-function signature. Returns what core_attention_forward needs to apply the mask,
+    or raises a ValueError for a mask core cannot honour: None for causal or full attention (a causal
+    sliding window included: the attention function gets its size), the (B, kv_length) boolean mask of
+    the keys for a padded batch, or the int32 boundaries of sequences packed into the rows (over the rows
+    laid end to end) for restarting position_ids.
 
     transformers 5 describes the queries by q_length and q_offset; 4.54 to 4.57 by their positions,
     cache_position. tensor_options (allow_is_causal_skip, dtype, device, config, use_vmap, ...) say how
@@ -214,11 +287,15 @@ def core_attention_mask(
     """
     # A plain pattern without a 2-D mask is decided from names alone, so torch.compile traces it; the
     # checks that read tensors or take the pattern apart run outside the graph (one graph break).
+    handed_over = None
     causal = _plain_pattern_is_causal(mask_function)
     if causal is None:
-        causal = _check_pattern(mask_function, kv_length=kv_length, local_size=local_size)
+        causal, handed_over = _check_pattern(mask_function, kv_length=kv_length, local_size=local_size)
     if attention_mask is not None:
-        _check_no_padding(attention_mask, kv_length=kv_length, kv_offset=kv_offset)
+        padding = _padding_mask(attention_mask, kv_length=kv_length, kv_offset=kv_offset)
+        if padding is not None and handed_over is not None:  # transformers packs only without a mask
+            raise ValueError(f"a padding mask over sequences packed into rows: {_SUPPORTED}")
+        handed_over = padding if padding is not None else handed_over
     if isinstance(q_offset, torch.Tensor):  # transformers 5 keeps a static cache's offset in a tensor
         raise ValueError(
             f"a static cache keeps keys past the current position, which need masking: {_SUPPORTED}. "
@@ -231,7 +308,7 @@ def core_attention_mask(
             # first one (decoding under transformers 4.5x).
             q_offset = kv_offset if kv_length == q_length else _first_position(cache_position)
         _check_queries_end_at_the_last_key(q_length, q_offset, kv_length=kv_length, kv_offset=kv_offset)
-    return None
+    return handed_over
 
 
 def _plain_pattern_is_causal(mask_function: Callable) -> bool | None:
@@ -251,8 +328,11 @@ def _first_position(cache_position: torch.Tensor) -> int:
 
 
 @torch.compiler.disable
-def _check_pattern(mask_function: Callable, *, kv_length: int, local_size: int | None) -> bool:
-    """Refuse a mask pattern core cannot compute; return whether it is causal (else it is full attention)."""
+def _check_pattern(
+    mask_function: Callable, *, kv_length: int, local_size: int | None
+) -> tuple[bool, torch.Tensor | None]:
+    """Refuse a mask pattern core cannot compute. Returns whether it is causal (else it is full attention)
+    and, when it packs several sequences into a row, their int32 boundaries (else None)."""
     parts = _intersected_parts(mask_function)
     names = [_factory_name(part) for part in parts]
     known = (*_PLAIN_PATTERNS, *_LOCAL_OVERLAYS, _PACKED_SEQUENCES)
@@ -261,29 +341,42 @@ def _check_pattern(mask_function: Callable, *, kv_length: int, local_size: int |
         raise ValueError(
             f"the model asks for a mask made of [{described}], which core cannot make: {_SUPPORTED}"
         )
-    # transformers' own test for a window or chunk that hides nothing (it lets SDPA drop the mask too).
-    # Once core.attention takes a window, sliding-window overlays pass here and the window reaches core
-    # through the attention function's sliding_window argument (_window_and_softcap).
-    if any(name in _LOCAL_OVERLAYS for name in names) and (local_size is None or kv_length >= local_size):
+    causal = any(_PLAIN_PATTERNS.get(name, False) for name in names)
+    # A causal sliding window reaches core through the attention function's sliding_window argument, as
+    # it reaches FlashAttention. Other local patterns pass only where they hide nothing (transformers' own
+    # test, which lets SDPA drop the mask too).
+    honoured = {"sliding_window_overlay"} if causal else set()
+    hiding = [name for name in names if name in _LOCAL_OVERLAYS and name not in honoured]
+    if hiding and (local_size is None or kv_length >= local_size):
         raise ValueError(
-            f"the model asks for sliding-window or chunked attention (size {local_size}) over {kv_length} "
-            f"keys, which core does not support yet; {_SUPPORTED}"
+            f"the model asks for {hiding[0]} (size {local_size}) over {kv_length} keys, which core does not "
+            f"support: {_SUPPORTED}"
         )
+    boundaries = None
     for part, name in zip(parts, names):
-        # The index of each token's sequence within its row, counted from 0: a row whose position_ids
-        # restart ends past sequence 0.
-        if name == _PACKED_SEQUENCES and bool((_closure(part)["packed_sequence_mask"][:, -1] != 0).any()):
-            raise ValueError(
-                "position_ids restart within a row, which transformers reads as several sequences packed "
-                f"into that row: {_SUPPORTED}"
-            )
-    return any(_PLAIN_PATTERNS.get(name, False) for name in names)
+        if name == _PACKED_SEQUENCES:
+            boundaries = _packed_boundaries(_closure(part)["packed_sequence_mask"])
+    return causal, boundaries
+
+
+def _packed_boundaries(sequence_index: torch.Tensor) -> torch.Tensor | None:
+    """transformers' packed-sequence mask, (B, N): each token's sequence within its row, counted from 0.
+    Returns the int32 offsets where sequences start in the rows laid end to end, and their total B * N
+    (attention_varlen's cu_seqlens), or None when no row holds more than one sequence."""
+    if not bool((sequence_index[:, -1] != 0).any()):
+        return None
+    flat = sequence_index.flatten()
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[:: sequence_index.shape[1]] = True  # every row starts a sequence, whatever its index
+    offsets = starts.nonzero().flatten()
+    return torch.cat([offsets, offsets.new_tensor([flat.numel()])]).to(torch.int32)
 
 
 def _intersected_parts(mask_function: Callable) -> list[Callable]:
     """The mask functions whose intersection (transformers' and_masks) `mask_function` is, with the position
-    remapping transformers wraps around a pattern for packed sequences taken off: it changes nothing
-    unless the sequences are packed, which the packed-sequence part that comes with it refuses."""
+    remapping transformers wraps around a pattern for packed sequences taken off: it counts positions from
+    each sequence's start, as attention_varlen does."""
     name = _factory_name(mask_function)
     if name == "and_masks":
         inner = _closure(mask_function)["mask_functions"]
@@ -307,18 +400,18 @@ def _closure(function: Callable) -> dict[str, object]:
 
 
 @torch.compiler.disable
-def _check_no_padding(attention_mask: torch.Tensor, *, kv_length: int, kv_offset: int) -> None:
-    """Refuse a 2-D mask (B, positions) that masks one of the keys, at positions kv_offset to
-    kv_offset + kv_length - 1. transformers counts positions past the mask's end as masked: the
-    unused tail of a static cache."""
+def _padding_mask(attention_mask: torch.Tensor, *, kv_length: int, kv_offset: int) -> torch.Tensor | None:
+    """A 2-D mask (B, positions) over the keys at positions kv_offset to kv_offset + kv_length - 1, as a
+    (B, kv_length) boolean tensor, or None when it masks none of them. transformers counts positions
+    past the mask's end as masked: the unused tail of a static cache, which core refuses."""
     keys_end = kv_offset + kv_length
     if attention_mask.shape[-1] < keys_end:
         raise ValueError(
             f"attention_mask covers {attention_mask.shape[-1]} positions but the keys run to position "
             f"{keys_end} (a static cache's unused tail counts as masked): {_SUPPORTED}"
         )
-    if not bool(attention_mask[:, kv_offset:keys_end].all()):
-        raise ValueError(f"attention_mask masks some keys (padding): {_SUPPORTED}")
+    keys = attention_mask[:, kv_offset:keys_end].bool()
+    return None if bool(keys.all()) else keys
 
 
 def _check_queries_end_at_the_last_key(q_length: int, q_offset: int, *, kv_length: int, kv_offset: int):
