@@ -39,8 +39,17 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{directory.name}: {first['profile']}{slice_}, {examples} examples, {failed} failures, {state}"
         )
+        listed = set()
         for summary in processes:
+            listed.update(summary["failure_files"])
             report.merge({**summary, "failure_files": [str(directory / f) for f in summary["failure_files"]]})
+        # A process killed between writing a failure file and its summary leaves the file unlisted.
+        unlisted = sorted(
+            str(path) for path in (directory / "failures").glob("*.json")
+            if str(path.relative_to(directory)) not in listed
+        )  # fmt: skip
+        if unlisted:
+            report.merge({"failure_files": unlisted})
     print(f"\nall {len(runs)} runs:")
     print(report.table())
     for path in report.snapshot()["failure_files"]:

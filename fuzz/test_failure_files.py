@@ -128,6 +128,11 @@ def test_a_killed_run_keeps_a_complete_replayable_failure_file(tmp_path):
     assert any(v["quantity"] == "out" and not v["ok"] for v in example["verdicts"])
     assert "TENSOR_DESCRIPTORS" in example["kernel_path"]["forward"]["launch"]
     assert (runs / path.parent.parent.name / "summary-main.json").exists()
+    summary = subprocess.run(
+        [sys.executable, "-m", "fuzz.summary", str(path.parent.parent)],
+        cwd=tmp_path, env=_environment(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert summary.returncode == 1 and f"failure file: {path}" in summary.stdout, summary.stdout
 
     replay = subprocess.run(
         [sys.executable, "-m", "fuzz.replay", str(path)],
