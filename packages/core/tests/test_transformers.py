@@ -229,6 +229,23 @@ def test_without_a_cache_restarting_position_ids_pack_sequences_that_attend_only
     judge_against_each_sequence_alone(model, logits.flatten(0, 1), ids, rows)
 
 
+def test_packed_rows_size_the_grid_by_their_longest_sequence(monkeypatch):
+    """The mask function finds the longest packed sequence once per forward; every layer's varlen call
+    gets it as its bound (not the row length)."""
+    bounds = []
+    attention_varlen = core.attention_varlen
+
+    def recording(*args, **kwargs):
+        bounds.append(args[5:7])
+        return attention_varlen(*args, **kwargs)
+
+    monkeypatch.setattr(core, "attention_varlen", recording)
+    position_ids = torch.cat([torch.arange(6), torch.arange(10)]).to(DEVICE)[None]
+    with torch.no_grad():
+        tiny_model("core")(token_ids(batch=1), position_ids=position_ids, use_cache=False)
+    assert bounds == [(10, 10), (10, 10)]
+
+
 def test_flattening_collator_kwargs_pack_sequences_as_restarting_position_ids_do():
     """DataCollatorWithFlattening(return_flash_attn_kwargs=True) hands cu_seq_lens_q/k and max_length_q/k
     over, FlashAttention's packed-sequence arguments: the same logits, bitwise, as its position_ids alone."""
@@ -493,3 +510,25 @@ def test_compiled_model_equals_eager_bitwise_with_no_graph_break_from_core():
     # recent transformers) and never inside core's package, the integration included.
     assert breaks_in_core(with_core) == []
     assert with_core.graph_break_count == with_sdpa.graph_break_count
+
+
+@pytest.mark.parametrize("inputs", ["padded", "packed", "window and softcap"])
+def test_compiled_model_equals_eager_bitwise_with_masks_and_features(inputs):
+    """torch.compile over the varlen and window paths: the mask function's checks run outside the graph
+    (graph breaks, as reading a mask must), the results are eager's bits."""
+    ids = token_ids()
+    model, arguments = tiny_model("core"), {}
+    if inputs == "padded":
+        arguments["attention_mask"] = torch.ones_like(ids)
+        arguments["attention_mask"][0, :5] = 0
+    elif inputs == "packed":
+        position_ids = torch.cat([torch.arange(6), torch.arange(10)]).to(DEVICE)
+        arguments.update(position_ids=position_ids.expand(BATCH, -1), use_cache=False)
+    else:
+        model = tiny_model("core", config=gemma2_config())
+    with torch.no_grad():
+        eager = model(ids, **arguments).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager")(ids, **arguments).logits
+    torch._dynamo.reset()
+    assert torch.equal(compiled, eager)

@@ -45,8 +45,9 @@ boundaries). Any other keyword argument that is set (not None or False) is a Typ
 Reading a mask or position_ids costs a device sync, and under torch.compile a graph break, in the mask
 function; a padded batch costs one more sync per layer (the gather's size). That happens only where
 transformers hands over data to read: a 2-D attention_mask, or, without a cache, position_ids that may
-be packed. A plain causal forward reads nothing. A batch packed by position_ids sizes its grid by the
-row length (no sync per layer): the idle programs cost a little time, nothing else.
+be packed. A plain causal forward reads nothing. A batch packed by position_ids sizes its grid by its
+longest sequence, found once per forward by the mask function (under torch.compile, by the row length:
+the idle programs cost a little time, nothing else).
 """
 
 from __future__ import annotations
@@ -168,8 +169,10 @@ def core_attention_forward(
         out = core.attention(query, key, value, **options)
         return out.transpose(1, 2), None
     if attention_mask.dtype == torch.int32 and attention_mask.dim() == 1:  # core_attention_mask's boundaries
-        length = queries.shape[1]  # a bound on every sequence's length: it sizes the grid, nothing is read
-        return _packed(queries, keys, values, attention_mask, attention_mask, length, length, options), None
+        # The longest sequence, which the mask function found once per forward; the row length, a bound,
+        # where the attribute did not survive (a compiled graph): it sizes the grid, nothing is read.
+        longest = getattr(attention_mask, "longest_sequence", queries.shape[1])
+        return _packed(queries, keys, values, attention_mask, attention_mask, longest, longest, options), None
     if attention_mask.dtype == torch.bool and attention_mask.shape == (key.shape[0], key.shape[2]):
         return _padded(queries, keys, values, attention_mask, options), None
     raise ValueError(
@@ -362,7 +365,8 @@ def _check_pattern(
 def _packed_boundaries(sequence_index: torch.Tensor) -> torch.Tensor | None:
     """transformers' packed-sequence mask, (B, N): each token's sequence within its row, counted from 0.
     Returns the int32 offsets where sequences start in the rows laid end to end, and their total B * N
-    (attention_varlen's cu_seqlens), or None when no row holds more than one sequence."""
+    (attention_varlen's cu_seqlens), or None when no row holds more than one sequence. The tensor carries
+    the longest sequence's length as its `longest_sequence` attribute."""
     if not bool((sequence_index[:, -1] != 0).any()):
         return None
     flat = sequence_index.flatten()
@@ -370,7 +374,9 @@ def _packed_boundaries(sequence_index: torch.Tensor) -> torch.Tensor | None:
     starts[1:] = flat[1:] != flat[:-1]
     starts[:: sequence_index.shape[1]] = True  # every row starts a sequence, whatever its index
     offsets = starts.nonzero().flatten()
-    return torch.cat([offsets, offsets.new_tensor([flat.numel()])]).to(torch.int32)
+    boundaries = torch.cat([offsets, offsets.new_tensor([flat.numel()])]).to(torch.int32)
+    boundaries.longest_sequence = int(boundaries.diff().max())  # every layer's grid size, read here once
+    return boundaries
 
 
 def _intersected_parts(mask_function: Callable) -> list[Callable]:
