@@ -20,6 +20,7 @@ NAMES = [
     "e7_backward",
     "e8_tolerance",
     "e9_closing_the_gap",
+    "e10_softcap_window",
 ]
 
 
