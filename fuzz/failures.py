@@ -244,21 +244,31 @@ def kernel_path(case: Case) -> dict:
     from fuzz.cases import build
     from fuzz.oracle import DEVICE
 
+    def bound_launches(plan, prefix: str, seen: set) -> dict:
+        """The bound launches a plan holds, and those of the plans it holds (decode's attend plan,
+        hopper's portable one), named by their path from the outer plan."""
+        seen.add(id(plan))
+        found = {}
+        for name, value in vars(plan).items():
+            if isinstance(value, core.testing.portable.launch.BoundLaunch):
+                found[prefix + name] = {"grid": list(value.grid), **value.keywords}
+            elif type(value).__module__.startswith("core.kernels.") and id(value) not in seen:
+                found.update(bound_launches(value, f"{prefix}{name}.", seen))
+        return found
+
     def launches(plan) -> dict:
-        """Every bound launch a plan holds: its grid, constexprs and options (a family without bound
-        launches, such as the Gluon one, shows its tile settings instead)."""
-        bound = core.testing.portable.launch.BoundLaunch
-        found = {
-            name: {"grid": list(value.grid), **value.keywords}
-            for name, value in vars(plan).items()
-            if isinstance(value, bound)
-        }
-        return found or {"plan": type(plan).__module__, **getattr(plan, "constexprs", {})}
+        """The plan's module, its own tile settings where it launches a kernel of its own (the Gluon
+        family), and every bound launch it holds: grid, constexprs and options."""
+        own = {"plan": type(plan).__module__, **getattr(plan, "constexprs", {})}
+        return {**own, **bound_launches(plan, "", set())}
 
     problem = case.problem
     inputs = build(case, DEVICE)
     q, k, v = (t.detach() for t in (inputs.q, inputs.k, inputs.v))
-    forward = core.testing.plan_for(q, k, v, causal=problem.causal, sm_scale=problem.sm_scale)
+    forward = core.testing.plan_for(
+        q, k, v, causal=problem.causal, sm_scale=problem.sm_scale,
+        window_size=problem.window_size, softcap=problem.softcap,
+    )  # fmt: skip
     dout = torch.zeros_like(q) if inputs.dout is None else inputs.dout  # autograd's stand-in for None
     dlse = None if inputs.dlse is None else inputs.dlse.contiguous()
     backward = forward.backward_plan(dout, dlse, q, k, v)

@@ -146,11 +146,11 @@ def cached_plans() -> list:
     return _plans.cached()
 
 
-def plan_for(q, k, v, *, causal: bool, sm_scale: float | None = None):
-    """The forward plan core uses for this call (validating it first, as a call would; nothing is
-    launched): its family, tiles and bound launches, for tools that record which kernels ran. Its
-    `backward_plan(dout, dlse, q, k, v)` is the backward's."""
-    return _plans.forward_plan(q, k, v, causal, sm_scale, False)
+def plan_for(q, k, v, *, causal: bool, sm_scale: float | None = None, window_size=(-1, -1), softcap=0.0):
+    """The forward plan core uses for this core.attention call (validating it first, as a call would;
+    nothing is launched): its family, tiles and bound launches, for tools that record which kernels ran.
+    Its `backward_plan(dout, dlse, q, k, v)` is the backward's."""
+    return _plans.forward_plan(q, k, v, causal, sm_scale, False, window_size, softcap)
 
 
 def clear_plans() -> None:
