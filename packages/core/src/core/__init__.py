@@ -6,6 +6,7 @@
     out = core.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, k=k_new, v=v_new)
     out = core.attention(q, k, v, window_size=(4096, 0), softcap=50.0)  # sliding window, softcapping
     out = core.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k)  # packed sequences, (total, H, D)
+    out = core.scaled_dot_product_attention(q, k, v, is_causal=True)  # SDPA's signature and semantics
 
 `core.attention_reference` (and `core.attention_varlen_reference`) is the float64 ground truth with the
 same semantics, and `core.tolerance` is the one tolerance policy that judges the kernel against it. The
@@ -17,6 +18,7 @@ from core import ops, tolerance
 from core._runtime import is_interpreted
 from core.api import attention, attention_varlen, attention_with_kvcache
 from core.reference import attention_reference, attention_varlen_reference, attention_with_kvcache_reference
+from core.sdpa import scaled_dot_product_attention
 
 __all__ = [
     "attention",
@@ -27,6 +29,7 @@ __all__ = [
     "attention_with_kvcache_reference",
     "is_interpreted",
     "ops",
+    "scaled_dot_product_attention",
     "tolerance",
 ]
 __version__ = "0.1.0"
