@@ -229,6 +229,25 @@ def test_without_a_cache_restarting_position_ids_pack_sequences_that_attend_only
     judge_against_each_sequence_alone(model, logits.flatten(0, 1), ids, rows)
 
 
+def test_packed_sequences_under_a_sliding_window_count_positions_from_their_own_start():
+    """transformers remaps a window's positions per packed sequence; varlen's per-sequence alignment is
+    the same thing. A fully padded row is harmless too (an empty sequence)."""
+    model = tiny_model("core", config=tiny_config(transformers.MistralConfig, sliding_window=3))
+    ids = token_ids(batch=1)
+    position_ids = torch.cat([torch.arange(6), torch.arange(10)]).to(DEVICE)[None]
+    with torch.no_grad():
+        logits = model(ids, position_ids=position_ids, use_cache=False).logits
+    judge_against_each_sequence_alone(model, logits[0], ids, [(0, 0, 6), (0, 6, SEQUENCE)])
+
+    ids = token_ids()
+    mask = torch.ones_like(ids)
+    mask[0] = 0
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    assert torch.isfinite(logits).all()
+    judge_against_each_sequence_alone(model, logits[1], ids, [(1, 0, SEQUENCE)])
+
+
 def test_packed_rows_size_the_grid_by_their_longest_sequence(monkeypatch):
     """The mask function finds the longest packed sequence once per forward; every layer's varlen call
     gets it as its bound (not the row length)."""
