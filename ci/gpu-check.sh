@@ -4,7 +4,7 @@
 # WHAT is a space-separated list of steps or groups (default "all"), run in the order given:
 #   tests = "suite host": the core suite on the GPU (every kernel family), then host time per call route
 #   bench = "kernels decode features e2e": each benchmark's --quick profile
-#   also: host-ab (host time beside the baseline in .ab/), cp (the simulated ring on one GPU)
+#   also: host-ab (host time beside the baseline in .ab/), cp (the simulated ring on one GPU), numerics
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -40,6 +40,8 @@ for name in $what; do
     # host time beside the pre-restructure core (8f51f75) copied to .ab/ (the device call carries ".ab")
     host-ab) step host-ab 90 python3 $run host --baseline .ab/packages/core/src/core ;;
     cp) step cp 90 python3 $run cp --tokens 8192,32768 --out "$out/cp.json" ;;
+    # numerics lab experiments on the GPU (NUMERICS=e10 by default); copy $OUT/numerics into numerics/results/gpu
+    numerics) step numerics 200 python3 -m numerics --mode gpu --only "${NUMERICS:-e10}" --out "$out/numerics" ;;
     kernels) step kernels 200 python3 $run kernels --quick --out "$out" --docs "$out/docs" ;;
     decode) step decode 90 python3 $run decode --quick ;;
     features) step features 90 python3 $run features --quick ;;
