@@ -206,8 +206,14 @@ def path_taken(kernel_path: dict | None) -> str:
     """Which kernels read through tensor descriptors, as the child's plans say."""
     if kernel_path is None:
         return "?"
-    kernels = {"fwd": kernel_path["forward"], **kernel_path["backward"]}
-    through = [name for name, launch in kernels.items() if launch.get("TENSOR_DESCRIPTORS")]
+    # Each pass names its plan's module and maps launch names to their settings (failures.kernel_path).
+    forward = {
+        "fwd" if name == "launch" else f"fwd {name}": launch
+        for name, launch in kernel_path["forward"].items()
+    }
+    launches = {**forward, **kernel_path["backward"]}
+    launches = {name: launch for name, launch in launches.items() if isinstance(launch, dict)}
+    through = [name for name, launch in launches.items() if launch.get("TENSOR_DESCRIPTORS")]
     return f"descriptors ({', '.join(through)})" if through else "pointers"
 
 

@@ -33,10 +33,12 @@ def test_the_problems_cover_every_family_path_and_kind_of_layout():
 
 MEMCHECK_CLEAN = """\
 ========= COMPUTE-SANITIZER
-KERNEL_PATH {"forward": {"TENSOR_DESCRIPTORS": true}, "backward": {"preprocess": {}, "dq": {"TENSOR_DESCRIPTORS": false}, "dkdv": {"TENSOR_DESCRIPTORS": true}}}
+KERNEL_PATH {"forward": {"plan": "core.kernels.portable.plans", "launch": {"TENSOR_DESCRIPTORS": true}}, \
+"backward": {"plan": "core.kernels.portable.plans", "preprocess": {}, "dq": {"TENSOR_DESCRIPTORS": false}, \
+"dkdv": {"TENSOR_DESCRIPTORS": true}}}
 SANITIZE_CHILD_DONE
 ========= ERROR SUMMARY: 0 errors
-"""  # noqa: E501
+"""
 MEMCHECK_ERRORS = """\
 ========= Invalid __global__ read of size 2 bytes
 =========     at attention_forward_kernel+0x1c30
