@@ -189,16 +189,20 @@ def test_a_mask_without_padding_gives_the_same_logits_as_no_mask():
     assert torch.equal(model(ids, attention_mask=torch.ones_like(ids)).logits, model(ids).logits)
 
 
-def test_a_sliding_window_longer_than_the_sequence_hides_nothing_and_passes():
-    config = tiny_config(transformers.MistralConfig, sliding_window=SEQUENCE + 1)
-    model = tiny_model("core", config=config)
-    ids = token_ids()
+def judge_logits(model, ids):
+    """The policy's verdict on the model's logits against its float64 and same-dtype "eager" twins."""
     with torch.no_grad():
         logits = model(ids).logits
-        true_logits = same_weights(model, "eager", torch.float64)(ids).logits
-        eager_logits = same_weights(model, "eager")(ids).logits
-    verdict = judge("out", logits, true_logits, eager_logits)
+        truth = same_weights(model, "eager", torch.float64)(ids).logits
+        yardstick = same_weights(model, "eager")(ids).logits
+    verdict = judge("out", logits, truth, yardstick)
     assert verdict.ok, str(verdict)
+    return verdict, truth
+
+
+def test_a_sliding_window_longer_than_the_sequence_hides_nothing_and_passes():
+    config = tiny_config(transformers.MistralConfig, sliding_window=SEQUENCE + 1)
+    judge_logits(tiny_model("core", config=config), token_ids())
 
 
 def each_sequence_alone(model, ids, rows):
@@ -366,14 +370,8 @@ def gemma2_config(**overrides):
 
 
 def test_a_gemma2_model_with_a_sliding_window_and_softcapping_is_within_the_policy():
-    model = tiny_model("core", config=gemma2_config())
     ids = token_ids()
-    with torch.no_grad():
-        logits = model(ids).logits
-        truth = same_weights(model, "eager", torch.float64)(ids).logits
-        yardstick = same_weights(model, "eager")(ids).logits
-    verdict = judge("out", logits, truth, yardstick)
-    assert verdict.ok, str(verdict)
+    verdict, truth = judge_logits(tiny_model("core", config=gemma2_config()), ids)
     # Both features change the logits (same weights without one of them): a kernel that ignored either
     # would fail the verdict above.
     for without_one in (gemma2_config(sliding_window=SEQUENCE), gemma2_config(attn_logit_softcapping=None)):

@@ -43,11 +43,11 @@ normalisation), deterministic (core's backward always is) and seq_idx next to cu
 boundaries). Any other keyword argument that is set (not None or False) is a TypeError.
 
 Reading a mask or position_ids costs a device sync, and under torch.compile a graph break, in the mask
-function; a padded batch costs one more sync per layer (the gather's size). That happens only where
-transformers hands over data to read: a 2-D attention_mask, or, without a cache, position_ids that may
-be packed. A plain causal forward reads nothing. A batch packed by position_ids sizes its grid by its
-longest sequence, found once per forward by the mask function (under torch.compile, by the row length:
-the idle programs cost a little time, nothing else).
+function; a padded batch costs two or three more per layer (the gathers' sizes and the grid's bounds).
+That happens only where transformers hands over data to read: a 2-D attention_mask, or, without a
+cache, position_ids that may be packed. A plain causal forward reads nothing. A batch packed by
+position_ids sizes its grid by its longest sequence, found once per forward by the mask function (under
+torch.compile, by the row length: the idle programs cost a little time, nothing else).
 """
 
 from __future__ import annotations
@@ -197,25 +197,28 @@ def _padded(queries, keys, values, key_mask, options):
     core.attention_varlen, scatter the output back (zeros at padded queries). The queries are the last
     Nq positions of the keys' mask (a KV cache's new tokens), so each row's queries end at its last key:
     bottom-right alignment per row, as core's causal mask is."""
-    query_mask = key_mask[:, -queries.shape[1] :]
-    cu_seqlens_q, max_seqlen_q = _sequence_lengths(query_mask)
-    cu_seqlens_k, max_seqlen_k = _sequence_lengths(key_mask)
+    query_at, key_at, *boundaries_and_bounds = _unpadding(key_mask, queries.shape[1])
     out = core.attention_varlen(
-        queries[query_mask], keys[key_mask], values[key_mask],
-        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options,
-    )  # fmt: skip
-    padded = out.new_zeros(queries.shape[:3] + out.shape[-1:])
-    padded[query_mask] = out
+        queries[query_at], keys[key_at], values[key_at], *boundaries_and_bounds, **options
+    )
+    padded = out.new_zeros(queries.shape)
+    padded[query_at] = out
     return padded
 
 
 @torch.compiler.disable
-def _sequence_lengths(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The int32 cumulative sums from 0 of a (B, N) boolean mask's per-row counts, and the largest count
-    (at least 1, as attention_varlen's bound must be)."""
-    lengths = mask.sum(dim=1, dtype=torch.int32)
-    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return cu_seqlens, max(int(lengths.max()), 1)
+def _unpadding(key_mask: torch.Tensor, n_queries: int):
+    """Where a (B, Nk) key mask's kept keys and its last n_queries positions' kept queries are (row and
+    position index tensors, row by row), their int32 cumulative counts from 0, and the longest row of
+    each (at least 1, as attention_varlen's bounds must be). Two or three syncs: the gathers' sizes
+    and the bounds."""
+    query_mask = key_mask[:, -n_queries:]
+    key_at = key_mask.nonzero(as_tuple=True)
+    query_at = key_at if n_queries == key_mask.shape[1] else query_mask.nonzero(as_tuple=True)
+    lengths = torch.stack([query_mask.sum(dim=1), key_mask.sum(dim=1)])
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(dim=1, dtype=torch.int32), (1, 0))
+    longest_q, longest_k = (max(n, 1) for n in lengths.max(dim=1).values.tolist())
+    return query_at, key_at, cu_seqlens[0], cu_seqlens[1], longest_q, longest_k
 
 
 def _packed_keyword_arguments(kwargs: dict) -> tuple | None:
