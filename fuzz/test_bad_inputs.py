@@ -26,19 +26,6 @@ HANG_SECONDS = 30
 
 
 @contextlib.contextmanager
-def launches_forbidden():
-    """Every kernel launch and the kernels' output allocator fail loudly if reached."""
-
-    def launched(*args, **kwargs):
-        raise AssertionError("core allocated a kernel output or launched a kernel for an invalid input")
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(core.testing.portable.plans, "new_buffer", launched)
-        patch.setattr(core.testing.portable.launch.BoundLaunch, "__call__", launched)  # every launch
-        yield
-
-
-@contextlib.contextmanager
 def hang_guard(seconds: int):
     """Validation is pure Python and takes microseconds: a call still running after `seconds` hangs."""
 
@@ -70,7 +57,11 @@ def test_invalid_calls_raise_documented_errors(problem, broken):
     for name, form in broken:
         CATALOGUE[name].forms[form](call)
 
-    with launches_forbidden(), hang_guard(HANG_SECONDS), pytest.raises((TypeError, ValueError)) as raised:
+    with (
+        core.testing.launches_forbidden(),
+        hang_guard(HANG_SECONDS),
+        pytest.raises((TypeError, ValueError)) as raised,
+    ):
         core.attention(**call)
     error = raised.value
     expected = [CATALOGUE[name] for name, _ in broken]

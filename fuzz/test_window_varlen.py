@@ -35,7 +35,6 @@ from fuzz.oracle import (
     same_bits,
 )
 from fuzz.strategies import cases, varlen_cases, windowed_problems
-from fuzz.test_bad_inputs import launches_forbidden
 
 
 @sharding.per_kernel
@@ -132,5 +131,5 @@ def test_bad_windows_and_softcaps_are_refused(broken, data):
     window = data.draw(BAD_WINDOWS if broken == "window_size" else VALID_WINDOWS, label="window_size")
     softcap = data.draw(BAD_SOFTCAPS if broken == "softcap" else VALID_SOFTCAPS, label="softcap")
     q = torch.zeros(1, 1, 4, 16, dtype=torch.float16, device=DEVICE)
-    with launches_forbidden(), pytest.raises((TypeError, ValueError), match=broken):
+    with core.testing.launches_forbidden(), pytest.raises((TypeError, ValueError), match=broken):
         core.attention(q, q, q, window_size=window, softcap=softcap)

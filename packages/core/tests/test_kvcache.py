@@ -7,7 +7,6 @@ append are compared bit for bit with the expected ones, every other slot include
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 import pytest
@@ -340,22 +339,11 @@ BAD = [
 ]  # fmt: skip
 
 
-@contextlib.contextmanager
-def launches_forbidden():
-    def launched(*args, **kwargs):
-        raise AssertionError("a kernel output was allocated or a kernel launched for an invalid input")
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(core.testing.decode.plans, "new_buffer", launched)
-        patch.setattr(core.testing.decode.launch.BoundLaunch, "__call__", launched)
-        yield
-
-
 @pytest.mark.parametrize("bad,error,message", BAD, ids=[re.sub(r"\W+", "-", m)[:40] for _, _, m in BAD])
 def test_bad_input_is_refused_before_launch(bad, error, message):
     call = _call(bad)
     cache_before = call["k_cache"].clone()
-    with launches_forbidden(), pytest.raises(error, match=message):
+    with core.testing.launches_forbidden(), pytest.raises(error, match=message):
         core.attention_with_kvcache(**call)
     assert torch.equal(call["k_cache"], cache_before)
 

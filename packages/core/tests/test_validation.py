@@ -12,14 +12,10 @@ from .conftest import DEVICE, ON_GPU
 
 
 @pytest.fixture(autouse=True)
-def no_launch(monkeypatch):
+def no_launch():
     """Any attempt to reach a kernel launcher fails the test loudly."""
-
-    def launched(*args, **kwargs):
-        raise AssertionError("a kernel output was allocated or a kernel launched for invalid input")
-
-    monkeypatch.setattr(core.testing.portable.plans, "new_buffer", launched)
-    monkeypatch.setattr(core.testing.portable.launch.BoundLaunch, "__call__", launched)
+    with core.testing.launches_forbidden():
+        yield
 
 
 def qkv(b=1, hq=2, hkv=2, nq=8, nk=8, d=16, dtype=torch.float16, device=DEVICE):
@@ -131,3 +127,10 @@ def test_unsupported_device():
 def test_sparse_tensor():
     q, k, v = qkv()
     expect(TypeError, "strided", q.to_sparse(), k, v)
+
+
+@pytest.mark.parametrize("n_queries", [1, 64], ids=["decode-shaped", "prefill-shaped"])
+def test_the_guard_catches_a_valid_call_of_every_family(n_queries):
+    """no_launch is live: a valid call reaches an allocation or a launch, whichever family takes it."""
+    with pytest.raises(AssertionError, match="allocated a kernel output or launched"):
+        core.attention(*qkv(nq=n_queries, nk=64))

@@ -6,7 +6,8 @@ Code outside the package imports `core`, `core.testing`, `core.ops`, `core.refer
 
 - switches: `poisoned_outputs()` (NaN-fill every kernel output), `host_cache(enabled)` (the plan cache
   and bound launches), `use_family(name)` (force a kernel family), `fused_backward(enabled)` (the
-  portable family's fused backward, off by default);
+  portable family's fused backward, off by default), `launches_forbidden()` (any kernel output
+  allocation or launch fails: invalid input must be refused before);
 - introspection: `plan_for(q, k, v, ...)`, `cached_plans()`, `clear_plans()`, `families()`, `family(name)`,
   `kernel_fingerprint()`;
 - the kernels' raw passes and conventions: `forward`, `backward` (the LSE in the kernels' base with its
@@ -55,6 +56,7 @@ __all__ = [
     "host_cache",
     "is_interpreted",
     "kernel_fingerprint",
+    "launches_forbidden",
     "patch_interpreter",
     "plan_for",
     "poisoned_outputs",
@@ -85,6 +87,29 @@ def poisoned_outputs(enabled: bool = True):
         yield
     finally:
         OutputPoison.enabled = previous
+
+
+@contextlib.contextmanager
+def launches_forbidden():
+    """While active, every family's kernel output allocation (each plans module's `new_buffer`) and every
+    bound launch raise AssertionError: for tests that bad input is refused before anything is allocated
+    or launched. (The Gluon family allocates its outputs before its launch, so it is covered too.)"""
+
+    def launched(*args, **kwargs):
+        raise AssertionError("core allocated a kernel output or launched a kernel for an invalid input")
+
+    allocating = [_portable_plans, _portable_fused_plans, _decode_plans, kernels.FAMILIES["hopper"]]
+    saved = [(module, module.new_buffer) for module in allocating]
+    saved_call = _launch.BoundLaunch.__call__
+    try:
+        for module, _ in saved:
+            module.new_buffer = launched
+        _launch.BoundLaunch.__call__ = launched
+        yield
+    finally:
+        for module, new_buffer in saved:
+            module.new_buffer = new_buffer
+        _launch.BoundLaunch.__call__ = saved_call
 
 
 @contextlib.contextmanager
