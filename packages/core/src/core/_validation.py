@@ -121,17 +121,22 @@ def _validate_shapes(q, k, v) -> None:
                        ("Nk", n_keys), ("head dim", head_dim)):  # fmt: skip
         if size == 0:
             raise ValueError(f"{what} is 0; every dimension of q, k and v must be >= 1")
+    _validate_head_dim_and_groups(head_dim, q_heads, kv_heads, "k/v's")
+    if q_heads > MAX_GRID_YZ or batch > MAX_GRID_YZ:
+        raise ValueError(f"batch ({batch}) and heads ({q_heads}) must each be at most {MAX_GRID_YZ}")
+
+
+def _validate_head_dim_and_groups(head_dim: int, q_heads: int, kv_heads: int, kv_holder: str) -> None:
+    """D within the kernels' range, and Hq a multiple of Hkv (kv_holder: whose heads, for the message)."""
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(
             f"head dim {head_dim} is larger than the supported maximum {MAX_HEAD_DIM} (1..256 accepted)"
         )
     if q_heads % kv_heads != 0:
         raise ValueError(
-            f"q has {q_heads} heads, which is not a multiple of k/v's {kv_heads} heads; "
+            f"q has {q_heads} heads, which is not a multiple of {kv_holder} {kv_heads} heads; "
             "GQA/MQA needs Hq % Hkv == 0"
         )
-    if q_heads > MAX_GRID_YZ or batch > MAX_GRID_YZ:
-        raise ValueError(f"batch ({batch}) and heads ({q_heads}) must each be at most {MAX_GRID_YZ}")
 
 
 def _validate_packed_shapes(q, k, v) -> None:
@@ -146,15 +151,7 @@ def _validate_packed_shapes(q, k, v) -> None:
     for what, size in (("heads", q_heads), ("kv heads", kv_heads), ("head dim", head_dim)):
         if size == 0:
             raise ValueError(f"{what} is 0; heads and head dim of q, k and v must be >= 1")
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(
-            f"head dim {head_dim} is larger than the supported maximum {MAX_HEAD_DIM} (1..256 accepted)"
-        )
-    if q_heads % kv_heads != 0:
-        raise ValueError(
-            f"q has {q_heads} heads, which is not a multiple of k/v's {kv_heads} heads; "
-            "GQA/MQA needs Hq % Hkv == 0"
-        )
+    _validate_head_dim_and_groups(head_dim, q_heads, kv_heads, "k/v's")
     if q_heads > MAX_GRID_YZ:
         raise ValueError(f"heads ({q_heads}) must be at most {MAX_GRID_YZ}")
 
@@ -305,15 +302,7 @@ def validate_kvcache_inputs(
             raise ValueError(f"{what} is 0; every dimension of q, k_cache and v_cache must be >= 1")
     if cache_head_dim != head_dim:
         raise ValueError(f"head dim differs: q has {head_dim}, k_cache and v_cache have {cache_head_dim}")
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(
-            f"head dim {head_dim} is larger than the supported maximum {MAX_HEAD_DIM} (1..256 accepted)"
-        )
-    if q_heads % kv_heads != 0:
-        raise ValueError(
-            f"q has {q_heads} heads, which is not a multiple of the cache's {kv_heads} heads; "
-            "GQA/MQA needs Hq % Hkv == 0"
-        )
+    _validate_head_dim_and_groups(head_dim, q_heads, kv_heads, "the cache's")
     if q_heads > MAX_GRID_YZ or batch > MAX_GRID_YZ:
         raise ValueError(f"batch ({batch}) and heads ({q_heads}) must each be at most {MAX_GRID_YZ}")
 
