@@ -32,6 +32,13 @@ def _feature_options(window_size, softcap) -> tuple[int, int, float]:
     return int(left), int(right), float(softcap)
 
 
+def _result(out: torch.Tensor, lse: torch.Tensor, return_lse: bool, dtype: torch.dtype):
+    """out, or (out, lse in natural log): the kernels keep the LSE in base 2 where uses_base_2 says so."""
+    if not return_lse:
+        return out
+    return out, (lse * math.log(2.0) if uses_base_2(dtype) else lse)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -83,9 +90,7 @@ def attention(
             )
         else:
             out, lse, _ = plan(q, k, v, keep_statistics=return_lse)
-    if not return_lse:
-        return out
-    return out, (lse * math.log(2.0) if uses_base_2(q.dtype) else lse)
+    return _result(out, lse, return_lse, q.dtype)
 
 
 def attention_varlen(
@@ -150,9 +155,7 @@ def attention_varlen(
         else:
             packed = Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
             out, lse, _ = plan(q, k, v, keep_statistics=return_lse, packed=packed)
-    if not return_lse:
-        return out
-    return out, (lse * math.log(2.0) if uses_base_2(q.dtype) else lse)
+    return _result(out, lse, return_lse, q.dtype)
 
 
 def attention_with_kvcache(
@@ -236,9 +239,7 @@ def attention_with_kvcache(
             out, lse, _ = plan(
                 q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, return_lse
             )
-    if not return_lse:
-        return out
-    return out, (lse * math.log(2.0) if uses_base_2(q.dtype) else lse)
+    return _result(out, lse, return_lse, q.dtype)
 
 
 def _kvcache_through_ops(q, k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, causal,
