@@ -124,3 +124,19 @@ def test_a_full_cache_without_cache_seqlens_attends_to_every_row():
 def test_what_core_lacks_is_refused(call, message):
     with pytest.raises(ValueError, match=message):
         call(randn(1, 8, 4, 32))
+
+
+def test_every_function_traces_with_fullgraph_and_gives_eager_bits():
+    q, k, v = randn(1, 32, 2, 16, seed=1), randn(1, 32, 2, 16, seed=2), randn(1, 32, 2, 16, seed=3)
+    cu_seqlens = torch.tensor([0, 10, 32], dtype=torch.int32, device=DEVICE)
+    calls = {
+        "func": lambda: flash_attn_func(q, k, v, causal=True, window_size=(4, 0)),
+        "varlen": lambda: flash_attn_varlen_func(
+            q[0], k[0], v[0], cu_seqlens, cu_seqlens, 22, 22, causal=True
+        ),
+        "kvcache": lambda: flash_attn_with_kvcache(q[:, :1], k, v, cache_seqlens=20, causal=True),
+    }
+    for name, call in calls.items():
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(call, fullgraph=True, backend="aot_eager")(), call()), name
+    torch._dynamo.reset()

@@ -104,3 +104,15 @@ def test_what_core_cannot_honour_is_refused_before_anything_runs(arguments, mess
         arguments["attn_mask"] = torch.ones(8, 8, dtype=torch.bool, device=DEVICE)
     with pytest.raises(ValueError, match=message):
         core.scaled_dot_product_attention(q, k, v, **arguments)
+
+
+@pytest.mark.parametrize("n_keys", [40, 24], ids=["square", "more-queries"])
+def test_it_traces_with_fullgraph_and_gives_eager_bits(n_keys):
+    q, k, v = inputs(4, 2, 40, n_keys, torch.float16)
+
+    def call():
+        return core.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(call, fullgraph=True, backend="aot_eager")(), call())
+    torch._dynamo.reset()
