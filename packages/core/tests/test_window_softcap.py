@@ -168,7 +168,8 @@ def test_softcap_saturates_at_large_logits(dtype):
     q, k, v = make_qkv(*shape, dtype, seed=13, requires_grad=False)
     q, k = 6.0 * q, 6.0 * k
     scale = 1.0 / math.sqrt(shape[-1])
-    assert (q.double() @ k.double().transpose(-1, -2) * scale).abs().max() > 100
+    keys_per_query_head = k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA
+    assert (q.double() @ keys_per_query_head.transpose(-1, -2) * scale).abs().max() > 100
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     assert_all_within_tolerance(compare_with_reference(q, k, v, causal=True, softcap=5.0))
 

@@ -29,25 +29,33 @@ def install_scratch_allocator() -> None:
         _allocation._allocator.set(_reused_scratch)
 
 
-# Per (device, stream): the largest scratch buffer handed out so far. Launches on one stream run one
-# after another, so they can share it; each program writes its descriptors before it reads them.
+# Per device: the largest scratch buffer handed out so far on its default stream, and that stream's
+# handle. Launches on one stream run one after another, so they can share the buffer; each program writes
+# its descriptors before it reads them.
 _SCRATCH: dict = {}
+_DEFAULT_STREAMS: dict = {}
 
 
 def _reused_scratch(size: int, alignment: int, stream: int):
     """Triton's allocator protocol. A fresh torch.empty per launch costs a large part of a small
-    call's host time; reusing the stream's buffer costs a dict lookup.
-    Under CUDA graph capture a graph-private buffer is allocated instead, so replays never share memory
-    with launches outside the graph."""
+    call's host time; reusing the default stream's buffer costs two dict lookups.
+    A launch on any other stream gets a fresh buffer: CUDA graphs capture on a side stream (a
+    graph-private buffer, so replays never share memory with launches outside the graph), and
+    torch.compile's CUDA graph trees warm up on a side stream whose allocations land in the graph's
+    private pool, where a buffer kept here would be a live allocation the graph does not own (which
+    the trees refuse)."""
     import torch
 
-    if torch.cuda.is_current_stream_capturing():
+    device = torch.cuda.current_device()
+    default_stream = _DEFAULT_STREAMS.get(device)
+    if default_stream is None:
+        default_stream = _DEFAULT_STREAMS[device] = torch.cuda.default_stream(device).cuda_stream
+    if stream != default_stream:
         return torch.empty(size, dtype=torch.int8, device="cuda")
-    key = (torch.cuda.current_device(), stream)
-    buffer = _SCRATCH.get(key)
+    buffer = _SCRATCH.get(device)
     if buffer is None or buffer.numel() < size:
         # The old buffer (if any) goes back to PyTorch's pool in this stream's order, after its last use.
-        buffer = _SCRATCH[key] = torch.empty(size, dtype=torch.int8, device="cuda")
+        buffer = _SCRATCH[device] = torch.empty(size, dtype=torch.int8, device="cuda")
     return buffer
 
 
@@ -82,6 +90,9 @@ def patch_interpreter() -> None:
     - float32 -> bf16 casts truncate the mantissa instead of rounding to nearest even as the GPU does,
       which biases every rounded P, dS and output towards zero (the numerics lab, experiment 0,
       measured 2x the GPU's error on bf16 outputs).
+    - Before Triton 3.9, a scalar used as a Python index (a loop bound) is converted by int() on its
+      one-element array, which numpy 2.4 and later refuse for arrays of one dimension: every kernel
+      with a computed loop bound fails. Triton 3.9 squeezes the array first; so does this.
 
     Only the interpreter is patched; the compiled GPU kernels are untouched.
     """
@@ -118,3 +129,11 @@ def patch_interpreter() -> None:
 
     builder_cls.create_dot = create_dot
     builder_cls.cast_impl = cast_impl
+
+    original_patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope) -> None:
+        original_patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor

@@ -85,9 +85,7 @@ def attention(
         # validates a new signature
         plan = _plans.forward_plan(q, k, v, causal, sm_scale, return_lse, window_size, softcap)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            out, lse, _ = ops.attention_forward(
-                q, k, v, causal, plan.sm_scale, *_feature_options(window_size, softcap)
-            )
+            out, lse, _ = ops.EagerAttention.apply(q, k, v, plan, None)
         else:
             out, lse, _ = plan(q, k, v, keep_statistics=return_lse)
     return _result(out, lse, return_lse, q.dtype)
@@ -147,13 +145,10 @@ def attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, sm_scale, return_lse,
             window_size, softcap,
         )  # fmt: skip
+        packed = Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            out, lse, _ = ops.attention_varlen_forward(
-                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, plan.sm_scale,
-                *_feature_options(window_size, softcap),
-            )  # fmt: skip
+            out, lse, _ = ops.EagerAttention.apply(q, k, v, plan, packed)
         else:
-            packed = Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
             out, lse, _ = plan(q, k, v, keep_statistics=return_lse, packed=packed)
     return _result(out, lse, return_lse, q.dtype)
 

@@ -53,6 +53,7 @@ from core import _plans
 from core.kernels.host import Packed, uses_base_2
 
 __all__ = [
+    "EagerAttention",
     "attention_backward",
     "attention_forward",
     "attention_varlen_backward",
@@ -248,6 +249,51 @@ for _name in ("core::attention_backward", "core::attention_varlen_backward"):
     torch.library.register_autograd(
         _name, _no_double_backward, setup_context=lambda ctx, inputs, output: None
     )
+
+
+class EagerAttention(torch.autograd.Function):
+    """The eager route of a call that needs gradients (core.api): attention_forward's and
+    attention_backward's kernels (or the varlen ops', given the packed bounds) under a plain
+    autograd.Function that holds the call's plan (core._plans). It launches what the ops launch, with
+    the same arguments, so the two routes give the same bits; it skips the dispatcher and the ops'
+    autograd bookkeeping, which cost a small call more host time than its launches. torch.compile traces
+    the ops instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, packed: Packed | None):
+        on_packed = {} if packed is None else {"packed": packed}  # only the portable family packs
+        out, lse, lse_low = plan(q, k, v, **on_packed)
+        ctx.save_for_backward(q, k, v, out, lse, lse_low)
+        ctx.plan, ctx.on_packed = plan, on_packed
+        ctx.mark_non_differentiable(lse_low)
+        ctx.set_materialize_grads(False)  # as _setup_context
+        return out, lse, lse_low
+
+    @staticmethod
+    def backward(ctx, dout, dlse, _dlse_low):
+        q, k, v, out, lse, lse_low = ctx.saved_tensors
+        if dout is None:  # as _backward
+            dout = torch.zeros_like(out)
+        if dlse is not None:
+            dlse = dlse.contiguous()  # as attention_backward
+        plan = ctx.plan.backward_plan(dout, dlse, q, k, v)
+        gradients = plan(dout, dlse, q, k, v, out, lse, lse_low, **ctx.on_packed)
+        if torch.is_grad_enabled():  # create_graph=True: a later backward through these must fail clearly
+            gradients = _RefuseDoubleBackward.apply(q, k, v, dout, *gradients)
+        return (*gradients, None, None)
+
+
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """The gradients, as views that depend on what they were computed from (so they require grad)
+    and whose own backward raises _no_double_backward's error."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, dout, dq, dk, dv):
+        return dq.view_as(dq), dk.view_as(dk), dv.view_as(dv)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _no_double_backward(ctx, *grads)
 
 
 @torch.library.custom_op("core::kvcache_append", mutates_args=("k_cache", "v_cache"))

@@ -318,12 +318,15 @@ def core_attention_mask(
 
 
 def _plain_pattern_is_causal(mask_function: Callable) -> bool | None:
-    """True for transformers' causal pattern, False for its full (bidirectional) one, None for any other."""
-    from transformers import masking_utils  # imported already: transformers is the caller
-
-    if mask_function is masking_utils.causal_mask_function:
+    """True for transformers' causal pattern, False for its full (bidirectional) one, None for any other.
+    Decided by name, not by importing masking_utils: Dynamo cannot trace an import that returns one of
+    transformers' lazy modules (a graph break)."""
+    if getattr(mask_function, "__module__", None) != _MASKING_UTILS:
+        return None
+    name = mask_function.__name__  # a factory's closure has its own name ("and_mask", ...)
+    if name == "causal_mask_function":
         return True
-    if mask_function is getattr(masking_utils, "bidirectional_mask_function", None):  # transformers >= 5
+    if name == "bidirectional_mask_function":  # transformers >= 5
         return False
     return None
 
