@@ -447,7 +447,7 @@ def _worker(rank: int, world_size: int, rendezvous: str, results_path: str) -> N
         timeout=datetime.timedelta(seconds=120),
     )  # fmt: skip
     torch.set_num_threads(1)
-    report: dict = {"cases": {}}
+    report: dict = {"cases": {}, "families": core.testing.families()}
     try:
         with core.testing.poisoned_outputs():
             for family in core.testing.families():
@@ -539,7 +539,13 @@ def spawned(tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_distributed_matches_core_and_the_truth(case, spawned, family):
-    result = spawned(case.world_size)["cases"].get(f"{family}/{case.name}")
+    group = spawned(case.world_size)
+    if family not in group["families"]:  # e.g. the Gluon (hopper) family on a GPU machine
+        pytest.skip(
+            f"the gloo ranks run interpreted on CPU, where the {family} family does not run; "
+            "test_local_ring_matches_core_and_the_truth runs it here"
+        )
+    result = group["cases"].get(f"{family}/{case.name}")
     assert result is not None, "the group stopped before this case (its failure is reported by another test)"
     assert "error" not in result, result.get("error")
     _check(result["records"])
