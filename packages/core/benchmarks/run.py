@@ -7,6 +7,7 @@
     host      host microseconds per call of every route (eager, op, compiled, no cache), and SDPA's
     sweep     tile and load variants of the portable kernels vs FLASH/CUDNN, one GPU call (sweep.py)
     ab        the working tree's kernels vs a baseline copy of core, in one GPU process (ab.py)
+    bitwise   the working tree's results vs a baseline copy of core's, bitwise, GPU or CPU (bitwise.py)
     report    registers, spills and loop instruction mix from an sm_90a compile, on the CPU (kernel_report.py)
     compile   torch.compile over core.attention: graph breaks, recompiles, bitwise vs eager (GPU or CPU)
     hopper    the Hopper family's forward: checks and timing (GPU), or --report (sm_90a compile on CPU)
@@ -17,7 +18,7 @@
               portable path, GB/s against the measured copy bandwidth (decode.py; --quick, --out FILE)
     features  packed documents (varlen), a sliding window and softcapping: core vs Flex and SDPA (features.py)
 
-Every tool but `report`, `compile` (and `kernels --report`/`--dry-run`) needs a CUDA GPU.
+Every tool but `report`, `compile`, `bitwise` (and `kernels --report`/`--dry-run`) needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ TOOLS = {
     "host": "host_profile",
     "sweep": "sweep",
     "ab": "ab",
+    "bitwise": "bitwise",
     "report": "kernel_report",
     "compile": "compile_matrix",
     "hopper": "hopper_fwd_check",

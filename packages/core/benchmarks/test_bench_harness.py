@@ -323,3 +323,35 @@ def test_ab_loads_its_baseline_as_a_package_of_its_own():
         assert module.__file__.startswith(str(pathlib.Path(baseline.__file__).parent))
         source = pathlib.Path(module.__file__).read_text()
         assert "from core." not in source and "from core import" not in source, module.__name__
+
+
+def test_bitwise_finds_the_working_tree_equal_to_its_own_copy_and_reports_a_difference(capsys, monkeypatch):
+    """run.py bitwise against a copy of the working tree's core: every case equal; with the baseline's
+    output moved, the case is reported and the exit status is 1."""
+    import pathlib
+
+    import bitwise
+
+    import core
+    import core.testing
+
+    if not (core.testing.is_interpreted() or torch.cuda.is_available()):
+        pytest.skip("core's kernels run nowhere here: no GPU, and TRITON_INTERPRET=1 was unset at import")
+    source = str(pathlib.Path(core.__file__).parent)
+    bitwise.main(["--baseline", source, "--quick"])
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith(f"{len(bitwise.cases(True))}/")
+    original = bitwise.results
+
+    def nudged(package, *args):
+        found = original(package, *args)
+        if package is not core:
+            found[0] = found[0] + 1
+        return found
+
+    monkeypatch.setattr(bitwise, "results", nudged)
+    with pytest.raises(SystemExit) as stopped:
+        bitwise.main(["--baseline", source, "--quick"])
+    assert stopped.value.code == 1
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert lines[-1].startswith(f"0/{len(bitwise.cases(True))} cases bitwise equal")
+    assert all(line.startswith("differs: ") and "out by" in line for line in lines[:-1])
