@@ -2,9 +2,10 @@
 registered ops (core.ops).
 
 Two routes reach the same kernels. While torch.compile traces, a call validates its (fake) inputs and
-records the forward op, whose autograd records the backward op. In eager mode a call that needs no graph
-skips the dispatcher: it takes its cached plan (core._plans) straight to the kernels, which saves the op's
-dispatch and autograd bookkeeping on small, host-bound calls.
+records the forward op, whose autograd records the backward op. In eager mode a call skips the
+dispatcher: it takes its cached plan (core._plans) straight to the kernels, under core.ops.EagerAttention
+when its inputs need gradients, which saves the op's dispatch and autograd bookkeeping on small,
+host-bound calls.
 """
 
 from __future__ import annotations
