@@ -3,7 +3,8 @@ inputs: the output, the LSE, the three gradients (with a loss on the LSE too) an
 every case of a fixed grid (fp16/bf16/fp32, causal and not, MHA/GQA/MQA, Nq != Nk, odd lengths, D not a
 power of two, BSHD views), compared with torch.equal. It runs where core runs: on the GPU, or on the CPU
 under TRITON_INTERPRET=1. A change that claims unchanged results shows every case equal; a difference is
-printed with its largest absolute size and both sides' largest error against float64.
+printed with its largest absolute size and both sides' largest error against float64. `--family NAME`
+forces the working tree's family, to tell a kernel change from a change of which family takes a call.
 
     TRITON_INTERPRET=1 python packages/core/benchmarks/run.py bitwise --baseline .ab/packages/core/src/core
 
@@ -13,6 +14,7 @@ Exit status 1 when any case differs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 from pathlib import Path
 
@@ -66,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--baseline", type=Path, required=True, help="a copy of packages/core/src/core")
     parser.add_argument("--quick", action="store_true", help="every 12th case of the grid")
+    parser.add_argument(
+        "--family", help="force the working tree's kernel family (core.testing.families()), strictly"
+    )
     args = parser.parse_args(argv)
     device = "cpu" if core.testing.is_interpreted() else "cuda"
     baseline = load_baseline(args.baseline)
@@ -73,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     equal = 0
     for seed, (dtype, causal, shape, layout) in enumerate(grid):
         q, k, v, dout, dlse = inputs(seed, dtype, shape, layout, device)
-        ours = results(core, q, k, v, dout, dlse, causal)
+        with core.testing.use_family(args.family, strict=True) if args.family else contextlib.nullcontext():
+            ours = results(core, q, k, v, dout, dlse, causal)
         theirs = results(baseline, q, k, v, dout, dlse, causal)
         same = [torch.equal(a, b) for a, b in zip(ours, theirs)]
         equal += all(same)
