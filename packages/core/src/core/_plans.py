@@ -216,35 +216,40 @@ def _kvcache_signature(kind: str, tensors: tuple, cache_seqlens, options: tuple)
     Tensors (or None) are keyed by their metadata, as q, k, v are; an int cache_seqlens by its value (the
     kernels take it as a constant). Each option is keyed with its type, since True == 1 == 1.0 as dict
     keys: causal=1 never finds causal=True's plan, and goes to validation, which refuses it. Options of
-    other types than bool, int, float, None and tuples of ints are never keyed."""
+    other types than bool, int, float, None and tuples of ints are never keyed. Plain loops rather than
+    generators: this runs on every decode step."""
     if not HostCache.enabled:
         return None
-    if not all(t is None or type(t) is torch.Tensor for t in tensors):
-        return None
-    if not all(_keyable(option) for option in options):
-        return None
+    key = [kind]
     try:
+        for t in tensors:
+            if t is None:
+                key.append(None)
+            elif type(t) is torch.Tensor:
+                key.append((t.dtype, t.device, t.shape, t.stride(), t.data_ptr() & 15))
+            else:
+                return None
         if type(cache_seqlens) is torch.Tensor:
-            seqlens = (torch.Tensor, _tensor_key(cache_seqlens))
+            t = cache_seqlens
+            key.append((t.dtype, t.device, t.shape, t.stride(), t.data_ptr() & 15))
         elif type(cache_seqlens) is int:
-            seqlens = (int, cache_seqlens)
+            key.append(cache_seqlens)
         else:
             return None
-        tensor_keys = tuple(None if t is None else _tensor_key(t) for t in tensors)
     except (RuntimeError, IndexError):  # no sizes, strides or storage: let validation say what is wrong
         return None
-    typed_options = tuple((type(option), option) for option in options)
-    return (kind, tensor_keys, seqlens, typed_options)
-
-
-def _keyable(option) -> bool:
-    if type(option) is tuple:
-        return all(type(part) is int for part in option)
-    return option is None or type(option) in (bool, int, float)
-
-
-def _tensor_key(t: torch.Tensor) -> tuple:
-    return (t.dtype, t.device, t.shape, t.stride(), t.data_ptr() & 15)
+    for option in options:
+        kind_of_option = type(option)
+        if kind_of_option is tuple:
+            for part in option:
+                if type(part) is not int:
+                    return None
+        elif not (
+            option is None or kind_of_option is bool or kind_of_option is int or kind_of_option is float
+        ):
+            return None
+        key.append((kind_of_option, option))
+    return tuple(key)
 
 
 def _keep(key, plan):
