@@ -53,37 +53,32 @@ MAX_PLANS = 512  # distinct call signatures kept; a model has a handful
 _PLANS: dict[tuple, object] = {}
 
 
-def _options_key(causal, sm_scale, return_lse, window_size, softcap) -> tuple | None:
-    """The options' part of a cache key, or None for option types that are validated every time."""
+def _signature(q, k, v, causal, sm_scale, return_lse, window_size=(-1, -1), softcap=0.0) -> tuple | None:
+    """The cache key of a call, or None for calls that are validated and planned every time: options
+    of other types than validation accepts first time round (a bool causal and return_lse, a float or
+    None sm_scale, a pair of ints window_size, a float or int softcap). Written out flat: every call
+    runs it."""
+    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor):
+        return None
     if type(causal) is not bool or type(return_lse) is not bool:
         return None
     if not (sm_scale is None or type(sm_scale) is float):
         return None
     if not (type(window_size) is tuple and len(window_size) == 2):
         return None
-    if not (type(window_size[0]) is int and type(window_size[1]) is int):
+    left, right = window_size
+    if type(left) is not int or type(right) is not int:
         return None
     if not (type(softcap) is float or type(softcap) is int):
         return None
-    return (causal, window_size, softcap)
-
-
-def _signature(q, k, v, causal, sm_scale, return_lse, window_size=(-1, -1), softcap=0.0) -> tuple | None:
-    """The cache key of a call, or None for calls that are validated and planned every time."""
-    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor):
-        return None
-    options = _options_key(causal, sm_scale, return_lse, window_size, softcap)
-    if options is None:
-        return None
     try:
         return (
-            kernels.Forced.name, kernels.Forced.strict, *options, default_scale(q, sm_scale),
+            kernels.Forced.name, kernels.Forced.strict, causal, left, right, softcap, sm_scale,
             q.dtype, q.device, q.shape, q.stride(), q.data_ptr() & 15,
             k.dtype, k.device, k.shape, k.stride(), k.data_ptr() & 15,
             v.dtype, v.device, v.shape, v.stride(), v.data_ptr() & 15,
         )  # fmt: skip
-    except (RuntimeError, IndexError, ZeroDivisionError):
-        # No sizes, strides or storage, no dims, or D = 0: let validation say what is wrong.
+    except RuntimeError:  # no sizes, strides or storage: let validation say what is wrong
         return None
 
 
