@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from attnbench.cases import MODEL_WIDTH, TOKENS, Case, full_plan, quick_plan
 from attnbench.flops import forward_flops, visible_pairs
-from attnbench.providers import describe_failure
+from attnbench.providers import MAX_REASON_CHARS, describe_failure
 from attnbench.report import markdown_report, summary_text, target_tallies, write_docs
 from attnbench.results import load_results, new_results, save_results
 from attnbench.runner import Budget, compare, run_plan
@@ -188,6 +188,13 @@ def test_failure_description_carries_the_warnings():
     caught = [warnings.WarningMessage(UserWarning("Flash needs D <= 256"), UserWarning, "f", 1)]
     text = describe_failure(RuntimeError("No available kernel."), caught)
     assert text.startswith("RuntimeError: No available kernel.") and "Flash needs D <= 256" in text
+
+
+def test_a_long_failure_keeps_its_start_and_its_cause_at_the_end():
+    wrapped = "Dynamo failed to run FX node with fake tensors: " + "x" * 2000 + " got No available kernel."
+    text = describe_failure(RuntimeError(wrapped), [])
+    assert len(text) <= MAX_REASON_CHARS
+    assert text.startswith("RuntimeError: Dynamo failed") and text.endswith("got No available kernel.")
 
 
 def synthetic_results():

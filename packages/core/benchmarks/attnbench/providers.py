@@ -30,11 +30,15 @@ MAX_REASON_CHARS = 400
 
 
 def describe_failure(error: BaseException, caught: list[warnings.WarningMessage]) -> str:
-    """One line: the error plus the warnings raised with it (SDPA explains a refused backend only there)."""
+    """One line: the error plus the warnings raised with it (SDPA explains a refused backend only there).
+    A long one keeps its start and its end, where a wrapped error (Dynamo's, say) names the cause."""
     parts = [f"{type(error).__name__}: {str(error).strip()}"]
     parts += [str(w.message).strip() for w in caught if str(w.message).strip() not in parts]
     text = " | ".join(" ".join(part.split()) for part in parts)
-    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
+    if len(text) <= MAX_REASON_CHARS:
+        return text
+    head = MAX_REASON_CHARS // 3
+    return text[:head] + " ... " + text[-(MAX_REASON_CHARS - head - 5) :]
 
 
 @contextlib.contextmanager
