@@ -9,8 +9,10 @@ the host), for descriptor and pointer loads.
 version's eager routes to the same loop, for a before/after from one host.
 
 Routes: eager without autograd (the cached plan straight to the kernels), eager with inputs that
-require grad (the registered op and its autograd), the op called directly, a torch.compile'd function,
-the host cache switched off (core.testing.host_cache), and a CUDA graph replay.
+require grad (core.ops.EagerAttention, the plan under an autograd.Function), the op called directly, a
+torch.compile'd function, the host cache switched off (core.testing.host_cache), and a CUDA graph
+replay. Then single-token decode steps (core.attention_with_kvcache against SDPA): where a step's host
+time exceeds its kernels' device time, an eager decode loop runs at the host's pace.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def routes_table(baseline=None) -> list[tuple[str, float]]:
 
     routes = {
         "core eager, no grad (plan -> kernels)": functools.partial(core.attention, q, k, v),
-        "core eager, inputs require grad (op + autograd)": functools.partial(core.attention, qg, kg, vg),
+        "core eager, inputs require grad (autograd.Function)": functools.partial(core.attention, qg, kg, vg),
         "torch.ops.core.attention_forward (dispatcher)": functools.partial(
             torch.ops.core.attention_forward, q, k, v, True, scale
         ),
@@ -128,6 +130,29 @@ def loads_table() -> None:
         core.testing.clear_plans()
 
 
+# (B, Hq, Hkv, cached keys, D): the decode benchmark's rows furthest below and at the copy ceiling
+DECODE_STEPS = {
+    "B1 GQA 32/8, 8k keys, D 128": (1, 32, 8, 8192, 128),
+    "B8 MHA 16, 4k keys, D 128": (8, 16, 16, 4096, 128),
+}
+
+
+def decode_table() -> None:
+    """Host and device microseconds of one new token's attention against a dense fp16 cache."""
+    columns = ("host us", "kernel us", "SDPA host us", "SDPA kernel us")
+    print(f"\n{'decode step':<32} " + " ".join(f"{name:>14}" for name in columns))
+    for label, (batch, q_heads, kv_heads, n_keys, head_dim) in DECODE_STEPS.items():
+        q = torch.randn(batch, q_heads, 1, head_dim, device="cuda", dtype=torch.float16)
+        k_cache, v_cache = (
+            torch.randn(batch, kv_heads, n_keys, head_dim, device="cuda", dtype=torch.float16)
+            for _ in range(2)
+        )
+        step = functools.partial(core.attention_with_kvcache, q, k_cache, v_cache, cache_seqlens=n_keys)
+        sdpa = functools.partial(F.scaled_dot_product_attention, q, k_cache, v_cache, enable_gqa=True)
+        times = (host_us(step), kernel_us(step), host_us(sdpa), kernel_us(sdpa))
+        print(f"{label:<32} " + " ".join(f"{value:14.1f}" for value in times))
+
+
 def call_profile() -> None:
     q, k, v = inputs(*TINY)
     core.attention(q, k, v)
@@ -157,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = routes_table(baseline)
     call_profile()
     loads_table()
+    decode_table()
     print("\nhost us per call (best of 3 interleaved rounds, each the median of 9 x 300 calls),")
     print(f"tiny fp16 (1, 1, 16, 64) causal forward, {torch.cuda.get_device_name()}:")
     for label, us in rows:
