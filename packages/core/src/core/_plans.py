@@ -53,32 +53,37 @@ MAX_PLANS = 512  # distinct call signatures kept; a model has a handful
 _PLANS: dict[tuple, object] = {}
 
 
-def _signature(q, k, v, causal, sm_scale, return_lse, window_size=(-1, -1), softcap=0.0) -> tuple | None:
-    """The cache key of a call, or None for calls that are validated and planned every time: options
-    of other types than validation accepts first time round (a bool causal and return_lse, a float or
-    None sm_scale, a pair of ints window_size, a float or int softcap). Written out flat: every call
-    runs it."""
-    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor):
-        return None
+def _options_key(causal, sm_scale, return_lse, window_size, softcap) -> tuple | None:
+    """The options' part of a cache key, or None for option types that are validated every time."""
     if type(causal) is not bool or type(return_lse) is not bool:
         return None
     if not (sm_scale is None or type(sm_scale) is float):
         return None
     if not (type(window_size) is tuple and len(window_size) == 2):
         return None
-    left, right = window_size
-    if type(left) is not int or type(right) is not int:
+    if not (type(window_size[0]) is int and type(window_size[1]) is int):
         return None
     if not (type(softcap) is float or type(softcap) is int):
         return None
+    return (causal, window_size, softcap)
+
+
+def _signature(q, k, v, causal, sm_scale, return_lse, window_size=(-1, -1), softcap=0.0) -> tuple | None:
+    """The cache key of a call, or None for calls that are validated and planned every time."""
+    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor):
+        return None
+    options = _options_key(causal, sm_scale, return_lse, window_size, softcap)
+    if options is None:
+        return None
     try:
         return (
-            kernels.Forced.name, kernels.Forced.strict, causal, left, right, softcap, sm_scale,
+            kernels.Forced.name, kernels.Forced.strict, *options, default_scale(q, sm_scale),
             q.dtype, q.device, q.shape, q.stride(), q.data_ptr() & 15,
             k.dtype, k.device, k.shape, k.stride(), k.data_ptr() & 15,
             v.dtype, v.device, v.shape, v.stride(), v.data_ptr() & 15,
         )  # fmt: skip
-    except RuntimeError:  # no sizes, strides or storage: let validation say what is wrong
+    except (RuntimeError, IndexError, ZeroDivisionError):
+        # No sizes, strides or storage, no dims, or D = 0: let validation say what is wrong.
         return None
 
 
@@ -211,40 +216,35 @@ def _kvcache_signature(kind: str, tensors: tuple, cache_seqlens, options: tuple)
     Tensors (or None) are keyed by their metadata, as q, k, v are; an int cache_seqlens by its value (the
     kernels take it as a constant). Each option is keyed with its type, since True == 1 == 1.0 as dict
     keys: causal=1 never finds causal=True's plan, and goes to validation, which refuses it. Options of
-    other types than bool, int, float, None and tuples of ints are never keyed. Plain loops rather than
-    generators: this runs on every decode step."""
+    other types than bool, int, float, None and tuples of ints are never keyed."""
     if not HostCache.enabled:
         return None
-    key = [kind]
+    if not all(t is None or type(t) is torch.Tensor for t in tensors):
+        return None
+    if not all(_keyable(option) for option in options):
+        return None
     try:
-        for t in tensors:
-            if t is None:
-                key.append(None)
-            elif type(t) is torch.Tensor:
-                key.append((t.dtype, t.device, t.shape, t.stride(), t.data_ptr() & 15))
-            else:
-                return None
         if type(cache_seqlens) is torch.Tensor:
-            t = cache_seqlens
-            key.append((t.dtype, t.device, t.shape, t.stride(), t.data_ptr() & 15))
+            seqlens = (torch.Tensor, _tensor_key(cache_seqlens))
         elif type(cache_seqlens) is int:
-            key.append(cache_seqlens)
+            seqlens = (int, cache_seqlens)
         else:
             return None
+        tensor_keys = tuple(None if t is None else _tensor_key(t) for t in tensors)
     except (RuntimeError, IndexError):  # no sizes, strides or storage: let validation say what is wrong
         return None
-    for option in options:
-        kind_of_option = type(option)
-        if kind_of_option is tuple:
-            for part in option:
-                if type(part) is not int:
-                    return None
-        elif not (
-            option is None or kind_of_option is bool or kind_of_option is int or kind_of_option is float
-        ):
-            return None
-        key.append((kind_of_option, option))
-    return tuple(key)
+    typed_options = tuple((type(option), option) for option in options)
+    return (kind, tensor_keys, seqlens, typed_options)
+
+
+def _keyable(option) -> bool:
+    if type(option) is tuple:
+        return all(type(part) is int for part in option)
+    return option is None or type(option) in (bool, int, float)
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.dtype, t.device, t.shape, t.stride(), t.data_ptr() & 15)
 
 
 def _keep(key, plan):
