@@ -62,6 +62,12 @@ def pytest_addoption(parser):
         help="draw no new examples after this many seconds of the run (0: none; default: the profile's)",
     )
     group.addoption(
+        "--budget-scale",
+        type=float,
+        metavar="X",
+        help="multiply every property's example budget by X (e.g. 4 for a call with a warm Triton cache)",
+    )
+    group.addoption(
         "--report-dir",
         metavar="DIR",
         default=os.environ.get("FUZZ_REPORT_DIR", str(profiles.REPO / ".hypothesis" / "fuzz-runs")),
@@ -99,7 +105,11 @@ def pytest_configure(config):
     slice_ = _slice(config, seed)
     try:
         profile = profiles.for_run(
-            config.getoption("profile"), slice_, config.getoption("db"), config.getoption("time_box")
+            config.getoption("profile"),
+            slice_,
+            config.getoption("db"),
+            config.getoption("time_box"),
+            config.getoption("budget_scale"),
         )
     except ValueError as error:
         raise pytest.UsageError(str(error)) from None

@@ -292,11 +292,22 @@ class Slice:
 
 
 def for_run(
-    name: str, slice_: Slice | None = None, database: str | None = None, time_box: float | None = None
+    name: str,
+    slice_: Slice | None = None,
+    database: str | None = None,
+    time_box: float | None = None,
+    budget_scale: float | None = None,
 ) -> Profile:
     """The profile `name` as this run uses it: one slice of it, another example database directory,
-    another time box (0: none). Raises ValueError for an option the profile does not take."""
+    another time box (0: none), every example budget scaled (a device call whose Triton cache is warm
+    from an earlier call compiles little and has time for several times a profile's examples, drawn from
+    the same menus). Raises ValueError for an option the profile does not take."""
     profile = PROFILES[name]
+    if budget_scale is not None:
+        if not (budget_scale > 0 and math.isfinite(budget_scale)):
+            raise ValueError(f"--budget-scale {budget_scale}: expected a positive number")
+        scaled = {test: max(1, math.ceil(n * budget_scale)) for test, n in profile.examples.items()}
+        profile = replace(profile, examples=scaled)
     if slice_ is not None:
         if not profile.sliced:
             sliced = ", ".join(p.name for p in PROFILES.values() if p.sliced)
