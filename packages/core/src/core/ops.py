@@ -113,14 +113,19 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), each laid out like its input when that input is dense, else contiguous.
     Deterministic: every gradient element is summed in one fixed order."""
-    if dlse is not None:
-        # The kernels read dLSE as a contiguous (B, Hq, Nq) float32 vector; autograd may hand it over
-        # in any layout (e.g. from lse.transpose(1, 2)). It is one float per row: copy it.
-        dlse = dlse.contiguous()
     window = (window_left, window_right)
     forward = _plans.forward_plan(q, k, v, causal, sm_scale, True, window, softcap)
+    return _gradients(forward, dout, dlse, q, k, v, out, lse, lse_low)
+
+
+def _gradients(forward, dout, dlse, q, k, v, out, lse, lse_low, **on_packed):
+    """The backward of a call whose forward plan is `forward` (every route's: the ops and EagerAttention).
+    The kernels read dLSE as a contiguous float32 vector ((B, Hq, Nq), or (Hq, total_q) packed); autograd
+    may hand it over in any layout (e.g. from lse.transpose(1, 2)). It is one float per row: copied."""
+    if dlse is not None:
+        dlse = dlse.contiguous()
     plan = forward.backward_plan(dout, dlse, q, k, v)
-    return plan(dout, dlse, q, k, v, out, lse, lse_low)
+    return plan(dout, dlse, q, k, v, out, lse, lse_low, **on_packed)
 
 
 @attention_backward.register_fake
@@ -179,15 +184,12 @@ def attention_varlen_backward(
     softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of packed sequences, each laid out like its input when dense, else contiguous."""
-    if dlse is not None:
-        dlse = dlse.contiguous()  # read as a contiguous (Hq, total_q) vector, as attention_backward's
     forward = _plans.varlen_forward_plan(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, sm_scale, True,
         (window_left, window_right), softcap,
     )  # fmt: skip
-    plan = forward.backward_plan(dout, dlse, q, k, v)
     packed = Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return plan(dout, dlse, q, k, v, out, lse, lse_low, packed=packed)
+    return _gradients(forward, dout, dlse, q, k, v, out, lse, lse_low, packed=packed)
 
 
 @attention_varlen_backward.register_fake
@@ -274,10 +276,7 @@ class EagerAttention(torch.autograd.Function):
         q, k, v, out, lse, lse_low = ctx.saved_tensors
         if dout is None:  # as _backward
             dout = torch.zeros_like(out)
-        if dlse is not None:
-            dlse = dlse.contiguous()  # as attention_backward
-        plan = ctx.plan.backward_plan(dout, dlse, q, k, v)
-        gradients = plan(dout, dlse, q, k, v, out, lse, lse_low, **ctx.on_packed)
+        gradients = _gradients(ctx.plan, dout, dlse, q, k, v, out, lse, lse_low, **ctx.on_packed)
         if torch.is_grad_enabled():  # create_graph=True: a later backward through these must fail clearly
             gradients = _RefuseDoubleBackward.apply(q, k, v, dout, *gradients)
         return (*gradients, None, None)
