@@ -4,7 +4,9 @@
 # WHAT is a space-separated list of steps or groups (default "all"), run in the order given:
 #   tests = "suite host": the core suite on the GPU (every kernel family), then host time per call route
 #   bench = "kernels decode features e2e": each benchmark's --quick profile
-#   also: host-ab (host time beside the baseline in .ab/), cp (the simulated ring on one GPU), numerics
+#   also: host-ab (host time beside the baseline in .ab/), decode-ab (the decode benchmark's core column
+#   for a baseline copy of core in .base/, e.g. `git archive BASE packages/core/src/core | tar -x -C .base`;
+#   the call carries ".base"), kvcache (the KV-cache tests alone), decode-kernels (each decode kernel's time), cp (the simulated ring), numerics
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -44,6 +46,10 @@ for name in $what; do
     numerics) step numerics 200 python3 -m numerics --mode gpu --only "${NUMERICS:-e10}" --out "$out/numerics" ;;
     kernels) step kernels 200 python3 $run kernels --quick --out "$out" --docs "$out/docs" ;;
     decode) step decode 90 python3 $run decode --quick ;;
+    decode-ab) step decode-ab 60 env PYTHONPATH="$PWD/.base/packages/core/src:$PYTHONPATH" \
+                 python3 $run decode --quick --providers core ;;
+    decode-kernels) step decode-kernels 60 python3 $run decode --quick --kernels --providers core,cudnn ;;
+    kvcache) step kvcache 120 python3 -m pytest packages/core/tests/test_kvcache.py -n 8 -q -p no:cacheprovider ;;
     features) step features 90 python3 $run features --quick ;;
     e2e) step e2e 150 python3 $run e2e --quick --out "$out/e2e.json" ;;
     *) summary+=("$name: unknown step") ;;

@@ -24,6 +24,9 @@ Bandwidth counts the bytes a decode step must move: the cached keys and values o
 The ceiling is a large device-to-device copy timed in the same run (read + write). Timings are
 triton.testing.do_bench medians with the L2 cache flushed before each call. The table is printed last.
 
+--kernels lists, for the quick dense rows, each GPU kernel a step launches and its mean time (torch.profiler,
+20 steps), for core and the SDPA backends: which launch of a step (split, merge) costs what.
+
 --sweep times core alone on the quick rows under other tiles (keys per tile, warps, stages) and split
 rules (programs per SM), through core.testing.decode: the data behind the decode family's config.
 """
@@ -315,6 +318,35 @@ def sweep(timer, copy_gbps: float, mode: str) -> str:
     return "us per step (core only)\n" + "\n".join(lines)
 
 
+def kernel_breakdown(providers, mode: str, steps: int = 20) -> str:
+    """Each provider's GPU kernels per step on the quick dense rows: name, launches per step, mean us."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lines = []
+    for row in [row for row in rows(mode) if not row.paged and row.batch < 32]:
+        step = Step(row)
+        for name in providers:
+            try:
+                call, _ = provider_call(name, row, step)
+                call()
+            except (ValueError, RuntimeError) as error:  # n/a, or a backend that refuses this row
+                lines.append(f"{row.label:<30} {name:<9} n/a: {str(error).splitlines()[0][:80]}")
+                continue
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as trace:
+                for _ in range(steps):
+                    call()
+                if device() == "cuda":
+                    torch.cuda.synchronize()
+            for event in trace.key_averages():
+                if event.device_type.name != "CUDA" or event.count < steps:
+                    continue
+                mean = event.self_device_time_total / event.count
+                lines.append(
+                    f"{row.label:<30} {name:<9} x{event.count // steps} {mean:8.1f} us  {event.key[:70]}"
+                )
+    return "kernels per step (mean us per launch)\n" + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -327,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--providers", help=f"comma list of {','.join(PROVIDERS)} (core always runs first)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--sweep", action="store_true", help="time core's tile and split variants instead")
+    parser.add_argument("--kernels", action="store_true", help="each provider's kernels per step instead")
     parser.add_argument("--warmup-ms", type=int, default=25)
     parser.add_argument("--rep-ms", type=int, default=100)
     args = parser.parse_args(argv)
@@ -365,6 +398,9 @@ def main(argv: list[str] | None = None) -> None:
     copy_gbps = measure_copy_gbps(timer, COPY_BYTES if mode != "dry-run" else 2**24)
     if args.sweep:
         print(sweep(timer, copy_gbps, "dry-run" if mode == "dry-run" else "quick"))
+        return
+    if args.kernels:
+        print(kernel_breakdown(providers, "dry-run" if mode == "dry-run" else "quick"))
         return
     results = []
     for row in rows(mode):

@@ -213,6 +213,20 @@ def test_every_split_count_within_policy_and_bitwise_repeatable(dtype):
         assert torch.equal(out, again[0]) and torch.equal(lse, again[1]), f"num_splits={splits} repeated"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_merge_of_more_splits_than_it_reads_at_once(dtype):
+    """Head dim 256: the merge reads 16 splits at a time, so 37 splits take three reads, the last one
+    partly masked; with fewer key tiles than splits, some splits see no key at all."""
+    config = core.testing.decode.config
+    splits = 37
+    assert config.merge_block_s(splits, 256) < splits
+    cache = Cache(1, 1, 300, 256, dtype, seed=21)
+    q = queries(1, 2, 1, 256, dtype, seed=22)
+    seqlens = torch.tensor([300], dtype=torch.int32, device=DEVICE)
+    _, _, found = verdicts(q, cache, seqlens, num_splits=splits)
+    assert_all_within_tolerance(found)
+
+
 def test_the_split_rule_fills_the_machine_from_shapes_alone():
     """FlashAttention-2's wave rule over two programs per SM, on an H100's 132 SMs."""
     split_count = core.testing.decode.config.split_count

@@ -20,6 +20,8 @@ MAX_BLOCK_M = 64
 # loads' latency) and writes a partial row per query, which a handful of tiles amortises.
 MIN_TILES_PER_SPLIT = 4
 MAX_SPLITS = 128  # also the most a caller may ask for (num_splits)
+# Partial elements (splits x head dims) that one merge program reads at once.
+MERGE_TILE = 4096
 # The split rule aims at filling this many programs per SM at once: the kernel is bound by memory, and
 # a second resident program keeps loads in flight while the first one computes.
 PROGRAMS_PER_SM = 2
@@ -93,6 +95,12 @@ def split_count(programs_per_split: int, key_tiles: int, sm_count: int) -> int:
 
     best = max(efficiency(s) for s in range(1, most + 1))
     return next(s for s in range(1, most + 1) if efficiency(s) >= 0.85 * best)
+
+
+def merge_block_s(splits: int, block_d: int) -> int:
+    """Splits the merge reads at once: all of them up to a tile of 4096 partial elements (32 registers
+    a thread in float32 with 4 warps, 64 for their float64 products)."""
+    return min(1 << (splits - 1).bit_length(), MERGE_TILE // block_d)
 
 
 def min_keys_for_attention(interpreted: bool) -> int:

@@ -10,9 +10,9 @@ all). Here:
    of the keys those rows can see. It streams them with the portable forward's online softmax and
    writes its unnormalised accumulator and row statistics (max, sum) to float32 scratch; with a single
    split it finishes the rows itself.
-2. `decode_merge_kernel`, grid (row blocks, Hkv, B): combines the splits of each row in split order
-   (deterministic), in float64, and writes the output, the LSE and its low parts with the conventions
-   every family shares (core.kernels.host).
+2. `decode_merge_kernel`, grid (rows, Hkv, B): combines the splits of each row in float64, reading many
+   splits at once, in a fixed order (deterministic), and writes the output, the LSE and its low parts
+   with the conventions every family shares (core.kernels.host).
 
 Keys are addressed per key: a dense cache row is `batch * stride_b + key * stride_n`; a paged cache
 finds key j in page `block_table[b, j // PAGE_SIZE]` at slot `j % PAGE_SIZE`. Either way any strides
@@ -286,59 +286,76 @@ def decode_merge_kernel(
     Partial, PartialStats, Out, Lse, LseLow,
     stride_ob, stride_oh, stride_om, stride_od,
     n_q_heads, kv_group, n_queries, n_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, COMPENSATE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, COMPENSATE: tl.constexpr,
     BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
 ):  # fmt: skip
-    """Merge the splits of one (batch, KV head, row block) in split order. Grid (row blocks, Hkv, B).
+    """Merge the splits of one query row of (batch, KV head). Grid (kv_group * Nq, Hkv, B).
+
+    Pointers: Partial, PartialStats as decode_split_kernel writes them; Out, Lse, LseLow as its
+    SINGLE_SPLIT ones. BLOCK_S splits are read at once (a tile of partials, a vector of statistics):
+    a loop with one dependent load per split was a chain of memory latencies, the longest part of a
+    one-sequence decode step.
 
     In float64, from float32 partials: the row max m is the largest split max (exact), each split's
     weight exp(m_s - m) (with the max's low parts for float32), L = sum of weighted sums, out =
     sum of weighted accumulators / L, LSE = m + log L rounded once, its low part what that rounding
     lost. The low parts then mean what the portable forward's do (m + log l = LSE + low exactly, up
-    to float32's rounding of the low part itself), so the shared backward can consume them.
+    to float32's rounding of the low part itself), so the shared backward can consume them. The sums
+    run in a fixed order (a fixed tree within each BLOCK_S splits, the blocks in split order): the
+    merge is deterministic.
     """
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
-    rows, heads, queries, row_ok = _tile_rows(tl.program_id(0), kv_head, kv_group, n_queries, BLOCK_M)
+    # One row, as one-element vectors (the stores are the split kernel's, for tiles of rows).
+    _, heads, queries, row_ok = _tile_rows(tl.program_id(0), kv_head, kv_group, n_queries, 1)
+    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     n_rows = kv_group * n_queries
-    first_slot = (batch.to(tl.int64) * tl.num_programs(1) + kv_head) * n_splits * n_rows + rows
+    first_slot = (batch.to(tl.int64) * tl.num_programs(1) + kv_head) * n_splits * n_rows + tl.program_id(0)
     stats_plane = tl.num_programs(2).to(tl.int64) * tl.num_programs(1) * n_splits * n_rows
 
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    m_low = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for split in range(0, n_splits):
-        slot = first_slot + split * n_rows
-        m_split = tl.load(PartialStats + slot, mask=row_ok, other=float("-inf"))
+    # Each lane keeps the max of its splits (and the max's low part: that of the split holding it, the
+    # largest among ties); the row's are then the lanes' max and the largest low part of a lane at it.
+    m_lanes = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    low_lanes = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for first_split in range(0, n_splits, BLOCK_S):
+        splits = first_split + offs_s
+        slots = first_slot + splits.to(tl.int64) * n_rows
+        m_split = tl.load(PartialStats + slots, mask=splits < n_splits, other=float("-inf"))
         if COMPENSATE:
-            # The max's low part: that of the split holding the max (the largest among ties).
-            low_split = tl.load(PartialStats + 2 * stats_plane + slot, mask=row_ok, other=0.0)
-            m_low = tl.where(
-                m_split > m, low_split, tl.where(m_split == m, tl.maximum(m_low, low_split), m_low)
+            low_split = tl.load(PartialStats + 2 * stats_plane + slots, mask=splits < n_splits, other=0.0)
+            low_lanes = tl.where(
+                m_split > m_lanes,
+                low_split,
+                tl.where(m_split == m_lanes, tl.maximum(low_lanes, low_split), low_lanes),
             )
-        m = tl.maximum(m, m_split)
+        m_lanes = tl.maximum(m_lanes, m_split)
+    m = tl.max(m_lanes, 0, keep_dims=True)
+    m_low = tl.max(tl.where(m_lanes == m, low_lanes, float("-inf")), 0, keep_dims=True)
     m_safe = tl.where(m == float("-inf"), 0.0, m).to(tl.float64)
     m_low = tl.where(m == float("-inf"), 0.0, m_low)
 
-    total = tl.zeros([BLOCK_M], dtype=tl.float64)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float64)
-    for split in range(0, n_splits):
-        slot = first_slot + split * n_rows
-        m_split = tl.load(PartialStats + slot, mask=row_ok, other=float("-inf")).to(tl.float64)
-        l_split = tl.load(PartialStats + stats_plane + slot, mask=row_ok, other=0.0).to(tl.float64)
+    total = tl.zeros([1], dtype=tl.float64)
+    acc = tl.zeros([1, BLOCK_D], dtype=tl.float64)
+    for first_split in range(0, n_splits, BLOCK_S):
+        splits = first_split + offs_s
+        split_ok = splits < n_splits
+        slots = first_slot + splits.to(tl.int64) * n_rows
+        m_split = tl.load(PartialStats + slots, mask=split_ok, other=float("-inf")).to(tl.float64)
+        l_split = tl.load(PartialStats + stats_plane + slots, mask=split_ok, other=0.0).to(tl.float64)
         exponent = m_split - m_safe
         if COMPENSATE:
-            low_split = tl.load(PartialStats + 2 * stats_plane + slot, mask=row_ok, other=0.0)
+            low_split = tl.load(PartialStats + 2 * stats_plane + slots, mask=split_ok, other=0.0)
             exponent += (low_split - m_low).to(tl.float64)
         weight = _exp(exponent, BASE_2, PRECISE_EXP)  # 0 for splits that saw no key (m_split = -inf)
         part = tl.load(
-            Partial + slot[:, None] * HEAD_DIM + offs_d[None, :],
-            mask=row_ok[:, None] & d_ok[None, :],
+            Partial + slots[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=split_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        total += weight * l_split
-        acc += weight[:, None] * part.to(tl.float64)
+        total += tl.sum(weight * l_split, 0, keep_dims=True)
+        acc += tl.sum(weight[:, None] * part.to(tl.float64), 0, keep_dims=True)
 
     sees_a_key = total > 0.0
     total_safe = tl.where(sees_a_key, total, 1.0)

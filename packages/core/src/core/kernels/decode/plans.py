@@ -93,11 +93,12 @@ class AttendPlan(OnDevice):
             # float64 arithmetic: libdevice's exp/log where compiled (the interpreter has none).
             self.merge = BoundLaunch(
                 decode_merge_kernel,
-                (row_blocks, kv_heads, batch),
+                (rows, kv_heads, batch),
                 (*out_layout, q_heads, kv_group, n_queries, splits),
                 (),
-                (("HEAD_DIM", head_dim), ("BLOCK_M", config.block_m), ("BLOCK_D", block_d),
-                 ("COMPENSATE", q.dtype == torch.float32), base_2, ("PRECISE_EXP", not interpreted)),
+                (("HEAD_DIM", head_dim), ("BLOCK_S", _config.merge_block_s(splits, block_d)),
+                 ("BLOCK_D", block_d), ("COMPENSATE", q.dtype == torch.float32), base_2,
+                 ("PRECISE_EXP", not interpreted)),
                 (("num_warps", 4), ("num_stages", 1)),
             )  # fmt: skip
 
