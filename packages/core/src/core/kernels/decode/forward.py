@@ -281,20 +281,61 @@ def decode_split_kernel(
             tl.store(PartialStats + 2 * stats_plane + slot, m_low, mask=row_ok)
 
 
+@triton.jit
+def _read_splits(Partial, PartialStats, first_slot, first_split, n_splits, n_rows, stats_plane, offs_s,
+                 offs_d, d_ok, HEAD_DIM: tl.constexpr, COMPENSATE: tl.constexpr,
+                 PARTIALS: tl.constexpr):  # fmt: skip
+    """BLOCK_S splits of one row from first_split on: their max, sum and (COMPENSATE) the max's low part,
+    and (PARTIALS) their accumulators (BLOCK_S, BLOCK_D); what is not read is 0. Splits past n_splits
+    read as empty (m -inf, l 0, zero accumulator)."""
+    splits = first_split + offs_s
+    split_ok = splits < n_splits
+    slots = first_slot + splits.to(tl.int64) * n_rows
+    m_split = tl.load(PartialStats + slots, mask=split_ok, other=float("-inf"))
+    l_split = 0.0
+    low_split = 0.0
+    part = 0.0
+    if COMPENSATE:
+        low_split = tl.load(PartialStats + 2 * stats_plane + slots, mask=split_ok, other=0.0)
+    if PARTIALS:
+        l_split = tl.load(PartialStats + stats_plane + slots, mask=split_ok, other=0.0)
+        part = tl.load(
+            Partial + slots[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=split_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+    return m_split, l_split, low_split, part
+
+
+@triton.jit
+def _weighted_sums(m_split, l_split, low_split, part, m_safe, m_low, COMPENSATE: tl.constexpr,
+                   BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr):  # fmt: skip
+    """In float64, a block of splits' contributions to a row's sum and accumulator: each split weighted
+    by exp(m_s - m) (0 for splits that saw no key, m_s = -inf), summed over the block in a fixed tree."""
+    exponent = m_split.to(tl.float64) - m_safe
+    if COMPENSATE:
+        exponent += (low_split - m_low).to(tl.float64)
+    weight = _exp(exponent, BASE_2, PRECISE_EXP)
+    total = tl.sum(weight * l_split.to(tl.float64), 0, keep_dims=True)
+    acc = tl.sum(weight[:, None] * part.to(tl.float64), 0, keep_dims=True)
+    return total, acc
+
+
 @triton.jit(do_not_specialize=["n_queries", "n_splits"])
 def decode_merge_kernel(
     Partial, PartialStats, Out, Lse, LseLow,
     stride_ob, stride_oh, stride_om, stride_od,
     n_q_heads, kv_group, n_queries, n_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, COMPENSATE: tl.constexpr,
-    BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, ONE_READ: tl.constexpr,
+    COMPENSATE: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
 ):  # fmt: skip
     """Merge the splits of one query row of (batch, KV head). Grid (kv_group * Nq, Hkv, B).
 
     Pointers: Partial, PartialStats as decode_split_kernel writes them; Out, Lse, LseLow as its
-    SINGLE_SPLIT ones. BLOCK_S splits are read at once (a tile of partials, a vector of statistics):
-    a loop with one dependent load per split was a chain of memory latencies, the longest part of a
-    one-sequence decode step.
+    SINGLE_SPLIT ones. BLOCK_S splits are read at once (a tile of partials, vectors of statistics): a
+    loop with one dependent load per split was a chain of memory latencies, the longest part of a
+    one-sequence decode step. ONE_READ (n_splits <= BLOCK_S, the usual case): statistics and partials
+    come in one read. Otherwise one pass over the blocks finds the row max, a second one sums.
 
     In float64, from float32 partials: the row max m is the largest split max (exact), each split's
     weight exp(m_s - m) (with the max's low parts for float32), L = sum of weighted sums, out =
@@ -302,7 +343,7 @@ def decode_merge_kernel(
     lost. The low parts then mean what the portable forward's do (m + log l = LSE + low exactly, up
     to float32's rounding of the low part itself), so the shared backward can consume them. The sums
     run in a fixed order (a fixed tree within each BLOCK_S splits, the blocks in split order): the
-    merge is deterministic.
+    merge is deterministic, and one read sums exactly as a single block of the two-pass loop.
     """
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -317,45 +358,48 @@ def decode_merge_kernel(
 
     # Each lane keeps the max of its splits (and the max's low part: that of the split holding it, the
     # largest among ties); the row's are then the lanes' max and the largest low part of a lane at it.
-    m_lanes = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
-    low_lanes = tl.zeros([BLOCK_S], dtype=tl.float32)
-    for first_split in range(0, n_splits, BLOCK_S):
-        splits = first_split + offs_s
-        slots = first_slot + splits.to(tl.int64) * n_rows
-        m_split = tl.load(PartialStats + slots, mask=splits < n_splits, other=float("-inf"))
-        if COMPENSATE:
-            low_split = tl.load(PartialStats + 2 * stats_plane + slots, mask=splits < n_splits, other=0.0)
-            low_lanes = tl.where(
-                m_split > m_lanes,
-                low_split,
-                tl.where(m_split == m_lanes, tl.maximum(low_lanes, low_split), low_lanes),
-            )
-        m_lanes = tl.maximum(m_lanes, m_split)
+    if ONE_READ:
+        m_lanes, l_split, low_lanes, part = _read_splits(
+            Partial, PartialStats, first_slot, 0, n_splits, n_rows, stats_plane, offs_s, offs_d, d_ok,
+            HEAD_DIM, COMPENSATE, True,
+        )  # fmt: skip
+    else:
+        m_lanes = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+        low_lanes = tl.zeros([BLOCK_S], dtype=tl.float32)
+        for first_split in range(0, n_splits, BLOCK_S):
+            m_split, _, low_split, _ = _read_splits(
+                Partial, PartialStats, first_slot, first_split, n_splits, n_rows, stats_plane, offs_s,
+                offs_d, d_ok, HEAD_DIM, COMPENSATE, False,
+            )  # fmt: skip
+            if COMPENSATE:
+                low_lanes = tl.where(
+                    m_split > m_lanes,
+                    low_split,
+                    tl.where(m_split == m_lanes, tl.maximum(low_lanes, low_split), low_lanes),
+                )
+            m_lanes = tl.maximum(m_lanes, m_split)
     m = tl.max(m_lanes, 0, keep_dims=True)
     m_low = tl.max(tl.where(m_lanes == m, low_lanes, float("-inf")), 0, keep_dims=True)
     m_safe = tl.where(m == float("-inf"), 0.0, m).to(tl.float64)
     m_low = tl.where(m == float("-inf"), 0.0, m_low)
 
-    total = tl.zeros([1], dtype=tl.float64)
-    acc = tl.zeros([1, BLOCK_D], dtype=tl.float64)
-    for first_split in range(0, n_splits, BLOCK_S):
-        splits = first_split + offs_s
-        split_ok = splits < n_splits
-        slots = first_slot + splits.to(tl.int64) * n_rows
-        m_split = tl.load(PartialStats + slots, mask=split_ok, other=float("-inf")).to(tl.float64)
-        l_split = tl.load(PartialStats + stats_plane + slots, mask=split_ok, other=0.0).to(tl.float64)
-        exponent = m_split - m_safe
-        if COMPENSATE:
-            low_split = tl.load(PartialStats + 2 * stats_plane + slots, mask=split_ok, other=0.0)
-            exponent += (low_split - m_low).to(tl.float64)
-        weight = _exp(exponent, BASE_2, PRECISE_EXP)  # 0 for splits that saw no key (m_split = -inf)
-        part = tl.load(
-            Partial + slots[:, None] * HEAD_DIM + offs_d[None, :],
-            mask=split_ok[:, None] & d_ok[None, :],
-            other=0.0,
+    if ONE_READ:
+        total, acc = _weighted_sums(
+            m_lanes, l_split, low_lanes, part, m_safe, m_low, COMPENSATE, BASE_2, PRECISE_EXP
         )
-        total += tl.sum(weight * l_split, 0, keep_dims=True)
-        acc += tl.sum(weight[:, None] * part.to(tl.float64), 0, keep_dims=True)
+    else:
+        total = tl.zeros([1], dtype=tl.float64)
+        acc = tl.zeros([1, BLOCK_D], dtype=tl.float64)
+        for first_split in range(0, n_splits, BLOCK_S):
+            m_split, l_split, low_split, part = _read_splits(
+                Partial, PartialStats, first_slot, first_split, n_splits, n_rows, stats_plane, offs_s,
+                offs_d, d_ok, HEAD_DIM, COMPENSATE, True,
+            )  # fmt: skip
+            block_total, block_acc = _weighted_sums(
+                m_split, l_split, low_split, part, m_safe, m_low, COMPENSATE, BASE_2, PRECISE_EXP
+            )
+            total += block_total
+            acc += block_acc
 
     sees_a_key = total > 0.0
     total_safe = tl.where(sees_a_key, total, 1.0)

@@ -91,13 +91,14 @@ class AttendPlan(OnDevice):
         self.merge = None
         if splits > 1:
             # float64 arithmetic: libdevice's exp/log where compiled (the interpreter has none).
+            block_s = _config.merge_block_s(splits, block_d)
             self.merge = BoundLaunch(
                 decode_merge_kernel,
                 (rows, kv_heads, batch),
                 (*out_layout, q_heads, kv_group, n_queries, splits),
                 (),
-                (("HEAD_DIM", head_dim), ("BLOCK_S", _config.merge_block_s(splits, block_d)),
-                 ("BLOCK_D", block_d), ("COMPENSATE", q.dtype == torch.float32), base_2,
+                (("HEAD_DIM", head_dim), ("BLOCK_S", block_s), ("BLOCK_D", block_d),
+                 ("ONE_READ", splits <= block_s), ("COMPENSATE", q.dtype == torch.float32), base_2,
                  ("PRECISE_EXP", not interpreted)),
                 (("num_warps", 4), ("num_stages", 1)),
             )  # fmt: skip
