@@ -348,7 +348,7 @@ def decode_merge_kernel(
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
     # One row, as one-element vectors (the stores are the split kernel's, for tiles of rows).
-    _, heads, queries, row_ok = _tile_rows(tl.program_id(0), kv_head, kv_group, n_queries, 1)
+    _rows, heads, queries, row_ok = _tile_rows(tl.program_id(0), kv_head, kv_group, n_queries, 1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -367,7 +367,7 @@ def decode_merge_kernel(
         m_lanes = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
         low_lanes = tl.zeros([BLOCK_S], dtype=tl.float32)
         for first_split in range(0, n_splits, BLOCK_S):
-            m_split, _, low_split, _ = _read_splits(
+            m_split, _sums, low_split, _partials = _read_splits(
                 Partial, PartialStats, first_slot, first_split, n_splits, n_rows, stats_plane, offs_s,
                 offs_d, d_ok, HEAD_DIM, COMPENSATE, False,
             )  # fmt: skip
