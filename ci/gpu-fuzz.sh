@@ -9,6 +9,7 @@
 #   bash ci/gpu-fuzz.sh PROFILE [pytest arguments...]
 #   bash ci/gpu-fuzz.sh gpu-1k -n 12
 #   FUZZ_NAME=warm bash ci/gpu-fuzz.sh gpu-1k --budget-scale 4 --time-box 480 -n 12
+#   FUZZ_NAME=kv bash ci/gpu-fuzz.sh gpu-1k fuzz/test_kvcache.py -n 12     (one property file)
 #   bash ci/gpu-fuzz.sh nightly --slice 3/10 --fuzz-seed 20261206 -n 12     (carry .hypothesis/fuzz-nightly)
 #
 # Here, afterwards: tar -xzf FILES_AT/NAME.tar.gz -C .hypothesis/gpu-runs/NAME, then
@@ -26,7 +27,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/packages/core/src${PYTHONPATH:+:
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.hypothesis/triton-cache}
 database=.hypothesis/fuzz-${profile%%-*}  # gpu-1k -> fuzz-gpu, nightly -> fuzz-nightly (fuzz/profiles.py)
 # The profile's own time box ends the run; this limit only catches a hang, as SIGINT (pytest reports).
-timeout -s INT -k 20 "${FUZZ_SECONDS:-540}" python3 -m pytest fuzz -p no:cacheprovider --profile "$profile" \
+# Test files among the arguments (fuzz/test_kvcache.py, say) narrow the run; else the whole fuzzer runs.
+tests=(fuzz)
+for argument in "$@"; do [[ $argument == fuzz/* ]] && tests=(); done
+timeout -s INT -k 20 "${FUZZ_SECONDS:-540}" python3 -m pytest "${tests[@]}" -p no:cacheprovider --profile "$profile" \
   --report-dir "$work/runs" "$@" > "$out/$name.log" 2>&1
 code=$?
 mkdir -p "$work/db"
