@@ -2,7 +2,8 @@
 
 A `Case` is everything an example varies: the `Problem` (shapes, dtype, mask, window, softcap, scale), the
 memory `Layout` of each input, the `Values` in them and the `Upstream` gradient that the backward pass
-receives. A `VarlenCase` is a packed batch of ragged sequences for core.attention_varlen.
+receives. A `VarlenCase` is a packed batch of ragged sequences for core.attention_varlen, a `KvCase` a call
+of core.attention_with_kvcache.
 Cases are frozen dataclasses whose repr is valid Python, so a falsifying example printed by hypothesis
 can be pasted into an `@example(...)` as it is. Building tensors from a case is deterministic: the same
 case gives the same bits on the same device (values come from a torch.Generator seeded by the case).
@@ -191,6 +192,76 @@ def build_varlen(case: VarlenCase, device) -> PackedInputs:
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class KvCase:
+    """A call of core.attention_with_kvcache: the caches (dense or paged, BSHD storage read through its
+    transposed view, a row map), each sequence's cached length, the keys appended in place, and the
+    options. Its tensors come from a generator seeded by `seed` (build_kvcache)."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    n_queries: int
+    head_dim: int
+    dtype: torch.dtype
+    capacity: int  # keys per sequence: N_cache, or pages x page size
+    page: int | None  # None: a dense cache
+    bshd: bool  # stored (..., N, H, D), handed over transposed
+    row_map: bool  # dense only: cache_batch_idx picks each sequence's row among spare ones
+    cached: tuple[int, ...]  # cache_seqlens, per sequence
+    n_new: int  # keys appended in place (0: none)
+    causal: bool
+    window: tuple[int, int]
+    softcap: float
+    sm_scale: float | None
+    num_splits: int | None
+    seed: int
+
+
+class KvInputs:
+    """The tensors of a case: q, the caches (as the kernel sees them), their block table or row map, the
+    new keys and values, cache_seqlens."""
+
+    def __init__(self, case: KvCase, device):
+        gen = torch.Generator().manual_seed(case.seed)
+
+        def draw(*shape):
+            return torch.randn(*shape, generator=gen).to(device=device, dtype=case.dtype)
+
+        self.q = draw(case.batch, case.q_heads, case.n_queries, case.head_dim)
+        self.block_table = self.cache_batch_idx = None
+        if case.page is None:
+            rows, slots = case.batch + 2, case.capacity
+            if case.row_map:
+                self.cache_batch_idx = (
+                    torch.randperm(rows, generator=gen)[: case.batch].to(torch.int32).to(device)
+                )
+        else:
+            pages = case.capacity // case.page
+            rows, slots = case.batch * pages + 2, case.page
+            order = torch.randperm(rows, generator=gen)[: case.batch * pages]
+            self.block_table = order.view(case.batch, pages).to(torch.int32).to(device)
+        shape = (
+            (rows, slots, case.kv_heads, case.head_dim)
+            if case.bshd
+            else (rows, case.kv_heads, slots, case.head_dim)
+        )
+        self.k_cache, self.v_cache = draw(*shape), draw(*shape)
+        if case.bshd:
+            self.k_cache, self.v_cache = self.k_cache.transpose(1, 2), self.v_cache.transpose(1, 2)
+        self.k = self.v = None
+        if case.n_new:
+            self.k = draw(case.batch, case.kv_heads, case.n_new, case.head_dim)
+            self.v = draw(case.batch, case.kv_heads, case.n_new, case.head_dim)
+        self.cache_seqlens = torch.tensor(case.cached, dtype=torch.int32, device=device)
+
+    def slot(self, case: KvCase, b: int, position: int) -> tuple[int, int]:
+        """(cache row, slot) of key `position` of sequence b."""
+        if case.page is not None:
+            return int(self.block_table[b, position // case.page]), position % case.page
+        return (b if self.cache_batch_idx is None else int(self.cache_batch_idx[b])), position
+
+
 # --- A case as plain data (the failure files, fuzz/failures.py) ---------------------------------------
 
 
@@ -228,7 +299,7 @@ def compact_repr(value) -> str:
     return repr(value)
 
 
-_CASE_TYPES = {cls.__name__: cls for cls in (Case, Problem, Layout, Values, Upstream, VarlenCase)}
+_CASE_TYPES = {cls.__name__: cls for cls in (Case, Problem, Layout, Values, Upstream, VarlenCase, KvCase)}
 
 
 def from_data(data):

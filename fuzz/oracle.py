@@ -24,7 +24,7 @@ from hypothesis import event, target
 import core
 from core.testing import score_scale
 from fuzz import report
-from fuzz.cases import Case, Inputs, bits
+from fuzz.cases import Case, Inputs, KvCase, KvInputs, bits
 
 # The kernels run where core was built for: the GPU, or the CPU under TRITON_INTERPRET=1.
 DEVICE = "cpu" if core.is_interpreted() else "cuda"
@@ -74,6 +74,23 @@ def run_truth(case: Case, inputs: Inputs, backward: bool = True) -> Results:
 
 def run_eager(case: Case, inputs: Inputs, backward: bool = True) -> Results:
     return _run(core.attention_reference, case, inputs, backward, compute_dtype=None)
+
+
+def run_kvcache(case: KvCase, built: KvInputs, **reference):
+    """(out, lse) of core.attention_with_kvcache on the case (appending in place), or with `reference`
+    keywords (compute_dtype) of its float64 / eager reference."""
+    options = dict(
+        cache_seqlens=built.cache_seqlens, k=built.k, v=built.v, block_table=built.block_table,
+        cache_batch_idx=built.cache_batch_idx, causal=case.causal, sm_scale=case.sm_scale,
+        window_size=case.window, softcap=case.softcap, return_lse=True,
+    )  # fmt: skip
+    if reference:
+        return core.attention_with_kvcache_reference(
+            built.q, built.k_cache, built.v_cache, **options, **reference
+        )
+    return core.attention_with_kvcache(
+        built.q, built.k_cache, built.v_cache, num_splits=case.num_splits, **options
+    )
 
 
 def check_within_policy(case: Case, kernel: Results, truth: Results, eager: Results) -> None:

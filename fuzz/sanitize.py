@@ -5,10 +5,14 @@ racecheck, in parallel child processes, into one markdown table.
 
 Problems are drawn with the fuzzer's own strategies (fuzz/strategies.py) from a fixed seed: odd and
 edge lengths, GQA/MQA, head dims 1..256, contiguous, BSHD and sliced or padded views, every dtype,
-causal and not, each with its upstream gradient. They cycle through the six (dtype, causal) kernel
-families, and the fp16/bf16 ones alternate between tensor descriptors forced on (wherever the layout
-allows them, also for problems too small to pay for them) and forced off (pointer loads only);
-float32 never uses descriptors. Each (problem, tool) runs in its own process,
+causal and not, each with its upstream gradient. They cycle through the routes into core's kernels
+(ROUTES): the portable kernels with tensor descriptors forced on (wherever the layout allows them, also
+for problems too small to pay for them; fp16/bf16) and forced off (pointer loads only); the portable
+kernels' sliding-window and softcap variants; packed batches (core.attention_varlen); KV-cache calls
+(dense and paged caches, appends); decode-shaped calls forced onto the decode family (its split and
+merge kernels, then the portable backward); and calls forced onto the Hopper family (fp16/bf16 at its
+head dims, on an sm_90 GPU: a route whose family this machine lacks is left out). Within a route the
+problems cycle through the (dtype, causal) kernel families. Each (problem, tool) runs in its own process,
 `compute-sanitizer --tool T python -m fuzz.sanitize --child PROBLEM.json`, with PyTorch's caching
 allocator off so that every tensor is its own allocation and a read past one is caught, and with one
 Triton cache shared by all, so each kernel variant compiles once (in its memcheck run: memcheck runs
@@ -36,7 +40,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 TOOLS = ("memcheck", "synccheck", "racecheck")
-PATHS = ("descriptors", "pointers")
+# Every way into core's kernels that the sweep takes (draw_problems, run_child).
+ROUTES = ("descriptors", "pointers", "window-softcap", "varlen", "kvcache", "decode", "hopper")
+FORCED_FAMILY = {"decode": "decode", "hopper": "hopper"}  # routes run under core.testing.use_family
+HALF_ONLY = ("descriptors", "hopper")  # routes float32 cannot take
 REPO = Path(__file__).resolve().parents[1]
 DONE = "SANITIZE_CHILD_DONE"  # the child's last line: it ran to the end (a crash can leave "0 errors")
 KERNEL_PATH = "KERNEL_PATH "
@@ -49,8 +56,8 @@ MIN_RUN_SECONDS = 20  # a run is not started with less of the budget left: it co
 @dataclass(frozen=True)
 class Problem:
     index: int
-    case: object  # fuzz.cases.Case
-    path: str  # "descriptors" (forced on where the layout allows) or "pointers" (forced off)
+    case: object  # fuzz.cases.Case, VarlenCase (route varlen) or KvCase (route kvcache)
+    route: str  # one of ROUTES
 
 
 def _limits():
@@ -84,30 +91,90 @@ def _drawing_within(limits):
             profiles.activate(previous)
 
 
+def routes() -> tuple[str, ...]:
+    """The routes this machine can take: those whose forced family it runs."""
+    import core.testing
+
+    families = core.testing.families()
+    return tuple(r for r in ROUTES if FORCED_FAMILY.get(r, "portable") in families)
+
+
 def draw_problems(count: int, seed: int) -> list[Problem]:
-    """`count` problems from the fuzzer's strategies, the same for the same seed."""
+    """`count` problems from the fuzzer's strategies, the same for the same seed (and machine)."""
     import torch
-    from hypothesis import strategies as st
 
-    from fuzz import sharding, strategies
-    from fuzz.cases import Layout
+    from fuzz import sharding
 
-    limits = _limits()
-    # A descriptor problem needs a layout and a head dim the copy engine can read (16-byte rows).
-    descriptor_limits = replace(
-        limits,
-        head_dims=dict.fromkeys(sharding.DTYPES, tuple(range(8, 257, 8))),
-        layouts=(Layout(), Layout(order=(0, 2, 1, 3))),
-    )
+    taken = routes()
     problems = []
     for index in range(count):
-        dtype, causal = sharding.KERNELS[index % len(sharding.KERNELS)]
-        path = "pointers" if dtype == torch.float32 else PATHS[(index // len(sharding.KERNELS)) % 2]
-        family = strategies.problems(dtypes=st.just(dtype), causal=st.just(causal))
-        with _drawing_within(descriptor_limits if path == "descriptors" else limits):
-            case = _draw(strategies.cases(problem=family), seed * 1000 + index)
-        problems.append(Problem(index, case, path))
+        route = taken[index % len(taken)]
+        kernels = [k for k in sharding.KERNELS if not (route in HALF_ONLY and k[0] == torch.float32)]
+        dtype, causal = kernels[(index // len(taken)) % len(kernels)]
+        problems.append(draw_problem(index, route, dtype, causal, seed))
     return problems
+
+
+def draw_problem(index: int, route: str, dtype, causal: bool, seed: int) -> Problem:
+    """Problem `index` of a sweep: a case of `route` in the (dtype, causal) family."""
+    from hypothesis import strategies as st
+
+    from fuzz import strategies
+
+    family = strategies.problems(dtypes=st.just(dtype), causal=st.just(causal))
+    with _drawing_within(_route_limits(route, _limits(), dtype)):
+        case = _draw(_route_strategy(route, family, dtype, causal), seed * 1000 + index)
+    return Problem(index, case, route)
+
+
+def _route_limits(route: str, limits, dtype):
+    """What a route draws within: tensor descriptors and the Hopper family need layouts and head dims
+    the copy engine can read (16-byte rows; the family's own head dims)."""
+    import core.testing
+    from fuzz.cases import Layout
+
+    copyable = (Layout(), Layout(order=(0, 2, 1, 3)))
+    if route == "descriptors":
+        head_dims = tuple(range(8, 257, 8))
+    elif route == "hopper":
+        head_dims = core.testing.family("hopper").HEAD_DIMS
+    else:
+        return limits
+    return replace(limits, head_dims={dtype: head_dims}, layouts=copyable)
+
+
+def _route_strategy(route: str, family, dtype, causal):
+    """The strategy of one route's cases. Decode-shaped and Hopper problems are drawn as any problem,
+    then given the lengths their family takes: at most 4 queries against the decode family's threshold
+    plus up to 300 keys; at least two query tiles for the Hopper family."""
+    from hypothesis import strategies as st
+
+    import core.testing
+    from fuzz import strategies
+
+    def lengths(case, n_queries, n_keys):
+        return replace(case, problem=replace(case.problem, n_queries=n_queries, n_keys=n_keys))
+
+    if route == "window-softcap":
+        return strategies.cases(problem=strategies.windowed_problems(family))
+    if route == "varlen":
+        return strategies.varlen_cases().map(lambda c: replace(c, dtype=dtype, causal=causal))
+    if route == "kvcache":
+        return strategies.kvcache_cases().map(lambda c: replace(c, dtype=dtype, causal=causal))
+    if route == "decode":
+        least = core.testing.decode.config.min_keys_for_attention(core.testing.is_interpreted())
+        return strategies.cases(problem=family).map(
+            lambda c: lengths(c, 1 + (c.problem.n_queries - 1) % 4, least + c.problem.n_keys)
+        )
+    if route == "hopper":
+        hopper = core.testing.family("hopper")
+        return st.tuples(strategies.cases(problem=family), st.integers(0, 44)).map(
+            lambda drawn: lengths(
+                drawn[0], 2 * hopper.tile_config(drawn[0].problem.head_dim).block_m + drawn[1],
+                drawn[0].problem.n_keys,
+            )
+        )  # fmt: skip
+    return strategies.cases(problem=family)
 
 
 def _draw(strategy, seed: int):
@@ -154,20 +221,61 @@ def forced_kernel_path(path: str):
 
 def run_child(problem_file: Path) -> None:
     import fuzz.conftest  # noqa: F401  first: on a CPU machine it sets TRITON_INTERPRET=1 before core
-    from fuzz import failures, oracle
-    from fuzz.cases import build, from_data
+    from fuzz.cases import from_data
 
     spec = json.loads(problem_file.read_text())
-    case = from_data(spec["case"])
-    with forced_kernel_path(spec["path"]):
-        inputs = build(case, oracle.DEVICE)
-        oracle.run_kernel(case, inputs, backward=True)
-        if oracle.DEVICE == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-        print(KERNEL_PATH + json.dumps(failures.kernel_path(case)), flush=True)
+    case, route = from_data(spec["case"]), spec["route"]
+    with _on_route(route):
+        run_route(case, route)
+        print(KERNEL_PATH + json.dumps(_kernel_path(case, route)), flush=True)
     print(DONE, flush=True)
+
+
+@contextlib.contextmanager
+def _on_route(route: str):
+    import core.testing
+
+    if route in ("descriptors", "pointers"):
+        with forced_kernel_path(route):
+            yield
+    elif route in FORCED_FAMILY:
+        with core.testing.use_family(FORCED_FAMILY[route]):  # strict: a call it cannot take raises
+            yield
+    else:
+        yield
+
+
+def run_route(case, route: str) -> None:
+    """One problem through its route, forward and backward (KV-cache calls: the append and the
+    attention; they have no backward), then a device synchronisation, so that every kernel has run
+    before the child prints its last line."""
+    import torch
+
+    import core
+    from fuzz import oracle
+    from fuzz.cases import KvInputs, build, build_varlen
+
+    if route == "kvcache":
+        oracle.run_kvcache(case, KvInputs(case, oracle.DEVICE))
+    elif route == "varlen":
+        packed = build_varlen(case, oracle.DEVICE)
+        out = core.attention_varlen(
+            packed.q, packed.k, packed.v, packed.cu_seqlens_q, packed.cu_seqlens_k, max(*case.lens_q, 1),
+            max(*case.lens_k, 1), **case.options,
+        )  # fmt: skip
+        out.backward(packed.dout)
+    else:
+        oracle.run_kernel(case, build(case, oracle.DEVICE), backward=True)
+    if oracle.DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _kernel_path(case, route: str) -> dict:
+    """What path_taken reads: the plans' launches of a dense call, the route of the others."""
+    from fuzz import failures
+    from fuzz.cases import Case
+
+    return failures.kernel_path(case) if isinstance(case, Case) else {"route": route}
 
 
 # --- Reading a run's output ------------------------------------------------------------------------------
@@ -203,9 +311,14 @@ def parse_output(text: str) -> Outcome:
 
 
 def path_taken(kernel_path: dict | None) -> str:
-    """Which kernels read through tensor descriptors, as the child's plans say."""
+    """Which family ran the forward (where not the portable one) and which kernels read through tensor
+    descriptors, as the child's plans say; the route, for calls whose plans the child does not list."""
     if kernel_path is None:
         return "?"
+    if "route" in kernel_path:
+        return kernel_path["route"]
+    family = kernel_path["forward"].get("plan", "").split(".")[2:3]
+    prefix = f"{family[0]} fwd, " if family and family[0] != "portable" else ""
     # Each pass names its plan's module and maps launch names to their settings (failures.kernel_path).
     forward = {
         "fwd" if name == "launch" else f"fwd {name}": launch
@@ -214,10 +327,25 @@ def path_taken(kernel_path: dict | None) -> str:
     launches = {**forward, **kernel_path["backward"]}
     launches = {name: launch for name, launch in launches.items() if isinstance(launch, dict)}
     through = [name for name, launch in launches.items() if launch.get("TENSOR_DESCRIPTORS")]
-    return f"descriptors ({', '.join(through)})" if through else "pointers"
+    return prefix + (f"descriptors ({', '.join(through)})" if through else "pointers")
 
 
 def shape_label(case) -> str:
+    from fuzz.cases import KvCase, VarlenCase
+
+    if isinstance(case, VarlenCase):
+        mask = ("causal" if case.causal else "full") + _features(case.window_size, case.softcap)
+        return (
+            f"varlen {len(case.lens_q)} seqs, Nq {'/'.join(map(str, case.lens_q))}, Nk "
+            f"{'/'.join(map(str, case.lens_k))}, H{case.q_heads}/{case.kv_heads} D{case.head_dim} {mask}"
+        )
+    if isinstance(case, KvCase):
+        mask = ("causal" if case.causal else "full") + _features(case.window, case.softcap)
+        cache = f"paged {case.page}" if case.page else "dense"
+        return (
+            f"kvcache B{case.batch} H{case.q_heads}/{case.kv_heads} Nq{case.n_queries} cache {case.capacity} "
+            f"{cache} +{case.n_new} D{case.head_dim} {mask}"
+        )
     p = case.problem
 
     def layout(lay) -> str:
@@ -226,8 +354,18 @@ def shape_label(case) -> str:
         return "bshd" if lay == type(lay)(order=(0, 2, 1, 3)) else "view"
 
     views = ",".join(layout(lay) for lay in case.layouts)
-    mask = "causal" if p.causal else "full"
+    mask = ("causal" if p.causal else "full") + _features(p.window_size, p.softcap)
     return f"B{p.batch} H{p.q_heads}/{p.kv_heads} N{p.n_queries}/{p.n_keys} D{p.head_dim} {mask} {views}"
+
+
+def _features(window: tuple[int, int], softcap: float) -> str:
+    window_text = f" window {window[0]},{window[1]}" if tuple(window) != (-1, -1) else ""
+    return window_text + (f" softcap {softcap:.3g}" if softcap else "")
+
+
+def dtype_of(case) -> str:
+    dtype = case.problem.dtype if hasattr(case, "problem") else case.dtype
+    return str(dtype).removeprefix("torch.")
 
 
 # --- The sweep -----------------------------------------------------------------------------------------
@@ -259,7 +397,7 @@ def table(runs: list[Run], header: list[str]) -> str:
     columns = "| # | shape (B H/Hkv N/Nk D mask q,k,v) | dtype | path | tool | errors | status | seconds |"
     lines = [*header, "", columns, "|---:|---|---|---|---|---:|---|---:|"]
     for run in sorted(runs, key=lambda r: (r.problem.index, TOOLS.index(r.tool))):
-        dtype = str(run.problem.case.problem.dtype).removeprefix("torch.")
+        dtype = dtype_of(run.problem.case)
         errors = (
             "-"
             if run.errors is None
@@ -292,7 +430,7 @@ def sweep(args) -> int:
     (out / "logs").mkdir(exist_ok=True)
     problems = draw_problems(args.problems, args.seed)
     for problem in problems:
-        spec = {"case": to_data(problem.case), "path": problem.path}
+        spec = {"case": to_data(problem.case), "route": problem.route}
         report.write_json_atomically(out / "problems" / f"{problem.index:02d}.json", spec)
 
     env = {
@@ -323,7 +461,7 @@ def sweep(args) -> int:
         ]
         (out / "sanitize.md").write_text(table(runs, header))
         results = [
-            {"problem": r.problem.index, "shape": shape_label(r.problem.case), "forced": r.problem.path,
+            {"problem": r.problem.index, "shape": shape_label(r.problem.case), "route": r.problem.route,
              "path": r.path, "tool": r.tool, "status": r.status, "errors": r.errors, "warnings": r.warnings,
              "seconds": round(r.seconds, 1), "log": r.log, "case": to_data(r.problem.case)}
             for r in runs
@@ -379,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=REPO / ".hypothesis" / "sanitize", help="output directory"
     )
-    parser.add_argument("--problems", type=int, default=50)
+    parser.add_argument("--problems", type=int, default=70, help="10 per route on an sm_90 GPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated, of " + ", ".join(TOOLS))
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="parallel runs")

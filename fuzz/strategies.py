@@ -4,7 +4,7 @@ Every axis has its own strategy (sequence lengths, head dims, GQA head counts, s
 windows, softcaps, memory layouts, value distributions, upstream gradients); `problems()` and `cases()`
 compose them within the active profile's Limits, and each takes the others as arguments so a property
 can pin or narrow any axis. `windowed_problems()` adds a window and a softcap to a problem;
-`varlen_cases()` draws ragged packed batches for core.attention_varlen.
+`varlen_cases()` draws ragged packed batches for core.attention_varlen, `kvcache_cases()` KV-cache calls.
 Sizes are drawn with extra weight on the edges where tiled kernels go wrong: 1, the powers of two and
 their neighbours, and the neighbours of every tile size the kernels use on this machine.
 
@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 import core
 from core.testing import portable
 from fuzz import profiles, sharding
-from fuzz.cases import DISTRIBUTIONS, Case, Layout, Problem, Upstream, Values, VarlenCase
+from fuzz.cases import DISTRIBUTIONS, Case, KvCase, Layout, Problem, Upstream, Values, VarlenCase
 
 DTYPES = sharding.DTYPES
 # The upstream of forward-only properties: the LSE is returned (and judged), no backward runs.
@@ -316,6 +316,43 @@ def varlen_cases(draw, limits: profiles.Limits | None = None) -> VarlenCase:
         dtype=dtype, causal=causal, sm_scale=draw(sm_scales(head_dim)),
         window_size=window, softcap=draw(softcaps()), values=draw(values()),
         fused=self_attention and draw(st.booleans()),
+    )  # fmt: skip
+
+
+PAGE_SIZES = (16, 17, 24, 32, 64, 256)
+
+
+@st.composite
+def kvcache_cases(draw) -> KvCase:
+    limits = profiles.active().limits
+    dtype = draw(st.sampled_from(sharding.DTYPES))
+    menu = limits.head_dims and limits.head_dims.get(dtype)  # time-boxed GPU profiles draw from a menu
+    head_dim = draw(st.sampled_from(menu) if menu else sizes(limits.max_head_dim))
+    batch = draw(st.integers(1, max(limits.max_batch, 3)))
+    kv_heads = draw(st.integers(1, limits.max_kv_heads))
+    q_heads = kv_heads * draw(st.integers(1, max(limits.max_group, 4)))
+    n_queries = draw(st.one_of(st.just(1), st.integers(1, 16)))
+    # The work of an example (B x Hq x Nq x keys x D) stays within the profile's budget.
+    most_keys = max(1, min(limits.max_seq, limits.max_work // (batch * q_heads * n_queries * head_dim)))
+    page = draw(st.one_of(st.none(), st.sampled_from(PAGE_SIZES)))
+    if page is not None:
+        capacity = page * draw(st.integers(1, max(1, most_keys // page)))
+    else:
+        capacity = draw(sizes(most_keys))
+    n_new = draw(st.one_of(st.just(0), st.integers(1, min(capacity, 16))))
+    room = capacity - n_new
+    edges = sorted({0, 1, room - 1, room} | ({page - 1, page, page + 1} if page else set()))
+    length = st.one_of(st.sampled_from([e for e in edges if 0 <= e <= room]), st.integers(0, room))
+    cached = tuple(draw(st.lists(length, min_size=batch, max_size=batch)))
+    window_side = st.one_of(st.just(-1), st.integers(0, capacity + 2))
+    window = draw(st.one_of(st.just((-1, -1)), st.tuples(window_side, window_side)))
+    return KvCase(
+        batch=batch, q_heads=q_heads, kv_heads=kv_heads, n_queries=n_queries, head_dim=head_dim, dtype=dtype,
+        capacity=capacity, page=page, bshd=draw(st.booleans()),
+        row_map=page is None and draw(st.booleans()), cached=cached, n_new=n_new, causal=draw(st.booleans()),
+        window=window, softcap=draw(st.one_of(st.just(0.0), st.floats(0.05, 100.0))),
+        sm_scale=draw(st.one_of(st.none(), st.floats(1e-3, 30.0))),
+        num_splits=draw(st.one_of(st.none(), st.integers(1, 9))), seed=draw(st.integers(0, 2**31 - 1)),
     )  # fmt: skip
 
 

@@ -10,25 +10,55 @@ import sys
 
 import torch
 
+import core.testing
 from fuzz import sanitize, sharding
-from fuzz.cases import Case, Layout, Problem
+from fuzz.cases import Case, KvCase, Layout, Problem, VarlenCase
 
 
-def test_the_problems_cover_every_family_path_and_kind_of_layout():
-    problems = sanitize.draw_problems(50, seed=0)
-    assert len(problems) == 50
-    families = {(p.case.problem.dtype, p.case.problem.causal, p.path) for p in problems}
-    for dtype, causal in sharding.KERNELS:
-        paths = {"pointers"} if dtype == torch.float32 else {"pointers", "descriptors"}
-        assert {path for d, c, path in families if (d, c) == (dtype, causal)} == paths
-    shapes = [p.case.problem for p in problems]
-    assert any(s.q_heads > s.kv_heads for s in shapes), "GQA"
-    assert any(s.n_queries % 2 and s.n_keys % 2 for s in shapes), "odd lengths"
-    assert min(s.head_dim for s in shapes) <= 8 and max(s.head_dim for s in shapes) >= 200
-    layouts = {layout for p in problems for layout in p.case.layouts}
+def test_the_problems_cover_every_route_family_and_kind_of_layout():
+    taken = sanitize.routes()
+    assert {"descriptors", "pointers", "window-softcap", "varlen", "kvcache", "decode"} <= set(taken)
+    count = 12 * len(taken)  # every route meets each of its (dtype, causal) families
+    problems = sanitize.draw_problems(count, seed=0)
+    assert len(problems) == count
+    for route in taken:
+        drawn = {(dtype_and_causal(p.case), p.route) for p in problems if p.route == route}
+        kernels = [k for k in sharding.KERNELS if not (route in sanitize.HALF_ONLY and k[0] == torch.float32)]
+        assert {k for k, _ in drawn} == set(kernels), route
+    dense = [p.case.problem for p in problems if p.route in ("descriptors", "pointers")]
+    assert any(s.q_heads > s.kv_heads for s in dense), "GQA"
+    assert any(s.n_queries % 2 and s.n_keys % 2 for s in dense), "odd lengths"
+    head_dims = [p.case.problem.head_dim if isinstance(p.case, Case) else p.case.head_dim for p in problems]
+    assert min(head_dims) <= 8 and max(head_dims) >= 200
+    layouts = {layout for p in problems if hasattr(p.case, "layouts") for layout in p.case.layouts}
     assert Layout() in layouts and Layout(order=(0, 2, 1, 3)) in layouts
     assert any(layout.steps or layout.pads or layout.broadcast for layout in layouts), "sliced views"
+    least = core.testing.decode.config.min_keys_for_attention(core.testing.is_interpreted())
+    for p in problems:
+        if p.route == "decode":
+            assert p.case.problem.n_queries <= 4 and p.case.problem.n_keys >= least
+        if p.route == "window-softcap":
+            assert p.case.problem.window_size != (-1, -1) or p.case.problem.softcap > 0
+    assert any(p.case.page for p in problems if p.route == "kvcache"), "a paged cache"
     assert [p.case for p in sanitize.draw_problems(6, seed=0)] == [p.case for p in problems[:6]]
+
+
+def test_hopper_problems_are_ones_the_family_takes():
+    """Drawn here too, though only an sm_90 GPU runs them: the family's head dims, two query tiles or
+    more, layouts the copy engine reads."""
+    hopper = core.testing.family("hopper")
+    for index in range(4):
+        case = sanitize.draw_problem(index, "hopper", torch.bfloat16, bool(index % 2), seed=0).case
+        problem = case.problem
+        assert problem.dtype == torch.bfloat16 and problem.head_dim in hopper.HEAD_DIMS
+        assert problem.n_queries >= 2 * hopper.tile_config(problem.head_dim).block_m
+        assert set(case.layouts) <= {Layout(), Layout(order=(0, 2, 1, 3))}
+
+
+def dtype_and_causal(case) -> tuple[torch.dtype, bool]:
+    if isinstance(case, Case):
+        return case.problem.dtype, case.problem.causal
+    return case.dtype, case.causal
 
 
 MEMCHECK_CLEAN = """\
@@ -65,6 +95,12 @@ def test_the_summaries_are_read_with_the_child_s_own_lines():
     assert crashed.errors == 0 and sanitize.status_of(crashed, 1) == "child failed (exit 1)"
     assert sanitize.status_of(sanitize.parse_output(""), 0) == "child failed (exit 0)"
     assert sanitize.path_taken(None) == "?"
+    assert sanitize.path_taken({"route": "varlen"}) == "varlen"
+    decode = {
+        "forward": {"plan": "core.kernels.decode.plans", "attend.split": {}},
+        "backward": {"plan": "core.kernels.portable.plans", "dq": {"TENSOR_DESCRIPTORS": True}},
+    }
+    assert sanitize.path_taken(decode) == "decode fwd, descriptors (dq)"
 
 
 def test_the_table_has_a_row_per_run_and_lists_the_runs_that_were_not_clean():
@@ -84,6 +120,18 @@ def test_the_table_has_a_row_per_run_and_lists_the_runs_that_were_not_clean():
     )
     assert "| 2 (+1 warn) | ERRORS |" in text and "not run (time budget)" in text
     assert "- #7 racecheck: ERRORS, logs/07-racecheck.log" in text
+    packed = VarlenCase(lens_q=(3, 0), lens_k=(5, 2), q_heads=2, window_size=(4, 0), dtype=torch.bfloat16)
+    cache = KvCase(batch=2, q_heads=4, kv_heads=2, n_queries=1, head_dim=64, dtype=torch.float32,
+                   capacity=64, page=16, bshd=False, row_map=False, cached=(3, 60), n_new=4, causal=True,
+                   window=(-1, -1), softcap=30.0, sm_scale=None, num_splits=None, seed=1)  # fmt: skip
+    other = sanitize.table(
+        [sanitize.Run(sanitize.Problem(8, packed, "varlen"), "memcheck", "clean", 0, 0, 1.0, "varlen"),
+         sanitize.Run(sanitize.Problem(9, cache, "kvcache"), "memcheck", "clean", 0, 0, 1.0, "kvcache")],
+        ["# sweep"],
+    )  # fmt: skip
+    assert "| 8 | varlen 2 seqs, Nq 3/0, Nk 5/2, H2/1 D16 causal window 4,0 | bfloat16 | varlen |" in other
+    paged = "| 9 | kvcache B2 H4/2 Nq1 cache 64 paged 16 +4 D64 causal softcap 30 | float32 | kvcache |"
+    assert paged in other
 
 
 def test_a_sweep_end_to_end_with_a_stand_in_sanitizer(tmp_path):
@@ -98,10 +146,17 @@ def test_a_sweep_end_to_end_with_a_stand_in_sanitizer(tmp_path):
     )
     stand_in.chmod(stand_in.stat().st_mode | stat.S_IXUSR)
     out = tmp_path / "out"
-    arguments = ["--out", str(out), "--problems", "1", "--tools", "memcheck", "--jobs", "1"]
+    taken = sanitize.routes()
+    arguments = ["--out", str(out), "--problems", str(len(taken)), "--tools", "memcheck", "--jobs", "2"]
     code = sanitize.main([*arguments, "--sanitizer", str(stand_in), "--cache-dir", str(tmp_path / "cache")])
     assert code == 0
-    (result,) = json.loads((out / "results.json").read_text())
-    assert result["status"] == "clean" and result["errors"] == 0, (out / "logs" / result["log"]).read_text()
-    assert result["path"].startswith("descriptors"), "problem 0 is fp16 with descriptors forced on"
+    results = json.loads((out / "results.json").read_text())
+    assert [r["route"] for r in results] == list(taken), "one problem per route"
+    for result in results:
+        log = (out / "logs" / result["log"]).read_text()
+        assert result["status"] == "clean" and result["errors"] == 0, log
+    paths = {r["route"]: r["path"] for r in results}
+    assert paths["descriptors"].startswith("descriptors"), "problem 0 is fp16 with descriptors forced on"
+    assert paths["pointers"] == "pointers" and paths["decode"].startswith("decode fwd")
+    assert paths["varlen"] == "varlen" and paths["kvcache"] == "kvcache"
     assert "| 0 | " in (out / "sanitize.md").read_text()
