@@ -1,0 +1,129 @@
+"""Compile the decode family's kernels for Hopper (sm_90) on a machine without a GPU, as its plans would
+launch them: run by test_compiles_for_hopper.py in a process of its own, without TRITON_INTERPRET.
+
+The interpreter runs a kernel's Python and accepts what Triton's compiler refuses (a loop that rebinds a
+name to another type, say), so a kernel can pass every CPU test and fail to build on the GPU. Here each
+KV-cache call of CALLS builds core's plans on CPU tensors; every launch they make is recorded instead of
+run (core.testing.portable.launch.BoundLaunch, the one way core launches), and each distinct
+(kernel, signature, constexprs) is compiled with triton.compile for sm_90 the way Triton's launcher
+specialises it: pointers 16-byte aligned, integers equal to 1 as constants, multiples of 16 marked, except
+the kernel's do_not_specialize arguments. Prints one JSON line per compile: kernel, constexprs, error.
+
+    python packages/core/tests/compile_probe.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    raise SystemExit("compile_probe: run without TRITON_INTERPRET (the point is Triton's compiler)")
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import core.testing
+
+HOPPER = GPUTarget("cuda", 90, 32)
+POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
+
+# (dtype, head dim, paged page size or None, causal, window, softcap, num_splits, new keys, Nq, group):
+# every constexpr switch of the split, merge and append kernels: dense and paged caches (pages a tile
+# divides, and not), masks, softcap, one split and several, a merge that reads all its splits at once
+# and one that loops (D 256 and 40 splits), float32's compensated path, appends.
+CALLS = [
+    (torch.bfloat16, 128, None, True, (-1, -1), 0.0, 1, 0, 1, 4),
+    (torch.bfloat16, 128, None, True, (-1, -1), 0.0, 8, 1, 1, 4),
+    (torch.float16, 64, 64, False, (32, 8), 30.0, 3, 4, 2, 2),
+    (torch.float16, 80, 24, True, (100, -1), 0.0, 2, 0, 3, 1),
+    (torch.bfloat16, 256, None, True, (-1, -1), 0.0, 40, 0, 1, 2),
+    (torch.float32, 64, None, True, (-1, -1), 0.0, 5, 2, 1, 2),
+    (torch.float32, 256, 32, False, (-1, -1), 50.0, 40, 0, 1, 1),
+]
+
+
+def record_launches() -> list[tuple]:
+    """Run each call's plans with launching replaced by recording: [(bound launch, tensors)]."""
+    recorded = []
+    bound_launch = core.testing.portable.launch.BoundLaunch
+
+    def record(self, device, *tensors, grid=None):
+        recorded.append((self, tensors))
+
+    bound_launch.__call__ = record
+    for dtype, head_dim, page, causal, window, softcap, splits, n_new, n_queries, group in CALLS:
+        batch, kv_heads, capacity = 2, 2, 256
+        q = torch.randn(batch, kv_heads * group, n_queries, head_dim).to(dtype)
+        if page is None:
+            k_cache = torch.randn(batch, kv_heads, capacity, head_dim).to(dtype)
+            block_table = None
+        else:
+            pages = capacity // page
+            k_cache = torch.randn(batch * pages, kv_heads, page, head_dim).to(dtype)
+            block_table = torch.arange(batch * pages, dtype=torch.int32).view(batch, pages)
+        v_cache = torch.randn_like(k_cache)
+        new = torch.randn(batch, kv_heads, n_new, head_dim).to(dtype) if n_new else None
+        seqlens = torch.tensor([capacity - n_new - 1, 3], dtype=torch.int32)
+        plan = core.testing.decode.plans.KvCachePlan(
+            q, k_cache, v_cache, seqlens, new, new, block_table, None, causal=causal,
+            sm_scale=head_dim**-0.5, window_size=window, softcap=softcap, num_splits=splits,
+        )  # fmt: skip
+        plan(q, k_cache, v_cache, seqlens, new, new, block_table, None)
+    return recorded
+
+
+def specialised(launch, tensors) -> tuple[dict, dict, dict]:
+    """(signature, constants, attributes) of one recorded launch, as Triton's launcher specialises it."""
+    kernel = launch.kernel
+    values = list(launch._in_signature_order(tensors))
+    unspecialised = {kernel.arg_names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize}
+    signature, constants, attributes = {}, {}, {}
+    for index, (name, param) in enumerate(zip(kernel.arg_names, kernel.params, strict=True)):
+        if param.is_constexpr:
+            signature[name], constants[(index,)] = "constexpr", launch.keywords[name]
+            continue
+        value = values[index]
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + POINTER_TYPES[value.dtype]
+            attributes[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif name in unspecialised:
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif value == 1:
+            signature[name], constants[(index,)] = "constexpr", 1
+        else:
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attributes[(index,)] = [["tt.divisibility", 16]]
+    return signature, constants, attributes
+
+
+def main() -> int:
+    seen = set()
+    for launch, tensors in record_launches():
+        signature, constants, attributes = specialised(launch, tensors)
+        options = {k: v for k, v in launch.keywords.items() if k not in launch.kernel.arg_names}
+        key = (launch.kernel.fn.__name__, json.dumps([signature, sorted(map(str, constants.items()))]))
+        if key in seen:
+            continue
+        seen.add(key)
+        constexprs = {launch.kernel.arg_names[i[0]]: v for i, v in constants.items()}
+        error = None
+        try:
+            source = ASTSource(launch.kernel, signature, constants, attributes)
+            triton.compile(source, target=HOPPER, options=options)
+        except Exception as exc:  # every failure is reported, whatever raised it
+            error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+        line = {"kernel": key[0], "constexprs": constexprs, "error": error}
+        print(json.dumps(line, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

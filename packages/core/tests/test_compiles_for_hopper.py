@@ -1,0 +1,50 @@
+"""The decode family's kernels build for Hopper (sm_90), checked where the tests run, GPU or not.
+
+The interpreter, which runs the kernels on the CPU, accepts code that Triton's compiler refuses: a merge
+loop that rebound `_` (an int32 before the loop, a float inside it) passed every CPU test and failed to
+compile on the GPU. compile_probe.py builds the family's plans for a grid of KV-cache calls on CPU
+tensors, records their launches instead of running them, and compiles each distinct kernel variant for
+sm_90 with Triton's own compiler, in a process without TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROBE = Path(__file__).with_name("compile_probe.py")
+
+
+@pytest.fixture(autouse=True)
+def family():
+    """The probe builds the decode family's plans itself: one run, not one per family."""
+    yield "decode"
+
+
+def test_every_decode_kernel_variant_compiles_for_sm90():
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    source = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (source, env.get("PYTHONPATH"))))
+    done = subprocess.run(
+        [sys.executable, str(PROBE)], env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiles = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    failed = [f"{c['kernel']} {c['constexprs']}: {c['error']}" for c in compiles if c["error"]]
+    assert not failed, "kernels that do not compile for sm_90:\n" + "\n".join(failed)
+    # The grid reaches every switch of the three kernels (a change to its calls must keep them).
+    switches = {(c["kernel"], name, value) for c in compiles for name, value in c["constexprs"].items()}
+    for kernel, name, value in [
+        ("decode_merge_kernel", "ONE_READ", True), ("decode_merge_kernel", "ONE_READ", False),
+        ("decode_merge_kernel", "COMPENSATE", True), ("decode_split_kernel", "SINGLE_SPLIT", True),
+        ("decode_split_kernel", "SINGLE_SPLIT", False), ("decode_split_kernel", "PAGED", True),
+        ("decode_split_kernel", "SOFTCAP", True), ("decode_split_kernel", "WINDOW_LEFT", True),
+        ("decode_split_kernel", "WINDOW_RIGHT", True), ("kvcache_append_kernel", "PAGED", True),
+    ]:  # fmt: skip
+        assert (kernel, name, value) in switches, f"no {kernel} with {name}={value} in the probe's calls"
