@@ -1,10 +1,11 @@
-"""Compile the decode family's kernels for Hopper (sm_90) on a machine without a GPU, as its plans would
-launch them: run by test_compiles_for_hopper.py in a process of its own, without TRITON_INTERPRET.
+"""Compile core's Triton kernels for Hopper (sm_90) on a machine without a GPU, as their plans would launch
+them: run by test_compiles_for_hopper.py in a process of its own, without TRITON_INTERPRET.
 
 The interpreter runs a kernel's Python and accepts what Triton's compiler refuses (a loop that rebinds a
 name to another type, say), so a kernel can pass every CPU test and fail to build on the GPU. Here each
-KV-cache call of CALLS builds core's plans on CPU tensors; every launch they make is recorded instead of
-run (core.testing.portable.launch.BoundLaunch, the one way core launches), and each distinct
+KV-cache call of CALLS and each attention call of ATTENTION_CALLS (forward and backward, the portable
+family) builds core's plans on CPU tensors; every launch they make is recorded instead of run
+(core.testing.portable.launch.BoundLaunch, the one way core launches), and each distinct
 (kernel, signature, constexprs) is compiled with triton.compile for sm_90 the way Triton's launcher
 specialises it: pointers 16-byte aligned, integers equal to 1 as constants, multiples of 16 marked, except
 the kernel's do_not_specialize arguments. Prints one JSON line per compile: kernel, constexprs, error.
@@ -47,6 +48,19 @@ CALLS = [
 ]
 
 
+# (dtype, head dim, Nq, Nk, causal, window, softcap): the portable kernels' switches: whole query blocks
+# and ragged ones, windows, softcap, GQA, float32's precision path. (The fused backward, behind its
+# switch, takes CUDA tensors only: not probed.)
+ATTENTION_CALLS = [
+    (torch.bfloat16, 128, 256, 256, True, (-1, -1), 0.0),
+    (torch.float16, 64, 200, 333, False, (-1, -1), 0.0),
+    (torch.bfloat16, 128, 256, 256, True, (64, 0), 0.0),
+    (torch.float16, 96, 200, 200, False, (40, 17), 30.0),
+    (torch.bfloat16, 256, 130, 190, True, (-1, -1), 50.0),
+    (torch.float32, 64, 100, 77, True, (20, -1), 0.0),
+]
+
+
 def record_launches() -> list[tuple]:
     """Run each call's plans with launching replaced by recording: [(bound launch, tensors)]."""
     recorded = []
@@ -74,6 +88,13 @@ def record_launches() -> list[tuple]:
             sm_scale=head_dim**-0.5, window_size=window, softcap=softcap, num_splits=splits,
         )  # fmt: skip
         plan(q, k_cache, v_cache, seqlens, new, new, block_table, None)
+    for dtype, head_dim, n_queries, n_keys, causal, window, softcap in ATTENTION_CALLS:
+        q = torch.randn(1, 4, n_queries, head_dim).to(dtype)
+        k, v = (torch.randn(1, 2, n_keys, head_dim).to(dtype) for _ in range(2))
+        options = {"causal": causal, "window_size": window, "softcap": softcap}
+        with core.testing.use_family("portable"):
+            out, lse, lse_low = core.testing.forward(q, k, v, **options)
+            core.testing.backward(torch.randn_like(q), None, q, k, v, out, lse, lse_low, **options)
     return recorded
 
 

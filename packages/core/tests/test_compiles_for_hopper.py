@@ -1,10 +1,11 @@
-"""The decode family's kernels build for Hopper (sm_90), checked where the tests run, GPU or not.
+"""core's Triton kernels build for Hopper (sm_90), checked where the tests run, GPU or not.
 
 The interpreter, which runs the kernels on the CPU, accepts code that Triton's compiler refuses: a merge
 loop that rebound `_` (an int32 before the loop, a float inside it) passed every CPU test and failed to
-compile on the GPU. compile_probe.py builds the family's plans for a grid of KV-cache calls on CPU
-tensors, records their launches instead of running them, and compiles each distinct kernel variant for
-sm_90 with Triton's own compiler, in a process without TRITON_INTERPRET.
+compile on the GPU. compile_probe.py builds the decode and portable families' plans for a grid of
+KV-cache and attention calls on CPU tensors, records their launches instead of running them, and
+compiles each distinct kernel variant for sm_90 with Triton's own compiler, in a process without
+TRITON_INTERPRET. (The Hopper family's Gluon kernels are not probed.)
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ PROBE = Path(__file__).with_name("compile_probe.py")
 
 @pytest.fixture(autouse=True)
 def family():
-    """The probe builds the decode family's plans itself: one run, not one per family."""
+    """The probe builds each family's plans itself: one run, not one per family."""
     yield "decode"
 
 
-def test_every_decode_kernel_variant_compiles_for_sm90():
+def test_every_probed_kernel_variant_compiles_for_sm90():
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     source = str(Path(__file__).resolve().parents[1] / "src")
@@ -38,7 +39,7 @@ def test_every_decode_kernel_variant_compiles_for_sm90():
     compiles = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     failed = [f"{c['kernel']} {c['constexprs']}: {c['error']}" for c in compiles if c["error"]]
     assert not failed, "kernels that do not compile for sm_90:\n" + "\n".join(failed)
-    # The grid reaches every switch of the three kernels (a change to its calls must keep them).
+    # The grids reach every switch named here (a change to their calls must keep them).
     switches = {(c["kernel"], name, value) for c in compiles for name, value in c["constexprs"].items()}
     for kernel, name, value in [
         ("decode_merge_kernel", "ONE_READ", True), ("decode_merge_kernel", "ONE_READ", False),
@@ -46,5 +47,9 @@ def test_every_decode_kernel_variant_compiles_for_sm90():
         ("decode_split_kernel", "SINGLE_SPLIT", False), ("decode_split_kernel", "PAGED", True),
         ("decode_split_kernel", "SOFTCAP", True), ("decode_split_kernel", "WINDOW_LEFT", True),
         ("decode_split_kernel", "WINDOW_RIGHT", True), ("kvcache_append_kernel", "PAGED", True),
+        ("attention_forward_kernel", "WINDOW", True), ("attention_forward_kernel", "SOFTCAP", True),
+        ("backward_dkdv_kernel", "WINDOW", True), ("backward_dkdv_kernel", "SOFTCAP", True),
+        ("backward_dkdv_kernel", "WHOLE_QUERY_BLOCKS", True), ("backward_dq_kernel", "WINDOW", True),
+        ("backward_dkdv_kernel", "WHOLE_QUERY_BLOCKS", False),
     ]:  # fmt: skip
         assert (kernel, name, value) in switches, f"no {kernel} with {name}={value} in the probe's calls"
