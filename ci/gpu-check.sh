@@ -6,7 +6,7 @@
 #   bench = "kernels decode features e2e": each benchmark's --quick profile
 #   also: host-ab (host time beside the baseline in .ab/), decode-ab (the decode benchmark's core column
 #   for a baseline copy of core in .base/, e.g. `git archive BASE packages/core/src/core | tar -x -C .base`;
-#   the call carries ".base"), kvcache (the KV-cache tests alone), decode-kernels (each decode kernel's time), cp (the simulated ring), numerics
+#   the call carries ".base"), features-ab (the features benchmark on that baseline), kvcache (the KV-cache tests alone), decode-kernels (each decode kernel's time), cp (the simulated ring), numerics
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -48,6 +48,8 @@ for name in $what; do
     decode) step decode 90 python3 $run decode --quick ;;
     decode-ab) step decode-ab 60 env PYTHONPATH="$PWD/.base/packages/core/src:$PYTHONPATH" \
                  python3 $run decode --quick --providers core ;;
+    features-ab) step features-ab 90 env PYTHONPATH="$PWD/.base/packages/core/src:$PYTHONPATH" \
+                   python3 $run features --quick ;;
     decode-kernels) step decode-kernels 60 python3 $run decode --quick --kernels --providers core,cudnn ;;
     kvcache) step kvcache 120 python3 -m pytest packages/core/tests/test_kvcache.py -n 8 -q -p no:cacheprovider ;;
     features) step features 90 python3 $run features --quick ;;
