@@ -6,7 +6,8 @@
 #   bench = "kernels decode features e2e": each benchmark's --quick profile
 #   also: host-ab (host time beside the baseline in .ab/), decode-ab (the decode benchmark's core column
 #   for a baseline copy of core in .base/, e.g. `git archive BASE packages/core/src/core | tar -x -C .base`;
-#   the call carries ".base"), features-ab (the features benchmark on that baseline), kvcache (the KV-cache tests alone), decode-kernels (each decode kernel's time), cp (the simulated ring), numerics
+#   the call carries ".base"), features-ab (the features benchmark on that baseline), kvcache (the
+#   KV-cache tests alone), decode-kernels (each decode kernel's time), cp (the simulated ring), numerics
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
