@@ -37,7 +37,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from core.testing import portable
+from core.testing import Pointer, compile_signature, portable
 
 _config, _launch = portable.config, portable.plans
 backward_dkdv_kernel = portable.backward.backward_dkdv_kernel
@@ -48,38 +48,6 @@ HOPPER = GPUTarget("cuda", 90, 32)
 TOKENS, WIDTH = 16384, 2048
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 DTYPES = {"fp16": (torch.float16, "fp16"), "bf16": (torch.bfloat16, "bf16")}
-
-
-class Pointer:
-    """A pointer argument: its element type, 16-byte aligned (as torch allocates)."""
-
-    def __init__(self, element: str):
-        self.element = element
-
-
-def signature(kernel, arguments: dict):
-    """(signature, constexprs, attributes) for triton.compile, specialised as Triton's launcher would
-    for these values: integers equal to 1 become constants, multiples of 16 and pointers are marked
-    16-divisible, except the kernel's do_not_specialize arguments."""
-    unspecialised = {kernel.arg_names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize}
-    types, constants, attributes = {}, {}, {}
-    for index, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
-        value = arguments[name]
-        if param.is_constexpr:
-            types[name], constants[(index,)] = "constexpr", value
-        elif isinstance(value, Pointer):
-            types[name], attributes[(index,)] = "*" + value.element, [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            types[name] = "fp32"
-        elif name in unspecialised:
-            types[name] = "i32"
-        elif value == 1:
-            types[name], constants[(index,)] = "constexpr", 1
-        else:
-            types[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            if value % 16 == 0:
-                attributes[(index,)] = [["tt.divisibility", 16]]
-    return types, constants, attributes
 
 
 def kernel_arguments(
@@ -209,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             kernel = kernels[kind]
             arguments, options = kernel_arguments(kind, d, args.n, element, torch_dtype, True, features)
             compiled = triton.compile(
-                ASTSource(kernel, *signature(kernel, arguments)), target=HOPPER, options=options
+                ASTSource(kernel, *compile_signature(kernel, arguments)), target=HOPPER, options=options
             )
             resources, warnings = ptxas_report(compiled.asm["ptx"])
             print(f"\n{kind} D{d} {options}: shared {compiled.metadata.shared} B; {resources}")

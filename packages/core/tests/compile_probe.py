@@ -6,9 +6,8 @@ name to another type, say), so a kernel can pass every CPU test and fail to buil
 KV-cache call of CALLS and each attention call of ATTENTION_CALLS (forward and backward, the portable
 family) builds core's plans on CPU tensors; every launch they make is recorded instead of run
 (core.testing.portable.launch.BoundLaunch, the one way core launches), and each distinct
-(kernel, signature, constexprs) is compiled with triton.compile for sm_90 the way Triton's launcher
-specialises it: pointers 16-byte aligned, integers equal to 1 as constants, multiples of 16 marked, except
-the kernel's do_not_specialize arguments. Prints one JSON line per compile: kernel, constexprs, error.
+(kernel, signature, constexprs) is compiled with triton.compile for sm_90, specialised as Triton's
+launcher would (core.testing.compile_signature). Prints one JSON line per compile: kernel, constexprs, error.
 
     python packages/core/tests/compile_probe.py
 """
@@ -98,37 +97,27 @@ def record_launches() -> list[tuple]:
     return recorded
 
 
-def specialised(launch, tensors) -> tuple[dict, dict, dict]:
-    """(signature, constants, attributes) of one recorded launch, as Triton's launcher specialises it."""
+def arguments_of(launch, tensors) -> dict:
+    """One recorded launch's arguments by name, its tensors as core.testing.Pointer."""
     kernel = launch.kernel
-    values = list(launch._in_signature_order(tensors))
-    unspecialised = {kernel.arg_names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize}
-    signature, constants, attributes = {}, {}, {}
-    for index, (name, param) in enumerate(zip(kernel.arg_names, kernel.params, strict=True)):
+    values = iter(launch._in_signature_order(tensors))
+    arguments = {}
+    for name, param in zip(kernel.arg_names, kernel.params, strict=True):
         if param.is_constexpr:
-            signature[name], constants[(index,)] = "constexpr", launch.keywords[name]
-            continue
-        value = values[index]
-        if isinstance(value, torch.Tensor):
-            signature[name] = "*" + POINTER_TYPES[value.dtype]
-            attributes[(index,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        elif name in unspecialised:
-            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-        elif value == 1:
-            signature[name], constants[(index,)] = "constexpr", 1
+            arguments[name] = launch.keywords[name]
         else:
-            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            if value % 16 == 0:
-                attributes[(index,)] = [["tt.divisibility", 16]]
-    return signature, constants, attributes
+            value = next(values)
+            is_tensor = isinstance(value, torch.Tensor)
+            arguments[name] = core.testing.Pointer(POINTER_TYPES[value.dtype]) if is_tensor else value
+    return arguments
 
 
 def main() -> int:
     seen = set()
     for launch, tensors in record_launches():
-        signature, constants, attributes = specialised(launch, tensors)
+        signature, constants, attributes = core.testing.compile_signature(
+            launch.kernel, arguments_of(launch, tensors)
+        )
         options = {k: v for k, v in launch.keywords.items() if k not in launch.kernel.arg_names}
         key = (launch.kernel.fn.__name__, json.dumps([signature, sorted(map(str, constants.items()))]))
         if key in seen:

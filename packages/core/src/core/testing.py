@@ -44,9 +44,11 @@ from core.kernels.portable import plans as _portable_plans
 
 __all__ = [
     "FamilyUnsupported",
+    "Pointer",
     "backward",
     "cached_plans",
     "clear_plans",
+    "compile_signature",
     "decode",
     "families",
     "family",
@@ -208,6 +210,39 @@ def backward(dout, dlse, q, k, v, out, lse, lse_low, *, causal: bool, sm_scale: 
             q, k, v, causal, scale, features=features
         )
         return plan.backward_plan(dout, dlse, q, k, v)(dout, dlse, q, k, v, out, lse, lse_low)
+
+
+class Pointer:
+    """A pointer argument of compile_signature: its Triton element type ("fp16", "i32", ...), 16-byte
+    aligned (as torch allocates)."""
+
+    def __init__(self, element: str):
+        self.element = element
+
+
+def compile_signature(kernel, arguments: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attributes) for triton.compile(ASTSource(kernel, ...)) without a GPU,
+    specialised as Triton's launcher would for these arguments (by name; pointers as Pointer): integers
+    equal to 1 become constants, multiples of 16 and pointers are marked 16-divisible, except the
+    kernel's do_not_specialize arguments. For tools that compile core's kernels for a target on the CPU
+    (benchmarks/kernel_report.py, tests/compile_probe.py)."""
+    unspecialised = {kernel.arg_names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize}
+    types, constants, attributes = {}, {}, {}
+    for index, (name, param) in enumerate(zip(kernel.arg_names, kernel.params, strict=True)):
+        value = arguments[name]
+        if param.is_constexpr:
+            types[name], constants[(index,)] = "constexpr", value
+        elif isinstance(value, Pointer):
+            types[name], attributes[(index,)] = "*" + value.element, [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            types[name] = "fp32"
+        elif name not in unspecialised and value == 1:
+            types[name], constants[(index,)] = "constexpr", 1
+        else:
+            types[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if name not in unspecialised and value % 16 == 0:
+                attributes[(index,)] = [["tt.divisibility", 16]]
+    return types, constants, attributes
 
 
 def kernel_fingerprint() -> str:
