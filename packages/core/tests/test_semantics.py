@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import core
+from core.tolerance import judge
 
 from .conftest import DEVICE, ON_GPU
-from .helpers import assert_all_within_tolerance, compare_with_reference, leaf_copy, make_qkv
+from .helpers import DTYPES, assert_all_within_tolerance, compare_with_reference, leaf_copy, make_qkv
 
 
 def test_reference_matches_torch_sdpa_in_float64():
@@ -22,6 +23,17 @@ def test_reference_matches_torch_sdpa_in_float64():
         )
         got = core.attention_reference(q, k, v, causal=causal).cpu()
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_lse_gradient_is_the_softmax_at_any_logit():
+    """Two keys tie at logit 1e18, where float64's rounded LSE has lost log 2: the gradient of the LSE
+    is still P = 1/2 per key (torch.logsumexp's backward, exp(s - lse), gives 1 each)."""
+    q = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    k = torch.ones(1, 1, 2, 1, dtype=torch.float64, requires_grad=True)
+    v = torch.zeros(1, 1, 2, 1, dtype=torch.float64)
+    _, lse = core.attention_reference(q, k, v, causal=False, sm_scale=1e18, return_lse=True)
+    lse.sum().backward()
+    assert k.grad.flatten().tolist() == [0.5e18, 0.5e18]
 
 
 def test_causal_mask_is_bottom_right_aligned():
@@ -53,6 +65,30 @@ def test_rows_that_see_no_key_give_zero_output_minus_inf_lse_and_zero_grads():
     assert torch.all(q.grad[:, :, :empty] == 0)
     for g in (q.grad, k.grad, v.grad):
         assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_queries", [2, 20])
+def test_an_infinite_or_nan_key_spoils_only_the_rows_whose_truth_it_spoils(dtype, n_queries):
+    """Key 3 scores -inf for every query (P = 0, every row's truth finite); the last key holds a NaN and
+    is hidden by the causal mask from every row but the last. Rows that do not see it must match the
+    float64 truth. The GPU fuzzer found float32 rows output 0 with LSE -inf: the low part of a -inf
+    score (-inf - -inf) and of a hidden NaN key was NaN (core.kernels.shared._low_part)."""
+    n_keys = 2048 if ON_GPU else 40  # enough for the decode family to take the call too
+    q, k, v = make_qkv(1, 2, 1, n_queries, n_keys, 16, dtype, seed=13, requires_grad=False)
+    q[..., 5] = q[..., 5].abs() + 0.5
+    k[:, :, 3, 5] = float("-inf")
+    k[:, :, n_keys - 1, 2] = float("nan")
+    out, lse = core.attention(q, k, v, causal=True, return_lse=True)
+    truth = core.attention_reference(q, k, v, causal=True, return_lse=True, compute_dtype=torch.float64)
+    eager = core.attention_reference(q, k, v, causal=True, return_lse=True, compute_dtype=None)
+    clean = truth[0].isfinite().all(-1)
+    assert int(clean.sum()) == 2 * (n_queries - 1), "only the last row of each head sees the NaN key"
+    verdicts = [
+        judge("out", out[clean], truth[0][clean], eager[0][clean]),
+        judge("lse", lse[clean], truth[1][clean], eager[1][clean], input_dtype=dtype),
+    ]
+    assert_all_within_tolerance(verdicts)
 
 
 def test_gqa_equals_attention_with_repeated_kv():

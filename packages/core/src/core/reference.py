@@ -91,9 +91,32 @@ def attention_reference(
     out = torch.matmul(probs, v)
     if not return_lse:
         return out
-    lse = torch.logsumexp(scores.float() if dtype != torch.float64 else scores, dim=-1)
+    if compute_dtype is None:
+        lse = torch.logsumexp(scores.float() if dtype != torch.float64 else scores, dim=-1)
+    else:
+        lse = _LogSumExp.apply(scores)
     lse = torch.where(row_sees_a_key.squeeze(-1), lse, torch.full_like(lse, float("-inf")))
     return out, lse
+
+
+class _LogSumExp(torch.autograd.Function):
+    """logsumexp over the last dim, whose gradient is softmax(x) * grad.
+
+    torch.logsumexp's backward is exp(x - lse) * grad with the rounded lse: beyond |lse| ~ 2^53 (float64)
+    the rounding swallows log(l) whole, and a row tied between two keys gets P = 1 for each instead of
+    1/2. The fuzzer found the float64 truth wrong that way at sm_scale 2e16 (dk off by half, the
+    kernel right). softmax subtracts the max first, so its P is exact for any logits. The eager
+    reference keeps torch.logsumexp: that is what a plain PyTorch implementation computes."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.logsumexp(x, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad[..., None] * torch.softmax(x, dim=-1)
 
 
 def attention_varlen_reference(

@@ -38,10 +38,19 @@ def _dot_parts(a, bT, DOT_PRECISION: tl.constexpr, TWO_PART: tl.constexpr):
     if TWO_PART:
         exact = tl.dot(a.to(tl.float64), bT.to(tl.float64), out_dtype=tl.float64)
         hi = exact.to(tl.float32)
-        return hi, (exact - hi.to(tl.float64)).to(tl.float32)
+        return hi, _low_part((exact - hi.to(tl.float64)).to(tl.float32), hi)
     else:
         hi = tl.dot(a, bT, input_precision=DOT_PRECISION)
         return hi, tl.zeros_like(hi)
+
+
+@triton.jit
+def _low_part(low, value):
+    """low, the rounding error of a float32 value, or 0 where the value is infinite: there the
+    differences that compute it are inf - inf = NaN, and a NaN low part of a -inf score would turn
+    its P = exp(-inf) = 0 into NaN and spoil a row whose float64 truth is finite (found by the fuzzer,
+    a key holding -inf). A NaN value keeps its NaN."""
+    return tl.where(tl.abs(value) == float("inf"), 0.0, low)
 
 
 @triton.jit
@@ -77,7 +86,7 @@ def _scores(a, bT, qk_scale, DOT_PRECISION: tl.constexpr, TWO_PART: tl.constexpr
     scores = _scaled_scores(raw, qk_scale)
     if TWO_PART:
         # The inner FMA is exact (a product's rounding error is representable); the outer rounds once.
-        return scores, tl.fma(raw_low, qk_scale, tl.fma(raw, qk_scale, -scores))
+        return scores, _low_part(tl.fma(raw_low, qk_scale, tl.fma(raw, qk_scale, -scores)), scores)
     else:
         return scores, tl.zeros_like(scores)
 
@@ -134,7 +143,7 @@ def _softcapped_scores(a, bT, softcap_in, softcap_out, DOT_PRECISION: tl.constex
     slope = 1.0 - t * t
     scores = _scaled_scores(t, softcap_out)
     if TWO_PART:
-        x_low = tl.fma(raw_low, softcap_in, tl.fma(raw, softcap_in, -x))
+        x_low = _low_part(tl.fma(raw_low, softcap_in, tl.fma(raw, softcap_in, -x)), x)
         return scores, tl.fma(t, softcap_out, -scores) + softcap_out * (slope * x_low), slope
     else:
         return scores, tl.zeros_like(scores), slope

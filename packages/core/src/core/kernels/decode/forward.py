@@ -234,6 +234,9 @@ def decode_split_kernel(
         if WINDOW_RIGHT:
             visible = visible & (cols[None, :] <= (queries + diagonal + window_right)[:, None])
         scores = tl.where(visible, scores, float("-inf"))
+        if COMPENSATE:
+            # A hidden key's low part may be NaN (its k holds inf or NaN): exp(-inf + NaN) is NaN.
+            scores_low = tl.where(visible, scores_low, 0.0)
 
         # The portable forward's online softmax (core.kernels.portable.forward._attend_to_key_blocks):
         # a row that has seen no visible key yet keeps m = -inf and subtracts 0 instead.

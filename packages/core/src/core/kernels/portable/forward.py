@@ -82,6 +82,9 @@ def _attend_to_key_blocks(
                     cols[None, :], rows[:, None], diagonal, window_left, window_right
                 )
             scores = tl.where(visible, scores, float("-inf"))
+            if COMPENSATE:
+                # A hidden key's low part may be NaN (its k holds inf or NaN): exp(-inf + NaN) is NaN.
+                scores_low = tl.where(visible, scores_low, 0.0)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         if MASKED:
             # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so that
