@@ -34,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -507,8 +508,33 @@ def sweep(args) -> int:
         for future in [pool.submit(execute, run) for run in runs]:
             future.result()
     write()
+    _append_hazard_sites(out / "sanitize.md", [out / "logs" / r.log for r in runs if r.tool == "racecheck"
+                                               and r.status == "ERRORS"], args.cache_dir)  # fmt: skip
+    # The device tool returns a few files of $OUT: the logs and problems travel as one archive.
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as archive:
+        archive.add(out / "logs", arcname="logs")
+        archive.add(out / "problems", arcname="problems")
     print((out / "sanitize.md").read_text())
     return 1 if any(r.status == "ERRORS" for r in runs) else 0
+
+
+def _append_hazard_sites(table_file: Path, logs: list[Path], cache_dir: Path) -> None:
+    """Under the table, the SASS instruction of each racecheck hazard's two accesses (fuzz.sanitize_sites),
+    so that the table says whose shared memory races: core's tiles or the compiler's bookkeeping."""
+    from fuzz.sanitize_sites import annotate
+
+    if not logs:
+        return
+    lines = ["", "Racecheck hazard sites (the instruction at each offset, from the sweep's Triton cache):"]
+    lines.append("")
+    for log in logs:
+        try:
+            sites = annotate(log, cache_dir)
+        except (OSError, subprocess.SubprocessError, ImportError) as failure:
+            sites = [f"could not disassemble: {failure!r}"]
+        lines += [f"- logs/{log.name}:", *(f"    {line}" for line in sites)]
+    with open(table_file, "a") as handle:
+        handle.write("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

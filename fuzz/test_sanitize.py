@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import stat
 import sys
+import tarfile
 
 import torch
 
 import core.testing
-from fuzz import sanitize, sharding
+from fuzz import sanitize, sanitize_sites, sharding
 from fuzz.cases import Case, KvCase, Layout, Problem, VarlenCase
 
 
@@ -160,3 +161,57 @@ def test_a_sweep_end_to_end_with_a_stand_in_sanitizer(tmp_path):
     assert paths["pointers"] == "pointers" and paths["decode"].startswith("decode fwd")
     assert paths["varlen"] == "varlen" and paths["kvcache"] == "kvcache"
     assert "| 0 | " in (out / "sanitize.md").read_text()
+    with tarfile.open(out / "logs.tar.gz") as archive:
+        names = set(archive.getnames())
+    assert {f"logs/{r['log']}" for r in results} <= names and "problems/00.json" in names
+
+
+RACECHECK_LOG = """\
+========= COMPUTE-SANITIZER
+========= Error: Race reported between Read access at hopper_attention_forward_kernel+0x150 in forward.py:273
+=========     and Write access at hopper_attention_forward_kernel+0xbf00 in forward.py:273 [36 hazards]
+=========     and Write access at hopper_attention_forward_kernel+0x16750 in forward.py:326 [11 hazards]
+=========
+= Error: Race reported between Write access at hopper_attention_forward_kernel+0xbf00 in forward.py:273
+=========     and Read access at hopper_attention_forward_kernel+0x820 in forward.py:273 [8 hazards]
+========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)
+"""
+
+# cuobjdump -sass lines (with their encoding comments) of two compiled variants of one kernel.
+SASS_OF = {
+    "causal": """
+        /*0150*/                   LDS.U8 R2, [R2+UR4+0x2811c] ;            /* 0x02811c0402027984 */
+        /*0820*/                   LDS R5, [UR7+0x28000] ;                  /* 0x02800007ff057984 */
+        /*bf00*/                   STS.64 [UR6+0x28120], R4 ;               /* 0x02812004ff007988 */
+        /*16750*/                  STS.64 [UR4+0x28120], R2 ;               /* 0x02812002ff007988 */
+    """,
+    "full": """
+        /*0150*/                   S2UR UR6, SR_CgaCtaId ;                  /* 0x0000000000067919 */
+        /*0820*/                   LDS R5, [UR7+0x28000] ;                  /* 0x02800007ff057984 */
+    """,
+}
+
+
+def test_hazard_sites_are_read_from_the_log_once_each():
+    sites = sanitize_sites.hazard_sites(RACECHECK_LOG)
+    assert [(s.kind, s.offset, s.source) for s in sites] == [
+        ("Read", 0x150, "forward.py:273"),
+        ("Write", 0xBF00, "forward.py:273"),
+        ("Write", 0x16750, "forward.py:326"),
+        ("Read", 0x820, "forward.py:273"),
+    ]
+    assert {s.kernel for s in sites} == {"hopper_attention_forward_kernel"}
+
+
+def test_the_sites_are_described_from_the_variant_that_has_shared_accesses_there(tmp_path, monkeypatch):
+    for variant in SASS_OF:
+        (tmp_path / variant).mkdir()
+        (tmp_path / variant / "hopper_attention_forward_kernel.cubin").write_bytes(b"")
+    monkeypatch.setattr(sanitize_sites, "disassemble", lambda cubin: SASS_OF[cubin.parent.name])
+    log = tmp_path / "06-racecheck.log"
+    log.write_text(RACECHECK_LOG)
+    lines = sanitize_sites.annotate(log, tmp_path)
+    assert lines[0] == "hopper_attention_forward_kernel (causal, of 2 variants):"
+    assert lines[1] == "  Read  +0x150 (forward.py:273): LDS.U8 R2, [R2+UR4+0x2811c]"
+    assert lines[3] == "  Write +0x16750 (forward.py:326): STS.64 [UR4+0x28120], R2"
+    assert len(lines) == 5

@@ -1,0 +1,106 @@
+"""A control for racecheck on warp-specialized kernels (sm_90): a Gluon kernel with the Hopper forward's
+partition shape (a default warpgroup, a second warpgroup and one producer warp; registers 240 and 24
+of 168) whose partitions touch no shared memory of their own. Each partition stores a value loaded by
+the default warpgroup (so it reaches them as a capture, through shared memory) into its own output.
+
+The sweep's racecheck runs of the Hopper forward report hazards whose both sides are instructions of
+Triton's warp_specialize lowering, not of core's tiles (fuzz.sanitize_sites): the switch loop's
+per-warp state bytes and the capture slot, which the lowering hands over across `bar.sync 1`.
+Whatever racecheck reports on this control has the same origin.
+
+    python -m fuzz.sanitize_control --out DIR    # on an sm_90 GPU machine: DIR/control-racecheck.log
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from fuzz.sanitize_sites import annotate
+
+REPO = Path(__file__).resolve().parents[1]
+PROGRAMS = 8
+
+
+@gluon.jit
+def _store(out, slot: gl.constexpr, value):
+    gl.store(out + gl.program_id(0) * 3 + slot, value + slot)
+
+
+@gluon.jit
+def _default_warpgroup(out, value):
+    _store(out, 0, value)
+
+
+@gluon.jit
+def _second_warpgroup(out, value):
+    _store(out, 1, value)
+
+
+@gluon.jit
+def _producer_warp(out, value):
+    _store(out, 2, value)
+
+
+@gluon.jit
+def warp_specialize_control_kernel(out, source):
+    """out (PROGRAMS, 3) float32: partition p of program i writes out[i, p] = source[0] + p."""
+    value = gl.load(source)  # a load cannot be rematerialized in the partitions: it becomes a capture
+    gl.warp_specialize(
+        [
+            (_default_warpgroup, (out, value)),
+            (_second_warpgroup, (out, value)),
+            (_producer_warp, (out, value)),
+        ],
+        [4, 1],
+        [240, 24],
+    )
+
+
+def run_child() -> None:
+    import torch
+
+    out = torch.full((PROGRAMS, 3), float("nan"), device="cuda")
+    source = torch.tensor([10.0], device="cuda")
+    warp_specialize_control_kernel[(PROGRAMS,)](out, source, num_warps=4, maxnreg=168)
+    torch.cuda.synchronize()
+    expected = torch.tensor([10.0, 11.0, 12.0], device="cuda").expand(PROGRAMS, 3)
+    assert torch.equal(out, expected), f"control kernel wrote {out.tolist()}"
+    print("control kernel: every partition ran", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    summary = __doc__.split("\n\n")[0]
+    parser = argparse.ArgumentParser(prog="python -m fuzz.sanitize_control", description=summary)
+    parser.add_argument("--out", type=Path, default=REPO / ".hypothesis" / "sanitize")
+    parser.add_argument("--cache-dir", type=Path, default=REPO / ".hypothesis" / "sanitize-control-cache")
+    parser.add_argument(
+        "--sanitizer", default=shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    )
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.child:
+        run_child()
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "control-racecheck.log"
+    env = {**os.environ, "TRITON_CACHE_DIR": str(args.cache_dir.resolve())}
+    command = [args.sanitizer, "--tool", "racecheck", "--print-limit", "20",
+               sys.executable, "-m", "fuzz.sanitize_control", "--child"]  # fmt: skip
+    with open(log, "w") as handle:
+        subprocess.run(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=300)
+    text = log.read_text(errors="replace")
+    print("\n".join(line for line in text.splitlines() if "SUMMARY" in line or "control kernel" in line))
+    print("\n".join(annotate(log, args.cache_dir)) or "racecheck named no hazard sites")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
