@@ -7,7 +7,9 @@ KV-cache call of CALLS and each attention call of ATTENTION_CALLS (forward and b
 family) builds core's plans on CPU tensors; every launch they make is recorded instead of run
 (core.testing.portable.launch.BoundLaunch, the one way core launches), and each distinct
 (kernel, signature, constexprs) is compiled with triton.compile for sm_90, specialised as Triton's
-launcher would (core.testing.compile_signature). Prints one JSON line per compile: kernel, constexprs, error.
+launcher would (core.testing.compile_signature). The Hopper family's Gluon forward is compiled from its
+plan's own arguments (ForwardPlan.arguments: copy-engine descriptors over CPU tensors) for each call of
+HOPPER_CALLS. Prints one JSON line per compile: kernel, constexprs, error.
 
     python packages/core/tests/compile_probe.py
 """
@@ -28,6 +30,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import core.testing
+
+try:
+    from triton.experimental.gluon import GluonASTSource
+except ImportError:  # Triton 3.6 keeps it in its runtime module
+    from triton.experimental.gluon._runtime import GluonASTSource
 
 HOPPER = GPUTarget("cuda", 90, 32)
 POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
@@ -58,6 +65,34 @@ ATTENTION_CALLS = [
     (torch.bfloat16, 256, 130, 190, True, (-1, -1), 50.0),
     (torch.float32, 64, 100, 77, True, (20, -1), 0.0),
 ]
+
+
+# (dtype, causal, q heads, kv heads): the Hopper family's Gluon forward as its plan launches it, both
+# dtypes, causal or not, GQA, and one head (whose head count and group, equal to 1, become constants).
+HOPPER_CALLS = [
+    (torch.float16, True, 4, 2),
+    (torch.bfloat16, False, 4, 2),
+    (torch.bfloat16, True, 1, 1),
+]
+
+
+def hopper_launches() -> list[tuple]:
+    """[(kernel, arguments by name, launch options)] of the Hopper forward, from its plan on CPU tensors
+    (the descriptors need only an aligned address)."""
+    hopper = core.testing.family("hopper")
+    launches = []
+    for dtype, causal, q_heads, kv_heads in HOPPER_CALLS:
+        q = torch.randn(2, q_heads, 300, 128).to(dtype)
+        k, v = (torch.randn(2, kv_heads, 333, 128).to(dtype) for _ in range(2))
+        plan = hopper.ForwardPlan(q, k, v, causal, 128**-0.5)
+        lse = torch.empty(plan.lse_shape)
+        arguments = plan.arguments(q, k, v, torch.empty_like(q), lse, lse[None])
+        arguments = {
+            name: core.testing.Pointer("fp32") if isinstance(value, torch.Tensor) else value
+            for name, value in arguments.items()
+        }
+        launches.append((hopper.kernel(), arguments, plan.options))
+    return launches
 
 
 def record_launches() -> list[tuple]:
@@ -113,20 +148,23 @@ def arguments_of(launch, tensors) -> dict:
 
 
 def main() -> int:
+    launches = [
+        (launch.kernel, arguments_of(launch, tensors),
+         {k: v for k, v in launch.keywords.items() if k not in launch.kernel.arg_names})
+        for launch, tensors in record_launches()
+    ]  # fmt: skip
     seen = set()
-    for launch, tensors in record_launches():
-        signature, constants, attributes = core.testing.compile_signature(
-            launch.kernel, arguments_of(launch, tensors)
-        )
-        options = {k: v for k, v in launch.keywords.items() if k not in launch.kernel.arg_names}
-        key = (launch.kernel.fn.__name__, json.dumps([signature, sorted(map(str, constants.items()))]))
+    for kernel, arguments, options in launches + hopper_launches():
+        signature, constants, attributes = core.testing.compile_signature(kernel, arguments)
+        key = (kernel.fn.__name__, json.dumps([signature, sorted(map(str, constants.items()))]))
         if key in seen:
             continue
         seen.add(key)
-        constexprs = {launch.kernel.arg_names[i[0]]: v for i, v in constants.items()}
+        constexprs = {kernel.arg_names[i[0]]: v for i, v in constants.items()}
         error = None
         try:
-            source = ASTSource(launch.kernel, signature, constants, attributes)
+            kind = GluonASTSource if kernel.is_gluon() else ASTSource
+            source = kind(kernel, signature, constants, attributes)
             triton.compile(source, target=HOPPER, options=options)
         except Exception as exc:  # every failure is reported, whatever raised it
             error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"

@@ -222,10 +222,13 @@ class Pointer:
 
 def compile_signature(kernel, arguments: dict) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attributes) for triton.compile(ASTSource(kernel, ...)) without a GPU,
-    specialised as Triton's launcher would for these arguments (by name; pointers as Pointer): integers
-    equal to 1 become constants, multiples of 16 and pointers are marked 16-divisible, except the
-    kernel's do_not_specialize arguments. For tools that compile core's kernels for a target on the CPU
-    (benchmarks/kernel_report.py, tests/compile_probe.py)."""
+    specialised as Triton's launcher would for these arguments (by name; pointers as Pointer, Gluon's
+    copy-engine descriptors as themselves): integers equal to 1 become constants, multiples of 16 and
+    pointers are marked 16-divisible, except the kernel's do_not_specialize arguments. For tools that
+    compile core's kernels for a target on the CPU (benchmarks/kernel_report.py, tests/compile_probe.py)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+    from triton.runtime.jit import mangle_type
+
     unspecialised = {kernel.arg_names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize}
     types, constants, attributes = {}, {}, {}
     for index, (name, param) in enumerate(zip(kernel.arg_names, kernel.params, strict=True)):
@@ -234,6 +237,8 @@ def compile_signature(kernel, arguments: dict) -> tuple[dict, dict, dict]:
             types[name], constants[(index,)] = "constexpr", value
         elif isinstance(value, Pointer):
             types[name], attributes[(index,)] = "*" + value.element, [["tt.divisibility", 16]]
+        elif isinstance(value, GluonDescriptor):
+            types[name] = mangle_type(value)  # its element type, block shape and shared layout
         elif isinstance(value, float):
             types[name] = "fp32"
         elif name not in unspecialised and value == 1:

@@ -129,12 +129,13 @@ class ForwardPlan(OnDevice):
         tiles = -(-n_queries // (2 * config.block_m))
         self.grid = (tiles * q_heads * batch,)
         kv_group = q_heads // k.shape[1]
-        self.integers = (q_heads, kv_group, n_queries, k.shape[2], score_scale(q.dtype, sm_scale))
-        self.constexprs = dict(
-            HEAD_DIM=head_dim, CAUSAL=bool(causal), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            STAGES=config.stages, CONSUMER_REGISTERS=config.consumer_registers,
-            PRODUCER_REGISTERS=config.producer_registers, num_warps=4, maxnreg=config.max_registers,
+        self.scalars = dict(
+            n_q_heads=q_heads, kv_group=kv_group, n_queries=n_queries, n_keys=k.shape[2],
+            qk_scale=score_scale(q.dtype, sm_scale), HEAD_DIM=head_dim, CAUSAL=bool(causal),
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, STAGES=config.stages,
+            CONSUMER_REGISTERS=config.consumer_registers, PRODUCER_REGISTERS=config.producer_registers,
         )  # fmt: skip
+        self.options = dict(num_warps=4, maxnreg=config.max_registers)
         self._portable = portable.ForwardPlan(q, k, v, causal, sm_scale)
 
     def __call__(self, q, k, v, keep_statistics: bool = True):
@@ -143,18 +144,24 @@ class ForwardPlan(OnDevice):
     def _run(self, q, k, v):
         from core.kernels.hopper.forward import hopper_attention_forward_kernel
 
-        config = self.config
         out = new_buffer(q)
         lse = new_buffer(q, self.lse_shape)
         lse_low = new_buffer(q, (1, *self.lse_shape))
-        hopper_attention_forward_kernel[self.grid](
-            _descriptor(q, config.block_m, self.q_layout),
-            _descriptor(k, config.block_n, self.kv_layout),
-            _descriptor(v, config.block_n, self.kv_layout),
-            _descriptor(out, config.block_m, self.q_layout),
-            lse, lse_low, *self.integers, **self.constexprs,
-        )  # fmt: skip
+        arguments = self.arguments(q, k, v, out, lse, lse_low)
+        hopper_attention_forward_kernel[self.grid](**arguments, **self.options)
         return out, lse, lse_low
+
+    def arguments(self, q, k, v, out, lse, lse_low) -> dict:
+        """The kernel's arguments by name for one call: copy-engine descriptors over q, k, v and out, the
+        statistics' buffers, the scalars and constexprs (launch options: self.options)."""
+        config = self.config
+        return dict(
+            q_desc=_descriptor(q, config.block_m, self.q_layout),
+            k_desc=_descriptor(k, config.block_n, self.kv_layout),
+            v_desc=_descriptor(v, config.block_n, self.kv_layout),
+            o_desc=_descriptor(out, config.block_m, self.q_layout),
+            Lse=lse, LseLow=lse_low, **self.scalars,
+        )  # fmt: skip
 
     def backward_plan(self, dout, dlse, q, k, v):
         return self._portable.backward_plan(dout, dlse, q, k, v)

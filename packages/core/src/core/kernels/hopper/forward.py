@@ -44,11 +44,24 @@ def _scaled(scores, qk_scale):
     )
 
 
-@gluon.jit
-def _tile_view(buffer, desc):
-    """A (rows, HEAD_DIM) shared buffer seen as the (1, 1, rows, HEAD_DIM) block of `desc`, a 4-D
-    (batch, head, row, dim) descriptor: the same bytes and swizzle, since the leading dimensions are 1."""
-    return buffer._reinterpret(buffer.dtype, desc.block_type.shape, desc.layout)
+# Gluon's names moved after Triton 3.6 (the old ones raise in later releases): the copy engine's
+# transfers became tma.async_load / async_store, and the shared-buffer view `_reinterpret` became public.
+_copy_to_shared = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_copy_to_global = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+if hasattr(gl.shared_memory_descriptor, "reinterpret"):
+
+    @gluon.jit
+    def _tile_view(buffer, desc):
+        """A (rows, HEAD_DIM) shared buffer seen as the (1, 1, rows, HEAD_DIM) block of `desc`, a 4-D
+        (batch, head, row, dim) descriptor: the same bytes and swizzle, the leading dimensions being 1."""
+        return buffer.reinterpret(buffer.dtype, desc.block_type.shape, desc.layout)
+
+else:
+
+    @gluon.jit
+    def _tile_view(buffer, desc):
+        """The same view, by Triton 3.6's name."""
+        return buffer._reinterpret(buffer.dtype, desc.block_type.shape, desc.layout)
 
 
 @gluon.jit
@@ -194,7 +207,7 @@ def _consume(
     # clips the rows past n_queries.
     q_smem.store(out.to(dtype))
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [batch, head, row_start, 0], _tile_view(q_smem, o_desc))
+    _copy_to_global(o_desc, [batch, head, row_start, 0], _tile_view(q_smem, o_desc))
 
     # The LSE in two parts, as the portable forward saves it: TwoSum's rounding error of m + log2(l), zero
     # where |LSE2| < 2^8 (there it cannot move P by a fraction of fp16's rounding) and for empty rows.
@@ -220,7 +233,7 @@ def _produce(
     score MMA can start before V has landed."""
     for c in gl.static_range(CONSUMERS):
         mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(
+        _copy_to_shared(
             q_desc, [batch, head, tile_start + c * BLOCK_M, 0], q_ready.index(c),
             _tile_view(q_smem.index(c), q_desc),
         )  # fmt: skip
@@ -230,12 +243,12 @@ def _produce(
         # through the ring does not wait.
         mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
         mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(
+        _copy_to_shared(
             k_desc, [batch, kv_head, j * BLOCK_N, 0], k_ready.index(stage),
             _tile_view(k_smem.index(stage), k_desc),
         )  # fmt: skip
         mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(
+        _copy_to_shared(
             v_desc, [batch, kv_head, j * BLOCK_N, 0], v_ready.index(stage),
             _tile_view(v_smem.index(stage), v_desc),
         )  # fmt: skip
