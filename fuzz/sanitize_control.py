@@ -1,7 +1,10 @@
-"""A control for racecheck on warp-specialized kernels (sm_90): a Gluon kernel with the Hopper forward's
+"""Controls for racecheck on warp-specialized kernels (sm_90): Gluon kernels with the Hopper forward's
 partition shape (a default warpgroup, a second warpgroup and one producer warp; registers 240 and 24
 of 168) whose partitions touch no shared memory of their own. Each partition stores a value loaded by
 the default warpgroup (so it reaches them as a capture, through shared memory) into its own output.
+The second control adds what the Hopper forward's default warpgroup has besides: an mbarrier
+initialised before the partitions start and a barrier of the default warpgroup alone (`bar.sync 0,
+128`) inside its partition, in case that is what racecheck misreads.
 
 The sweep's racecheck runs of the Hopper forward report hazards whose both sides are instructions of
 Triton's warp_specialize lowering, not of core's tiles (fuzz.sanitize_sites): the switch loop's
@@ -22,11 +25,16 @@ from pathlib import Path
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from fuzz.sanitize_sites import annotate
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRAMS = 8
+
+
+# Triton 3.6 calls the barrier of a partition's warps thread_barrier; later releases, barrier.
+_warpgroup_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 @gluon.jit
@@ -50,6 +58,13 @@ def _producer_warp(out, value):
 
 
 @gluon.jit
+def _default_warpgroup_with_barriers(out, value, ready):
+    _warpgroup_barrier()
+    mbarrier.arrive(ready, count=1)  # keeps the mbarrier alive (and its own) through the partitions
+    _store(out, 0, value)
+
+
+@gluon.jit
 def warp_specialize_control_kernel(out, source):
     """out (PROGRAMS, 3) float32: partition p of program i writes out[i, p] = source[0] + p."""
     value = gl.load(source)  # a load cannot be rematerialized in the partitions: it becomes a capture
@@ -64,16 +79,35 @@ def warp_specialize_control_kernel(out, source):
     )
 
 
+@gluon.jit
+def warp_specialize_control_kernel_with_barriers(out, source):
+    """As warp_specialize_control_kernel, with an mbarrier initialised first and a warpgroup barrier in
+    the default partition."""
+    ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(ready, count=1)
+    value = gl.load(source)
+    gl.warp_specialize(
+        [
+            (_default_warpgroup_with_barriers, (out, value, ready)),
+            (_second_warpgroup, (out, value)),
+            (_producer_warp, (out, value)),
+        ],
+        [4, 1],
+        [240, 24],
+    )
+
+
 def run_child() -> None:
     import torch
 
-    out = torch.full((PROGRAMS, 3), float("nan"), device="cuda")
     source = torch.tensor([10.0], device="cuda")
-    warp_specialize_control_kernel[(PROGRAMS,)](out, source, num_warps=4, maxnreg=168)
-    torch.cuda.synchronize()
     expected = torch.tensor([10.0, 11.0, 12.0], device="cuda").expand(PROGRAMS, 3)
-    assert torch.equal(out, expected), f"control kernel wrote {out.tolist()}"
-    print("control kernel: every partition ran", flush=True)
+    for kernel in (warp_specialize_control_kernel, warp_specialize_control_kernel_with_barriers):
+        out = torch.full((PROGRAMS, 3), float("nan"), device="cuda")
+        kernel[(PROGRAMS,)](out, source, num_warps=4, maxnreg=168)
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected), f"{kernel.fn.__name__} wrote {out.tolist()}"
+    print("control kernels: every partition ran", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(log, "w") as handle:
         subprocess.run(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=300)
     text = log.read_text(errors="replace")
-    print("\n".join(line for line in text.splitlines() if "SUMMARY" in line or "control kernel" in line))
+    print("\n".join(line for line in text.splitlines() if "SUMMARY" in line or "control kernels" in line))
     print("\n".join(annotate(log, args.cache_dir)) or "racecheck named no hazard sites")
     return 0
 
