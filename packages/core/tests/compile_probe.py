@@ -9,7 +9,8 @@ family) builds core's plans on CPU tensors; every launch they make is recorded i
 (kernel, signature, constexprs) is compiled with triton.compile for sm_90, specialised as Triton's
 launcher would (core.testing.compile_signature). The Hopper family's Gluon forward is compiled from its
 plan's own arguments (ForwardPlan.arguments: copy-engine descriptors over CPU tensors) for each call of
-HOPPER_CALLS. Prints one JSON line per compile: kernel, constexprs, error.
+HOPPER_CALLS; the fused backward's plans (core.testing.fused_backward's switch) for each of FUSED_CALLS.
+Prints one JSON line per compile: kernel, constexprs, error.
 
     python packages/core/tests/compile_probe.py
 """
@@ -64,6 +65,16 @@ ATTENTION_CALLS = [
     (torch.float16, 96, 200, 200, False, (40, 17), 30.0),
     (torch.bfloat16, 256, 130, 190, True, (-1, -1), 50.0),
     (torch.float32, 64, 100, 77, True, (20, -1), 0.0),
+]
+
+
+# (dtype, head dim, Nq, Nk, causal, with a dLSE, deterministic): the portable family's fused backward (off
+# by default, behind core.testing.fused_backward): its Delta passes, the fused kernel both ways, dQ's
+# conversion from the float32 accumulator, whole and ragged query blocks, a masked head dim.
+FUSED_CALLS = [
+    (torch.bfloat16, 128, 256, 256, True, False, True),
+    (torch.float16, 64, 200, 333, False, True, False),
+    (torch.bfloat16, 96, 130, 190, True, False, True),
 ]
 
 
@@ -122,6 +133,15 @@ def record_launches() -> list[tuple]:
             sm_scale=head_dim**-0.5, window_size=window, softcap=softcap, num_splits=splits,
         )  # fmt: skip
         plan(q, k_cache, v_cache, seqlens, new, new, block_table, None)
+    for dtype, head_dim, n_queries, n_keys, causal, has_dlse, deterministic in FUSED_CALLS:
+        q, dout = (torch.randn(1, 4, n_queries, head_dim).to(dtype) for _ in range(2))
+        k, v = (torch.randn(1, 2, n_keys, head_dim).to(dtype) for _ in range(2))
+        lse = torch.randn(1, 4, n_queries)
+        dlse = torch.randn_like(lse) if has_dlse else None
+        plan = core.testing.portable.fused_plans.FusedBackwardPlan(
+            dout, dlse, q, k, v, causal, head_dim**-0.5, deterministic=deterministic
+        )
+        plan(dout, dlse, q, k, v, torch.randn_like(q), lse, lse[None])
     for dtype, head_dim, n_queries, n_keys, causal, window, softcap in ATTENTION_CALLS:
         q = torch.randn(1, 4, n_queries, head_dim).to(dtype)
         k, v = (torch.randn(1, 2, n_keys, head_dim).to(dtype) for _ in range(2))

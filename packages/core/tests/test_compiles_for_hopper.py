@@ -5,8 +5,9 @@ loop that rebound `_` (an int32 before the loop, a float inside it) passed every
 compile on the GPU. compile_probe.py builds the decode and portable families' plans for a grid of
 KV-cache and attention calls on CPU tensors, records their launches instead of running them, and
 compiles each distinct kernel variant for sm_90 with Triton's own compiler, in a process without
-TRITON_INTERPRET; and the Hopper family's Gluon forward as its plan launches it (Gluon's API moves
-between Triton releases: this is where CI's Triton meets it). The fused backward is not probed.
+TRITON_INTERPRET; the portable family's fused backward (behind its switch); and the Hopper family's
+Gluon forward as its plan launches it (Gluon's API moves between Triton releases: this is where CI's
+Triton meets it).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def test_every_probed_kernel_variant_compiles_for_sm90():
         ("backward_dkdv_kernel", "WINDOW", True), ("backward_dkdv_kernel", "SOFTCAP", True),
         ("backward_dkdv_kernel", "WHOLE_QUERY_BLOCKS", True), ("backward_dq_kernel", "WINDOW", True),
         ("backward_dkdv_kernel", "WHOLE_QUERY_BLOCKS", False),
+        ("fused_backward_kernel", "DETERMINISTIC", True), ("fused_backward_kernel", "DETERMINISTIC", False),
         ("hopper_attention_forward_kernel", "CAUSAL", True),
         ("hopper_attention_forward_kernel", "CAUSAL", False),
     ]:  # fmt: skip
