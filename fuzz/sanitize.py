@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 DONE = "SANITIZE_CHILD_DONE"  # the child's last line: it ran to the end (a crash can leave "0 errors")
 KERNEL_PATH = "KERNEL_PATH "
 MIN_RUN_SECONDS = 20  # a run is not started with less of the budget left: it could not finish
+SANITIZER = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
 
 
 # --- Drawing the problems -------------------------------------------------------------------------------
@@ -551,9 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memcheck-timeout", type=float, default=240, help="per run, compiling included")
     parser.add_argument("--timeout", type=float, default=120, help="per synccheck / racecheck run")
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".hypothesis" / "sanitize-triton-cache")
-    parser.add_argument(
-        "--sanitizer", default=shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
-    )
+    parser.add_argument("--sanitizer", default=SANITIZER)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

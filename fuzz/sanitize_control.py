@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +26,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
+from fuzz.sanitize import REPO, SANITIZER
 from fuzz.sanitize_sites import annotate
 
-REPO = Path(__file__).resolve().parents[1]
 PROGRAMS = 8
 
 
@@ -115,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fuzz.sanitize_control", description=summary)
     parser.add_argument("--out", type=Path, default=REPO / ".hypothesis" / "sanitize")
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".hypothesis" / "sanitize-control-cache")
-    parser.add_argument(
-        "--sanitizer", default=shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
-    )
+    parser.add_argument("--sanitizer", default=SANITIZER)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.child:

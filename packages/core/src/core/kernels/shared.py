@@ -54,6 +54,17 @@ def _low_part(low, value):
 
 
 @triton.jit
+def _hide_keys(scores, scores_low, visible, TWO_PART: tl.constexpr):
+    """(scores, scores_low) with the keys a row may not see (visible false) at score -inf and, TWO_PART,
+    low part 0: a hidden key's k may hold inf or NaN, and its NaN low part would make the row's P =
+    exp(-inf + NaN) NaN where the float64 truth ignores the key."""
+    scores = tl.where(visible, scores, float("-inf"))
+    if TWO_PART:
+        scores_low = tl.where(visible, scores_low, 0.0)
+    return scores, scores_low
+
+
+@triton.jit
 def _scaled_scores(dot, qk_scale):
     """dot * qk_scale, rounded to float32 before anything is subtracted from it.
 

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from core.kernels.shared import _accumulate_dot, _exp, _load_tile, _log, _scores
+from core.kernels.shared import _accumulate_dot, _exp, _hide_keys, _load_tile, _log, _scores
 
 # |LSE2| below which fp16/bf16 save no low part for the LSE: the portable forward's rule
 # (core.kernels.portable.forward.LOW_PART_NEGLIGIBLE_BELOW), which the shared backward expects.
@@ -233,10 +233,7 @@ def decode_split_kernel(
             visible = visible & (cols[None, :] >= (queries + diagonal - window_left)[:, None])
         if WINDOW_RIGHT:
             visible = visible & (cols[None, :] <= (queries + diagonal + window_right)[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-        if COMPENSATE:
-            # A hidden key's low part may be NaN (its k holds inf or NaN): exp(-inf + NaN) is NaN.
-            scores_low = tl.where(visible, scores_low, 0.0)
+        scores, scores_low = _hide_keys(scores, scores_low, visible, COMPENSATE)
 
         # The portable forward's online softmax (core.kernels.portable.forward._attend_to_key_blocks):
         # a row that has seen no visible key yet keeps m = -inf and subtracts 0 instead.

@@ -20,6 +20,7 @@ from core.kernels.shared import (
     _accumulate_dot,
     _exp,
     _head_rows,
+    _hide_keys,
     _in_window,
     _load_cols,
     _load_rows,
@@ -81,10 +82,7 @@ def _attend_to_key_blocks(
                 visible = visible & _in_window(
                     cols[None, :], rows[:, None], diagonal, window_left, window_right
                 )
-            scores = tl.where(visible, scores, float("-inf"))
-            if COMPENSATE:
-                # A hidden key's low part may be NaN (its k holds inf or NaN): exp(-inf + NaN) is NaN.
-                scores_low = tl.where(visible, scores_low, 0.0)
+            scores, scores_low = _hide_keys(scores, scores_low, visible, COMPENSATE)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         if MASKED:
             # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so that
