@@ -207,7 +207,10 @@ def _window_query_blocks(start_n, n_queries, diagonal, window_left, window_right
         (tl.maximum(start_n - diagonal + window_left + 1, 0) // BLOCK_M) * BLOCK_M,
         tl.cdiv(n_queries, BLOCK_M) * BLOCK_M,
     )
-    unmasked_start = tl.maximum(row_start, tl.minimum(seeing_all_from, tl.cdiv(row_end, BLOCK_M) * BLOCK_M))
+    # min(max(...)), not max(row_start, min(seeing_all_from, ...)): the same blocks (where they differ,
+    # row_end <= row_start and no loop runs), but that form put ptxas's C7515 (serialised wgmma) on every
+    # window dK/dV kernel (docs/perf-notes.md)
+    unmasked_start = tl.minimum(tl.maximum(row_start, seeing_all_from), tl.cdiv(row_end, BLOCK_M) * BLOCK_M)
     return row_start, unmasked_start, tl.maximum(unmasked_start, seeing_all_to), row_end
 
 
