@@ -50,7 +50,8 @@ def cumulative(lengths) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
 
 
-def packed_inputs(lens_q, lens_k, q_heads, kv_heads, dtype, *, seed, fused=False, requires_grad=True):
+def packed_inputs(lens_q, lens_k, q_heads, kv_heads, dtype, *, seed, fused=False, requires_grad=True,
+                  head_dim=HEAD_DIM):
     """q (total_q, Hq, D), k, v (total_k, Hkv, D) leaves, and the int32 cu_seqlens. fused: q, k and v
     are views of one (total, Hq + 2 Hkv, D) projection (self-attention, lens_q == lens_k), so neither
     their token nor their head stride is the dense one."""
@@ -62,13 +63,13 @@ def packed_inputs(lens_q, lens_k, q_heads, kv_heads, dtype, *, seed, fused=False
     total_q, total_k = sum(lens_q), sum(lens_k)
     if fused:
         assert lens_q == lens_k
-        qkv = draw(total_q, q_heads + 2 * kv_heads, HEAD_DIM)
+        qkv = draw(total_q, q_heads + 2 * kv_heads, head_dim)
         q, k, v = qkv.split((q_heads, kv_heads, kv_heads), dim=1)
     else:
         q, k, v = (
-            draw(total_q, q_heads, HEAD_DIM),
-            draw(total_k, kv_heads, HEAD_DIM),
-            draw(total_k, kv_heads, HEAD_DIM),
+            draw(total_q, q_heads, head_dim),
+            draw(total_k, kv_heads, head_dim),
+            draw(total_k, kv_heads, head_dim),
         )
     return [t.requires_grad_(requires_grad) for t in (q, k, v)], cumulative(lens_q), cumulative(lens_k)
 
@@ -94,8 +95,20 @@ def run_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dout, **options):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_each_sequence_equals_its_dense_call_bitwise(case, dtype):
+    _check_each_sequence_against_its_dense_call(case, dtype, HEAD_DIM)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_whole_blocks_at_head_dim_128_equal_the_dense_call_bitwise(dtype):
+    """At BLOCK_D 128 the dK/dV kernel runs a sequence's whole query blocks with unmasked row loads and
+    only its last, ragged block masked (backward.py, _dkdv_from_group): the sequences end mid-block
+    and in whole blocks, and start at offsets no block size divides."""
+    _check_each_sequence_against_its_dense_call(CASES[0], dtype, 128)
+
+
+def _check_each_sequence_against_its_dense_call(case, dtype, head_dim):
     lens_q, lens_k, options = case
-    (q, k, v), cu_q, cu_k = packed_inputs(lens_q, lens_k, 4, 2, dtype, seed=len(lens_q))
+    (q, k, v), cu_q, cu_k = packed_inputs(lens_q, lens_k, 4, 2, dtype, seed=len(lens_q), head_dim=head_dim)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
     out, lse, dq, dk, dv = run_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), dout, **options)
     starts_q, starts_k = cu_q.tolist(), cu_k.tolist()

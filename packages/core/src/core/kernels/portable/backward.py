@@ -152,12 +152,17 @@ def _load_row_stats(Lse, LseLow, Delta, row_offsets, row_ok, rows_in_all_heads, 
 
 
 @triton.jit
-def _whole_block_offsets(stat_offset, start, offs_m, BLOCK_M: tl.constexpr):
+def _whole_block_offsets(stat_offset, start, offs_m, BLOCK_M: tl.constexpr, ALIGNED: tl.constexpr = True):
     """Offsets of rows [start, start + BLOCK_M) of a (B, Hq, Nq) statistic, stat_offset the head's first,
-    where Nq is a multiple of BLOCK_M (so are stat_offset and start): marked so, the compiler loads the
-    rows as aligned vectors. (Written as stat_offset + (start + offs_m), the association of the masked
-    path: the other one made ptxas serialize the D=128 kernel's wgmmas, C7515.)"""
-    return tl.max_contiguous(tl.multiple_of(stat_offset + (start + offs_m), BLOCK_M), BLOCK_M)
+    every row of the block inside the head's rows. ALIGNED: Nq is a multiple of BLOCK_M (so are
+    stat_offset and start), and marked so the compiler loads the rows as aligned vectors; a packed
+    sequence starts anywhere, so its whole blocks are loaded unmasked but not marked. (Written as
+    stat_offset + (start + offs_m), the association of the masked path: the other one made ptxas
+    serialize the D=128 kernel's wgmmas, C7515.)"""
+    if ALIGNED:
+        return tl.max_contiguous(tl.multiple_of(stat_offset + (start + offs_m), BLOCK_M), BLOCK_M)
+    else:
+        return stat_offset + (start + offs_m)
 
 
 @triton.jit
@@ -212,7 +217,7 @@ def _dkdv_from_query_blocks(
     use_lse_low, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
     DESCRIPTORS: tl.constexpr, PREFETCH_ROW_STATS: tl.constexpr, WHOLE_BLOCKS: tl.constexpr,
     window_left=0, window_right=0, softcap_in=0.0, softcap_out=0.0,
-    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False, ALIGNED: tl.constexpr = True,
 ):  # fmt: skip
     """Add the contributions of query rows [row_start, row_end) to one tile's dK and dV.
 
@@ -223,8 +228,9 @@ def _dkdv_from_query_blocks(
     blocks are fully visible. SOFTCAP multiplies dS by the capped scores' slope.
     PREFETCH_ROW_STATS loads each block's LSE and Delta one step ahead, in registers: Triton's pipeliner
     leaves these one-float-per-row loads in the step that uses them (it pays at D=64 with three stages,
-    not at D=128: config.py). WHOLE_BLOCKS: Nq is a multiple of BLOCK_M, so
-    no row of any block is past it (backward_dkdv_kernel's WHOLE_QUERY_BLOCKS).
+    not at D=128: config.py). WHOLE_BLOCKS: no row of any block is past Nq (backward_dkdv_kernel's
+    WHOLE_QUERY_BLOCKS, or a packed sequence's whole blocks), and with ALIGNED Nq is a multiple of
+    BLOCK_M.
     """
     offs_m = tl.arange(0, BLOCK_M)
     # The whole-block and masked loads are written out side by side rather than through one helper:
@@ -237,7 +243,7 @@ def _dkdv_from_query_blocks(
             # never uses.
             first_start = tl.minimum(row_start, n_queries - BLOCK_M)
             next_lse, next_lse_low, next_max_low, next_delta = _load_row_stats(
-                Lse, LseLow, Delta, _whole_block_offsets(stat_offset, first_start, offs_m, BLOCK_M), None,
+                Lse, LseLow, Delta, _whole_block_offsets(stat_offset, first_start, offs_m, BLOCK_M, ALIGNED), None,
                 rows_in_all_heads, COMPENSATE, use_lse_low, True,
             )  # fmt: skip
         else:
@@ -255,7 +261,7 @@ def _dkdv_from_query_blocks(
             if WHOLE_BLOCKS:
                 next_start = tl.minimum(block_start + BLOCK_M, n_queries - BLOCK_M)
                 next_lse, next_lse_low, next_max_low, next_delta = _load_row_stats(
-                    Lse, LseLow, Delta, _whole_block_offsets(stat_offset, next_start, offs_m, BLOCK_M), None,
+                    Lse, LseLow, Delta, _whole_block_offsets(stat_offset, next_start, offs_m, BLOCK_M, ALIGNED), None,
                     rows_in_all_heads, COMPENSATE, use_lse_low, True,
                 )  # fmt: skip
             else:
@@ -265,7 +271,7 @@ def _dkdv_from_query_blocks(
                 )  # fmt: skip
         elif WHOLE_BLOCKS:
             lse, lse_low, max_low, delta = _load_row_stats(
-                Lse, LseLow, Delta, _whole_block_offsets(stat_offset, block_start, offs_m, BLOCK_M), None,
+                Lse, LseLow, Delta, _whole_block_offsets(stat_offset, block_start, offs_m, BLOCK_M, ALIGNED), None,
                 rows_in_all_heads, COMPENSATE, use_lse_low, True,
             )  # fmt: skip
         else:
@@ -383,9 +389,25 @@ def _dkdv_from_group(
                 if not DESCRIPTORS:
                     q_src += (unmasked_start - row_start).to(tl.int64) * stride_qm
                     do_src += (unmasked_start - row_start).to(tl.int64) * stride_dom
+            ragged_start = unmasked_start
+            if VARLEN and BLOCK_D == 128:
+                # A packed sequence's blocks are whole but for its last: those run with unmasked row
+                # loads (not aligned: the sequence starts anywhere), only the ragged end masked. At
+                # BLOCK_D 64 the loop came out no shorter, at 256 it spilled (docs/perf-notes.md).
+                ragged_start = tl.maximum(unmasked_start, (n_queries // BLOCK_M) * BLOCK_M)
+                if ragged_start > unmasked_start:  # the prefetch before the loop reads a whole block
+                    dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
+                        dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
+                        rows_in_all_heads, stride_qm, stride_dom, unmasked_start, ragged_start, keys, n_queries,
+                        diagonal, qk_scale, d_ok, False, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
+                        PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, True, softcap_in=softcap_in,
+                        softcap_out=softcap_out, SOFTCAP=SOFTCAP, ALIGNED=False,
+                    )  # fmt: skip
+                q_src = _rows_from(q_src, ragged_start - unmasked_start, stride_qm, DESCRIPTORS)
+                do_src = _rows_from(do_src, ragged_start - unmasked_start, stride_dom, DESCRIPTORS)
             dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
                 dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
-                rows_in_all_heads, stride_qm, stride_dom, unmasked_start, n_queries, keys, n_queries,
+                rows_in_all_heads, stride_qm, stride_dom, ragged_start, n_queries, keys, n_queries,
                 diagonal, qk_scale, d_ok, False, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
                 PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_BLOCKS, softcap_in=softcap_in,
                 softcap_out=softcap_out, SOFTCAP=SOFTCAP,
