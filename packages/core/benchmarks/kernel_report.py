@@ -21,6 +21,7 @@ LSE low part, then the same two without it (the one typical inputs run).
 
 `--features window,softcap,varlen` compiles the kernels with those switches on instead (a sliding
 window, logit softcapping, packed sequences; any subset): the plain kernels' report is the default.
+Switches core reads from the environment apply, e.g. CORE_VARLEN_WHOLE_BLOCKS=1 with `--features varlen`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def kernel_arguments(
     """(arguments by name, launch options) of one kernel as core's plans launch it, with the switches
     named in `features` ("window", "softcap", "varlen") on."""
     heads = WIDTH // d
-    varlen = "varlen" in features
+    varlen, window = "varlen" in features, "window" in features
     # varlen: (total, H, D) tensors, batch stride 0 (plans.kernel_strides)
     strides = (0, d, heads * d, 1) if varlen else (heads * n * d, n * d, d, 1)
     block_d = _config.padded_head_dim(d)
@@ -78,7 +79,7 @@ def kernel_arguments(
         if kind == "dkdv":
             extra = {
                 "PREFETCH_ROW_STATS": config.prefetch_row_stats,
-                "WHOLE_QUERY_BLOCKS": not varlen and _launch.whole_query_blocks(n, config.block_m),
+                "WHOLE_QUERY_BLOCKS": _launch.dkdv_whole_blocks(n, config.block_m, block_d, varlen, window),
             }
         else:
             extra = {"DELTA_IN_DQ": False}
@@ -88,7 +89,6 @@ def kernel_arguments(
         arguments |= {f"stride_{tensor}{dim}": stride for dim, stride in zip(dims, strides)}
     sizes = {"n_q_heads": heads, "kv_group": 1, "n_queries": n, "n_keys": n}
     # A 4k window to the left of the causal diagonal (window_right 0) or none (unused arguments).
-    window = "window" in features
     sizes |= {"window_left": 4096 if window else 0, "window_right": 0}
     # softcap 50 at D = 128 in base 2 (sm_scale / 50, 50 * log2(e)), or unused zeros.
     softcap = "softcap" in features

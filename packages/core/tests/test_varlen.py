@@ -50,8 +50,9 @@ def cumulative(lengths) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
 
 
-def packed_inputs(lens_q, lens_k, q_heads, kv_heads, dtype, *, seed, fused=False, requires_grad=True,
-                  head_dim=HEAD_DIM):
+def packed_inputs(
+    lens_q, lens_k, q_heads, kv_heads, dtype, *, seed, fused=False, requires_grad=True, head_dim=HEAD_DIM
+):
     """q (total_q, Hq, D), k, v (total_k, Hkv, D) leaves, and the int32 cu_seqlens. fused: q, k and v
     are views of one (total, Hq + 2 Hkv, D) projection (self-attention, lens_q == lens_k), so neither
     their token nor their head stride is the dense one."""
@@ -98,12 +99,15 @@ def test_each_sequence_equals_its_dense_call_bitwise(case, dtype):
     _check_each_sequence_against_its_dense_call(case, dtype, HEAD_DIM)
 
 
+@pytest.mark.parametrize("whole_blocks", [False, True], ids=["masked", "whole-blocks"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_whole_blocks_at_head_dim_128_equal_the_dense_call_bitwise(dtype):
-    """At BLOCK_D 128 the dK/dV kernel runs a sequence's whole query blocks with unmasked row loads and
-    only its last, ragged block masked (backward.py, _dkdv_from_group): the sequences end mid-block
-    and in whole blocks, and start at offsets no block size divides."""
-    _check_each_sequence_against_its_dense_call(CASES[0], dtype, 128)
+def test_at_head_dim_128_each_sequence_equals_its_dense_call_bitwise(dtype, whole_blocks):
+    """At BLOCK_D 128, with core.testing.varlen_whole_blocks, the dK/dV kernel runs a sequence's whole
+    query blocks with unmasked row loads and only its last, ragged block masked (backward.py,
+    _dkdv_from_group): the sequences end mid-block and in whole blocks, and start at offsets no block
+    size divides."""
+    with core.testing.varlen_whole_blocks(whole_blocks):
+        _check_each_sequence_against_its_dense_call(CASES[0], dtype, 128)
 
 
 def _check_each_sequence_against_its_dense_call(case, dtype, head_dim):

@@ -6,7 +6,8 @@ Code outside the package imports `core`, `core.testing`, `core.ops`, `core.refer
 
 - switches: `poisoned_outputs()` (NaN-fill every kernel output), `host_cache(enabled)` (the plan cache
   and bound launches), `use_family(name)` (force a kernel family), `fused_backward(enabled)` (the
-  portable family's fused backward, off by default), `launches_forbidden()` (any kernel output
+  portable family's fused backward, off by default), `varlen_whole_blocks(enabled)` (its whole-block
+  loop for packed sequences, off by default), `launches_forbidden()` (any kernel output
   allocation or launch fails: invalid input must be refused before);
 - introspection: `plan_for(q, k, v, ...)`, `cached_plans()`, `clear_plans()`, `families()`, `family(name)`,
   `kernel_fingerprint()`;
@@ -131,7 +132,21 @@ def host_cache(enabled: bool):
 def fused_backward(enabled: bool):
     """Switch the portable family's fused backward (one kernel, dQ accumulated in key block order) on or
     off inside the block, for the calls it supports."""
-    switch = _portable_fused_plans.FusedBackward
+    with _switched(_portable_fused_plans.FusedBackward, enabled):
+        yield
+
+
+@contextlib.contextmanager
+def varlen_whole_blocks(enabled: bool):
+    """Switch the portable family's whole-block loop for packed sequences at BLOCK_D 128 (its dK/dV
+    kernel; off by default) on or off inside the block."""
+    with _switched(_portable_plans.VarlenWholeBlocks, enabled):
+        yield
+
+
+@contextlib.contextmanager
+def _switched(switch, enabled: bool):
+    """A switch class's `enabled` set inside the block; call plans made before or inside it dropped."""
     previous, switch.enabled = switch.enabled, enabled
     _plans.clear()
     try:

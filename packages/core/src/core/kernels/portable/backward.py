@@ -243,8 +243,8 @@ def _dkdv_from_query_blocks(
             # never uses.
             first_start = tl.minimum(row_start, n_queries - BLOCK_M)
             next_lse, next_lse_low, next_max_low, next_delta = _load_row_stats(
-                Lse, LseLow, Delta, _whole_block_offsets(stat_offset, first_start, offs_m, BLOCK_M, ALIGNED), None,
-                rows_in_all_heads, COMPENSATE, use_lse_low, True,
+                Lse, LseLow, Delta, _whole_block_offsets(stat_offset, first_start, offs_m, BLOCK_M, ALIGNED),
+                None, rows_in_all_heads, COMPENSATE, use_lse_low, True,
             )  # fmt: skip
         else:
             next_lse, next_lse_low, next_max_low, next_delta = _load_row_stats(
@@ -261,7 +261,8 @@ def _dkdv_from_query_blocks(
             if WHOLE_BLOCKS:
                 next_start = tl.minimum(block_start + BLOCK_M, n_queries - BLOCK_M)
                 next_lse, next_lse_low, next_max_low, next_delta = _load_row_stats(
-                    Lse, LseLow, Delta, _whole_block_offsets(stat_offset, next_start, offs_m, BLOCK_M, ALIGNED), None,
+                    Lse, LseLow, Delta,
+                    _whole_block_offsets(stat_offset, next_start, offs_m, BLOCK_M, ALIGNED), None,
                     rows_in_all_heads, COMPENSATE, use_lse_low, True,
                 )  # fmt: skip
             else:
@@ -271,8 +272,8 @@ def _dkdv_from_query_blocks(
                 )  # fmt: skip
         elif WHOLE_BLOCKS:
             lse, lse_low, max_low, delta = _load_row_stats(
-                Lse, LseLow, Delta, _whole_block_offsets(stat_offset, block_start, offs_m, BLOCK_M, ALIGNED), None,
-                rows_in_all_heads, COMPENSATE, use_lse_low, True,
+                Lse, LseLow, Delta, _whole_block_offsets(stat_offset, block_start, offs_m, BLOCK_M, ALIGNED),
+                None, rows_in_all_heads, COMPENSATE, use_lse_low, True,
             )  # fmt: skip
         else:
             lse, lse_low, max_low, delta = _load_row_stats(
@@ -330,6 +331,9 @@ def _dkdv_from_group(
     straddling the causal diagonal, [row_start, unmasked_start), masked; those after it unmasked. With
     WINDOW: rows [unmasked_start, unmasked_end) unmasked between the window's two edges,
     [row_start, unmasked_start) and [unmasked_end, row_end), masked (shared._window_query_blocks)."""
+    # WHOLE_BLOCKS: every query block is whole, or for packed sequences, every block but the last of
+    # each sequence is run as one (below)
+    EVERY_BLOCK_WHOLE: tl.constexpr = WHOLE_BLOCKS and not VARLEN
     offs_m = tl.arange(0, BLOCK_M)
     for group_member in range(0, kv_group):
         head = first_head + group_member
@@ -356,7 +360,7 @@ def _dkdv_from_group(
                 dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
                 rows_in_all_heads, stride_qm, stride_dom, row_start, unmasked_start, keys, n_queries,
                 diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
-                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_BLOCKS, window_left,
+                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, EVERY_BLOCK_WHOLE, window_left,
                 window_right, softcap_in, softcap_out, True, SOFTCAP,
             )  # fmt: skip
             q_whole = _rows_from(q_src, unmasked_start - row_start, stride_qm, DESCRIPTORS)
@@ -365,7 +369,7 @@ def _dkdv_from_group(
                 dk, dv, dk_comp, dv_comp, k, v, q_whole, do_whole, Lse, LseLow, Delta, stat_offset,
                 rows_in_all_heads, stride_qm, stride_dom, unmasked_start, unmasked_end, keys, n_queries,
                 diagonal, qk_scale, d_ok, False, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
-                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_BLOCKS, window_left,
+                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, EVERY_BLOCK_WHOLE, window_left,
                 window_right, softcap_in, softcap_out, True, SOFTCAP,
             )  # fmt: skip
             q_edge = _rows_from(q_src, unmasked_end - row_start, stride_qm, DESCRIPTORS)
@@ -374,7 +378,7 @@ def _dkdv_from_group(
                 dk, dv, dk_comp, dv_comp, k, v, q_edge, do_edge, Lse, LseLow, Delta, stat_offset,
                 rows_in_all_heads, stride_qm, stride_dom, unmasked_end, row_end, keys, n_queries, diagonal,
                 qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2, PRECISE_EXP,
-                COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_BLOCKS, window_left, window_right,
+                COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, EVERY_BLOCK_WHOLE, window_left, window_right,
                 softcap_in, softcap_out, True, SOFTCAP,
             )  # fmt: skip
         else:
@@ -383,25 +387,24 @@ def _dkdv_from_group(
                     dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
                     rows_in_all_heads, stride_qm, stride_dom, row_start, unmasked_start, keys, n_queries,
                     diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
-                    PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_BLOCKS,
+                    PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, EVERY_BLOCK_WHOLE,
                     softcap_in=softcap_in, softcap_out=softcap_out, SOFTCAP=SOFTCAP,
                 )  # fmt: skip
                 if not DESCRIPTORS:
                     q_src += (unmasked_start - row_start).to(tl.int64) * stride_qm
                     do_src += (unmasked_start - row_start).to(tl.int64) * stride_dom
             ragged_start = unmasked_start
-            if VARLEN and BLOCK_D == 128:
+            if VARLEN and WHOLE_BLOCKS:
                 # A packed sequence's blocks are whole but for its last: those run with unmasked row
-                # loads (not aligned: the sequence starts anywhere), only the ragged end masked. At
-                # BLOCK_D 64 the loop came out no shorter, at 256 it spilled (docs/perf-notes.md).
+                # loads (not aligned: the sequence starts anywhere), only the ragged end masked.
                 ragged_start = tl.maximum(unmasked_start, (n_queries // BLOCK_M) * BLOCK_M)
                 if ragged_start > unmasked_start:  # the prefetch before the loop reads a whole block
                     dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
                         dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
-                        rows_in_all_heads, stride_qm, stride_dom, unmasked_start, ragged_start, keys, n_queries,
-                        diagonal, qk_scale, d_ok, False, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
-                        PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, True, softcap_in=softcap_in,
-                        softcap_out=softcap_out, SOFTCAP=SOFTCAP, ALIGNED=False,
+                        rows_in_all_heads, stride_qm, stride_dom, unmasked_start, ragged_start, keys,
+                        n_queries, diagonal, qk_scale, d_ok, False, EVEN_D, BLOCK_M, DOT_PRECISION,
+                        USE_LSE_LOW, BASE_2, PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, True,
+                        softcap_in=softcap_in, softcap_out=softcap_out, SOFTCAP=SOFTCAP, ALIGNED=False,
                     )  # fmt: skip
                 q_src = _rows_from(q_src, ragged_start - unmasked_start, stride_qm, DESCRIPTORS)
                 do_src = _rows_from(do_src, ragged_start - unmasked_start, stride_dom, DESCRIPTORS)
@@ -409,8 +412,8 @@ def _dkdv_from_group(
                 dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
                 rows_in_all_heads, stride_qm, stride_dom, ragged_start, n_queries, keys, n_queries,
                 diagonal, qk_scale, d_ok, False, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
-                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_BLOCKS, softcap_in=softcap_in,
-                softcap_out=softcap_out, SOFTCAP=SOFTCAP,
+                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, EVERY_BLOCK_WHOLE,
+                softcap_in=softcap_in, softcap_out=softcap_out, SOFTCAP=SOFTCAP,
             )  # fmt: skip
 
     return dk, dv, dk_comp, dv_comp

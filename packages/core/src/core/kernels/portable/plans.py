@@ -20,6 +20,7 @@ pointers, and the longest sequence sizes that call's grid.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -197,6 +198,24 @@ def _launch(launch: BoundLaunch, index, packed: Packed | None, block: int, heads
     launch(index, *tensors, grid=(ceil_div(longest, block), heads, packed.cu_seqlens_q.shape[0] - 1))
 
 
+class VarlenWholeBlocks:
+    """The switch: whether a packed, unwindowed backward at BLOCK_D 128 runs each sequence's whole query
+    blocks with unmasked row loads and only its last block masked (backward.py: _dkdv_from_group). The
+    loop most blocks take is 25% shorter on sm_90a, with spills in it; at BLOCK_D 64 it came out no
+    shorter, at 256 it spilled more. Off until a GPU timing says it pays (docs/perf-notes.md)."""
+
+    enabled: bool = os.environ.get("CORE_VARLEN_WHOLE_BLOCKS", "0") == "1"
+
+
+def dkdv_whole_blocks(n_queries: int, block_m: int, block_d: int, varlen: bool, windowed: bool) -> bool:
+    """The dK/dV kernel's WHOLE_QUERY_BLOCKS. Packed sequences start anywhere: their query blocks are
+    never all whole, but all but the last of each sequence are, and the kernel runs those as whole
+    blocks where VarlenWholeBlocks says so."""
+    if varlen:
+        return VarlenWholeBlocks.enabled and not windowed and block_d == 128
+    return whole_query_blocks(n_queries, block_m)
+
+
 def whole_query_blocks(n_queries: int, block_m: int) -> bool:
     """Whether the dK/dV kernel's query blocks are all whole (Nq a multiple of BLOCK_M): then it loads
     the rows' LSE and Delta without masks, as aligned vectors (backward.py: _whole_block_offsets).
@@ -370,8 +389,7 @@ class BackwardPlan(OnDevice):
         dkdv_constexprs, dkdv_options = call.meta(
             block_d, dkdv_config, q.dtype, interpreted, dkdv_descriptors
         )
-        # Packed sequences start anywhere: their query blocks are never all whole.
-        whole = not call.varlen and whole_query_blocks(n_queries, dkdv_config.block_m)
+        whole = dkdv_whole_blocks(n_queries, dkdv_config.block_m, block_d, call.varlen, call.windowed)
         self.dkdv = BoundLaunch(
             backward_dkdv_kernel,
             call.grid(dkdv_config.block_n, kv_heads, n_keys),
