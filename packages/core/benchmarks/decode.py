@@ -272,16 +272,19 @@ def table(results: list[dict], providers, copy_gbps: float) -> str:
 
 
 # (label "keys/warps/stages x programs per SM", keys per tile, warps, stages for a dense cache (paged: two
-# more), programs per SM the split rule fills). The first is the table's current choice.
+# more), programs per SM the split rule fills, whether it balances tiles: config.BALANCE_TILES, label "b").
+# The first is the table's current choice.
 SWEEP = [
-    ("64/4w/3s x2", 64, 4, 3, 2),
-    ("64/4w/4s x2", 64, 4, 4, 2),
-    ("64/4w/2s x2", 64, 4, 2, 2),
-    ("128/4w/3s x2", 128, 4, 3, 2),
-    ("32/4w/4s x2", 32, 4, 4, 2),
-    ("64/8w/3s x2", 64, 8, 3, 2),
-    ("64/4w/3s x1", 64, 4, 3, 1),
-    ("64/4w/3s x4", 64, 4, 3, 4),
+    ("64/4w/3s x2", 64, 4, 3, 2, False),
+    ("64/4w/3s x2b", 64, 4, 3, 2, True),
+    ("64/4w/4s x2", 64, 4, 4, 2, False),
+    ("64/4w/2s x2", 64, 4, 2, 2, False),
+    ("128/4w/3s x2", 128, 4, 3, 2, False),
+    ("32/4w/4s x2", 32, 4, 4, 2, False),
+    ("32/4w/4s x2b", 32, 4, 4, 2, True),
+    ("64/8w/3s x2", 64, 8, 3, 2, False),
+    ("64/4w/3s x1", 64, 4, 3, 1, False),
+    ("64/4w/3s x4", 64, 4, 3, 4, False),
 ]
 
 
@@ -293,23 +296,23 @@ def sweep(timer, copy_gbps: float, mode: str) -> str:
     free = torch.cuda.mem_get_info()[0] if device() == "cuda" else float("inf")
     table_rows = [row for row in rows(mode) if row.cache_bytes() < 0.5 * free]
     timings: dict = {}
-    original = (config.decode_config, config.PROGRAMS_PER_SM)
+    original = (config.decode_config, config.PROGRAMS_PER_SM, config.BALANCE_TILES)
     try:
-        for label, block_n, warps, stages, per_sm in SWEEP:
+        for label, block_n, warps, stages, per_sm, balance in SWEEP:
 
             def variant(
                 rows_, block_d, dtype, paged, interpreted, block_n=block_n, warps=warps, stages=stages
             ):
                 return config.DecodeConfig(config.block_m_for(rows_), block_n, warps, stages + 2 * paged)
 
-            config.decode_config, config.PROGRAMS_PER_SM = variant, per_sm
+            config.decode_config, config.PROGRAMS_PER_SM, config.BALANCE_TILES = variant, per_sm, balance
             core.testing.clear_plans()
             for row in table_rows:
                 result = run_row(row, ["core"], timer, copy_gbps)
                 timings[label, row] = result["providers"].get("core", {}).get("us")
             print(f"{label}: done")
     finally:
-        config.decode_config, config.PROGRAMS_PER_SM = original
+        config.decode_config, config.PROGRAMS_PER_SM, config.BALANCE_TILES = original
         core.testing.clear_plans()
     lines = [f"{'row':<34}" + "".join(f"{label:>14}" for label, *_ in SWEEP)]
     for row in table_rows:

@@ -239,6 +239,28 @@ def test_the_split_rule_fills_the_machine_from_shapes_alone():
     assert 0.85 * most <= split_count(1, 10**6, sms) <= most  # a capped count: within 85% of the best
 
 
+def test_the_balanced_split_rule_gives_every_split_of_one_wave_as_many_tiles(monkeypatch):
+    """The alternative rule (config.BALANCE_TILES): one wave of programs at most, no split left empty or
+    short by more than the rounding, and the fewest splits for that many tiles each."""
+    config = core.testing.decode.config
+    monkeypatch.setattr(config, "BALANCE_TILES", True)
+    sms = 132
+    slots = config.PROGRAMS_PER_SM * sms
+    assert config.split_count(1 * 8, 32768 // 64, sms) == 32  # 256 programs of 16 tiles (waves: 29 of 18)
+    assert config.split_count(1 * 32, 8192 // 64, sms) == 8  # 16 tiles each (the wave rule: 7 of 19)
+    assert config.split_count(8 * 8, 32768 // 64, sms) == 4
+    assert config.split_count(32 * 8, 32768 // 64, sms) == 1
+    for programs in (1, 2, 3, 7, 8, 31, 32, 33, 100, 211):
+        for tiles in (0, 1, 3, 4, 5, 63, 64, 100, 127, 512, 4097, 10**6):
+            splits = config.split_count(programs, tiles, sms)
+            per_split = -(-tiles // splits)
+            assert 1 <= splits <= config.MAX_SPLITS
+            if splits > 1:
+                assert programs * splits <= slots, (programs, tiles, splits)
+                assert per_split * (splits - 1) < tiles, (programs, tiles, splits)  # the last split has work
+                assert -(-tiles // (splits - 1)) > per_split, (programs, tiles, splits)  # one fewer: longer
+
+
 def test_an_int_cache_seqlens_equals_the_tensor_form():
     cache = Cache(2, 2, 40, 32, torch.float16, seed=13)
     q = queries(2, 4, 2, 32, torch.float16, seed=14)

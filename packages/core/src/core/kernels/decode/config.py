@@ -25,6 +25,9 @@ MERGE_TILE = 4096
 # The split rule aims at filling this many programs per SM at once: the kernel is bound by memory, and
 # a second resident program keeps loads in flight while the first one computes.
 PROGRAMS_PER_SM = 2
+# The rule's alternative, not yet timed against it (`run.py decode --sweep`): as many splits as one wave
+# of programs holds, then as few as give every split the same number of key tiles (split_count).
+BALANCE_TILES = False
 # Under the interpreter there is no device to fill: the rule plans for a stand-in of a few SMs, so that
 # the small CPU test shapes split their keys too.
 INTERPRETER_SMS = 4
@@ -83,11 +86,18 @@ def split_count(programs_per_split: int, key_tiles: int, sm_count: int) -> int:
     that is only partly full wastes the rest of it: the rule takes the smallest s whose efficiency
     waves / ceil(waves) is within 85% of the best, so that the merge and the per-split prologue stay
     few. A split keeps at least MIN_TILES_PER_SPLIT tiles.
+
+    With BALANCE_TILES the count is instead the most that one wave holds, lowered to the fewest splits
+    with the same tiles per split: every program of the wave then streams as many tiles (the wave rule
+    can leave one sequence's 512 tiles in 29 splits of 18, where 32 splits of 16 fit the same wave).
     """
     slots = PROGRAMS_PER_SM * sm_count
     if programs_per_split >= 0.8 * slots:
         return 1
     most = max(1, min(MAX_SPLITS, slots, key_tiles // MIN_TILES_PER_SPLIT))
+    if BALANCE_TILES:
+        one_wave = max(1, min(most, slots // programs_per_split))
+        return max(1, math.ceil(key_tiles / math.ceil(key_tiles / one_wave))) if key_tiles else 1
 
     def efficiency(splits: int) -> float:
         waves = programs_per_split * splits / slots
