@@ -146,7 +146,11 @@ def varlen_whole_blocks(enabled: bool):
 
 @contextlib.contextmanager
 def _switched(switch, enabled: bool):
-    """A switch class's `enabled` set inside the block; call plans made before or inside it dropped."""
+    """A switch class's `enabled` set inside the block; call plans made before or inside it dropped
+    (unless the setting is unchanged: those plans hold)."""
+    if switch.enabled == enabled:
+        yield
+        return
     previous, switch.enabled = switch.enabled, enabled
     _plans.clear()
     try:

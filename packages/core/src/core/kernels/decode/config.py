@@ -97,7 +97,7 @@ def split_count(programs_per_split: int, key_tiles: int, sm_count: int) -> int:
     most = max(1, min(MAX_SPLITS, slots, key_tiles // MIN_TILES_PER_SPLIT))
     if BALANCE_TILES:
         one_wave = max(1, min(most, slots // programs_per_split))
-        return max(1, math.ceil(key_tiles / math.ceil(key_tiles / one_wave))) if key_tiles else 1
+        return math.ceil(key_tiles / math.ceil(key_tiles / one_wave)) if key_tiles else 1
 
     def efficiency(splits: int) -> float:
         waves = programs_per_split * splits / slots

@@ -200,9 +200,9 @@ def _launch(launch: BoundLaunch, index, packed: Packed | None, block: int, heads
 
 class VarlenWholeBlocks:
     """The switch: whether a packed, unwindowed backward at BLOCK_D 128 runs each sequence's whole query
-    blocks with unmasked row loads and only its last block masked (backward.py: _dkdv_from_group). The
-    loop most blocks take is 25% shorter on sm_90a, with spills in it; at BLOCK_D 64 it came out no
-    shorter, at 256 it spilled more. Off until a GPU timing says it pays (docs/perf-notes.md)."""
+    blocks with unmasked row loads and only its last block masked (backward.py: _dkdv_from_group). At
+    BLOCK_D 128 only: the compiled loop is shorter there and not at the other sizes (docs/perf-notes.md).
+    Off until a GPU timing says it pays."""
 
     enabled: bool = os.environ.get("CORE_VARLEN_WHOLE_BLOCKS", "0") == "1"
 
