@@ -7,7 +7,7 @@
 #   also: host-ab (host time beside the baseline in .ab/), decode-ab (the decode benchmark's core column
 #   for a baseline copy of core in .base/, e.g. `git archive BASE packages/core/src/core | tar -x -C .base`;
 #   the call carries ".base"), features-ab (the features benchmark on that baseline), kvcache (the
-#   KV-cache tests alone), decode-sweep (core's decode tiles and split rules side by side), features-varlen-whole (the features benchmark with CORE_VARLEN_WHOLE_BLOCKS=1), decode-kernels (each decode kernel's time), cp (the simulated ring), numerics,
+#   KV-cache tests alone), decode-sweep (core's decode tiles and split rules side by side), decode-kernels (each decode kernel's time), cp (the simulated ring), numerics,
 #   pinned (every fuzz failure pinned so far, inf/NaN ones included), sanitize (the compute-sanitizer
 #   sweep: an H100, the H200 machines' runtime refuses the tool), control (racecheck's control kernel)
 set -uo pipefail
@@ -56,9 +56,7 @@ for name in $what; do
     decode-kernels) step decode-kernels 60 python3 $run decode --quick --kernels --providers core,cudnn ;;
     decode-sweep) step decode-sweep 240 python3 $run decode --sweep ;;
     kvcache) step kvcache 120 python3 -m pytest packages/core/tests/test_kvcache.py -n 8 -q -p no:cacheprovider ;;
-    features) step features 90 python3 $run features --quick ;;
-    # the same with the portable family's varlen whole-block loop on (core.testing.varlen_whole_blocks)
-    features-varlen-whole) step features-varlen-whole 90 env CORE_VARLEN_WHOLE_BLOCKS=1 python3 $run features --quick ;;
+    features) step features 120 python3 $run features --quick ;;
     pinned) step pinned 200 python3 -m pytest fuzz -p no:cacheprovider --profile pinned --nonfinite -n 16 -q ;;
     # the logs come back in logs.tar.gz: the device tool returns only a few files of $OUT
     sanitize) step sanitize 340 bash -c 'python3 -m fuzz.sanitize --out "$0/sanitize" --budget 300; code=$?

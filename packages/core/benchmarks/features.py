@@ -59,7 +59,9 @@ def parse_args(argv):
         "--scenarios", default="packed,window,softcap", help="comma list of packed,window,softcap"
     )
     parser.add_argument(
-        "--providers", default="core,flex,sdpa,loop", help="comma list of core,flex,sdpa,loop"
+        "--providers",
+        default="core,whole,flex,sdpa,loop",
+        help="comma list of core,whole,flex,sdpa,loop (whole: core varlen with the whole-block dK/dV loop)",
     )
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     return parser.parse_args(argv)
@@ -227,6 +229,12 @@ def packed_scenario(bench: Bench, tokens: int, documents: int, heads: int, head_
     reference = None
     if "core" in bench.providers:
         reference = bench.measure(name, "core varlen", lambda: (core_varlen, leaves, grad), flops, None, note)
+    if "whole" in bench.providers:
+        import core.testing
+
+        with core.testing.varlen_whole_blocks(True):
+            bench.measure(name, "core varlen whole", lambda: (core_varlen, leaves, grad), flops, reference,
+                          "the whole-block dK/dV loop (switch on)")  # fmt: skip
     if "loop" in bench.providers:
         bench.measure(name, "core per-doc loop", lambda: (per_document, leaves, grad), flops, reference,
                       "one core.attention per document, + a cat")  # fmt: skip
