@@ -24,6 +24,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
+import triton
 from hypothesis import Phase
 
 import core
@@ -162,6 +163,10 @@ def _header(
         "deadline": deadline,
         "database": getattr(database, "path", None) and str(database.path),
         "run_directory": str(directory),
+        "code": fuzz_report.code_fingerprint(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (interpreter)",
     }
 
 
@@ -189,6 +194,7 @@ def pytest_report_header(config):
         + (f", time box {h['time_box']:.0f} s" if h["time_box"] else "")
         + (f", database {h['database']}" if h["database"] else ""),
         f"fuzz report directory (failure files, live summaries): {h['run_directory']}",
+        f"fuzz code fingerprint {h['code']} on {h['device']}, torch {h['torch']}, triton {h['triton']}",
     ]
     return lines
 

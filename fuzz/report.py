@@ -11,6 +11,7 @@ of several runs (the slices of a nightly run).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import core
 from core.tolerance import Verdict
 from fuzz.cases import Case
 
@@ -172,6 +174,23 @@ def write_json_atomically(path: Path, data) -> None:
         os.fsync(directory)  # the rename itself survives a crash of the machine too
     finally:
         os.close(directory)
+
+
+def code_fingerprint() -> str:
+    """What the examples ran on, as a hash of every Python source of the core package and of the fuzzer
+    (paths and contents; caches and results left out). Runs with one fingerprint tested the same kernels
+    with the same properties, whichever commit or session they came from, so their counts add up
+    (`python -m fuzz.summary --code`); any change to either starts a new count."""
+    digest = hashlib.sha256()
+    for root in (Path(core.__file__).parent, Path(__file__).parent):
+        for path in sorted(root.rglob("*.py")):
+            relative = path.relative_to(root.parent)
+            if "__pycache__" in relative.parts or "results" in relative.parts:
+                continue
+            digest.update(f"{relative}\0".encode())
+            digest.update(path.read_bytes())
+            digest.update(b"\0")
+    return digest.hexdigest()[:16]
 
 
 # --- The live summary of this process ------------------------------------------------------------------

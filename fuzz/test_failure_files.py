@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fuzz import profiles
+from fuzz import profiles, report, summary
 from fuzz.cases import Case, Layout, Problem, Upstream, Values, compact_repr, from_data, to_data
 
 CORE_SRC = profiles.REPO / "packages" / "core" / "src"
@@ -127,7 +127,8 @@ def test_a_killed_run_keeps_a_complete_replayable_failure_file(tmp_path):
     assert example["reproduce_failure"].startswith("@reproduce_failure(")
     assert any(v["quantity"] == "out" and not v["ok"] for v in example["verdicts"])
     assert "TENSOR_DESCRIPTORS" in example["kernel_path"]["forward"]["launch"]
-    assert (runs / path.parent.parent.name / "summary-main.json").exists()
+    live = json.loads((runs / path.parent.parent.name / "summary-main.json").read_text())
+    assert live["code"] == report.code_fingerprint() and live["device"] and live["torch"] and live["triton"]
     summary = subprocess.run(
         [sys.executable, "-m", "fuzz.summary", str(path.parent.parent)],
         cwd=tmp_path, env=_environment(), capture_output=True, text=True, timeout=120,
@@ -160,3 +161,34 @@ def test_arguments_survive_the_round_trip_through_json():
     )
     assert {name: from_data(value) for name, value in data.items()} == arguments
     assert compact_repr(Case(problem=Problem(n_queries=3))) == "Case(problem=Problem(n_queries=3))"
+
+
+def test_summary_counts_only_the_runs_on_the_code_asked_for(tmp_path, capsys, monkeypatch):
+    """Runs on other kernels or another fuzzer are listed but not added: a count toward "N examples on
+    the final main" sums runs on one code fingerprint alone."""
+
+    def summed(*arguments):
+        # summary.main merges into this process's tallies (report's module state): each call starts empty
+        monkeypatch.setattr(report, "_examples", type(report._examples)())
+        monkeypatch.setattr(report, "_failures", type(report._failures)())
+        monkeypatch.setattr(report, "_failure_files", [])
+        monkeypatch.setattr(report, "_worst", {})
+        code = summary.main(list(arguments))
+        return code, capsys.readouterr().out
+
+    runs = (("old", "a" * 16, 7, 1), ("new", "b" * 16, 5, 0), ("newer", "b" * 16, 6, 0))
+    for name, code, examples, failures in runs:
+        run = tmp_path / name
+        run.mkdir()
+        files = [f"failures/{name}.json"] * failures
+        (run / "summary-gw0.json").write_text(json.dumps({
+            "profile": "gpu-1k", "code": code, "device": "a card", "finished": True,
+            "examples": {"forward": examples}, "failures": {"forward": failures}, "failure_files": files,
+        }))  # fmt: skip
+    code, printed = summed(str(tmp_path), "--code", "b" * 16)
+    assert code == 0  # the failing run is left out
+    assert "old: gpu-1k, 7 examples, 1 failures" in printed and "(left out: other code)" in printed
+    assert "examples: 11 (forward 11)" in printed and "failures: 0" in printed, printed
+    assert summed(str(tmp_path), "--code")[1].count("(left out: other code)") == 3  # this checkout's
+    code, printed = summed(str(tmp_path))
+    assert code == 1 and "examples: 18" in printed  # without --code: every run
