@@ -7,7 +7,9 @@
 #   also: host-ab (host time beside the baseline in .ab/), decode-ab (the decode benchmark's core column
 #   for a baseline copy of core in .base/, e.g. `git archive BASE packages/core/src/core | tar -x -C .base`;
 #   the call carries ".base"), features-ab (the features benchmark on that baseline), kvcache (the
-#   KV-cache tests alone), decode-sweep (core's decode tiles and split rules side by side), decode-kernels (each decode kernel's time), cp (the simulated ring), numerics,
+#   KV-cache tests alone), decode-sweep (core's decode tiles and split rules side by side), decode-balance
+#   (the split rule with and without config.BALANCE_TILES, cuDNN beside them), decode-kernels (each
+#   decode kernel's time), cp (the simulated ring), numerics,
 #   pinned (every fuzz failure pinned so far, inf/NaN ones included), sanitize (the compute-sanitizer
 #   sweep: an H100, the H200 machines' runtime refuses the tool), control (racecheck's control kernel)
 set -uo pipefail
@@ -55,6 +57,7 @@ for name in $what; do
                    python3 $run features --quick ;;
     decode-kernels) step decode-kernels 60 python3 $run decode --quick --kernels --providers core,cudnn ;;
     decode-sweep) step decode-sweep 240 python3 $run decode --sweep ;;
+    decode-balance) step decode-balance 120 python3 $run decode --sweep --variants "64/4w/3s x2,64/4w/3s x2b" --providers cudnn ;;
     kvcache) step kvcache 120 python3 -m pytest packages/core/tests/test_kvcache.py -n 8 -q -p no:cacheprovider ;;
     features) step features 120 python3 $run features --quick ;;
     pinned) step pinned 200 python3 -m pytest fuzz -p no:cacheprovider --profile pinned --nonfinite -n 16 -q ;;

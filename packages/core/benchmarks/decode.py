@@ -288,8 +288,9 @@ SWEEP = [
 ]
 
 
-def sweep(timer, copy_gbps: float, mode: str) -> str:
-    """Core's us per step on the rows for every SWEEP variant, as a table."""
+def sweep(timer, copy_gbps: float, mode: str, labels=None, others=()) -> str:
+    """Core's us per step on the rows for every SWEEP variant (or those `labels` name), as a table; the
+    `others` providers (e.g. cudnn) timed once, beside the first variant, as the last columns."""
     import core.testing
 
     config = core.testing.decode.config
@@ -297,8 +298,12 @@ def sweep(timer, copy_gbps: float, mode: str) -> str:
     table_rows = [row for row in rows(mode) if row.cache_bytes() < 0.5 * free]
     timings: dict = {}
     original = (config.decode_config, config.PROGRAMS_PER_SM, config.BALANCE_TILES)
+    variants = [entry for entry in SWEEP if labels is None or entry[0] in labels]
+    unknown = set(labels or ()) - {entry[0] for entry in SWEEP}
+    if unknown:
+        raise SystemExit(f"unknown sweep variants {sorted(unknown)}; choose from {[e[0] for e in SWEEP]}")
     try:
-        for label, block_n, warps, stages, per_sm, balance in SWEEP:
+        for index, (label, block_n, warps, stages, per_sm, balance) in enumerate(variants):
 
             def variant(
                 rows_, block_d, dtype, paged, interpreted, block_n=block_n, warps=warps, stages=stages
@@ -308,17 +313,21 @@ def sweep(timer, copy_gbps: float, mode: str) -> str:
             config.decode_config, config.PROGRAMS_PER_SM, config.BALANCE_TILES = variant, per_sm, balance
             core.testing.clear_plans()
             for row in table_rows:
-                result = run_row(row, ["core"], timer, copy_gbps)
+                result = run_row(row, ["core", *(others if index == 0 else ())], timer, copy_gbps)
                 timings[label, row] = result["providers"].get("core", {}).get("us")
+                for other in others if index == 0 else ():
+                    timings[other, row] = result["providers"].get(other, {}).get("us")
             print(f"{label}: done")
     finally:
         config.decode_config, config.PROGRAMS_PER_SM, config.BALANCE_TILES = original
         core.testing.clear_plans()
-    lines = [f"{'row':<34}" + "".join(f"{label:>14}" for label, *_ in SWEEP)]
+    columns = [label for label, *_ in variants] + list(others)
+    lines = [f"{'row':<34}" + "".join(f"{label:>14}" for label in columns)]
     for row in table_rows:
-        cells = [timings.get((label, row)) for label, *_ in SWEEP]
+        cells = [timings.get((label, row)) for label in columns]
         lines.append(f"{row.label:<34}" + "".join(f"{'n/a' if c is None else f'{c:.1f}':>14}" for c in cells))
-    return "us per step (core only)\n" + "\n".join(lines)
+    beside = f"; {', '.join(others)} beside the first variant" if others else " only"
+    return f"us per step (core{beside})\n" + "\n".join(lines)
 
 
 def kernel_breakdown(providers, mode: str, steps: int = 20) -> str:
@@ -362,6 +371,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--providers", help=f"comma list of {','.join(PROVIDERS)} (core always runs first)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--sweep", action="store_true", help="time core's tile and split variants instead")
+    parser.add_argument(
+        "--variants", help="with --sweep: comma list of SWEEP labels (default all); --providers adds columns"
+    )
     parser.add_argument("--kernels", action="store_true", help="each provider's kernels per step instead")
     parser.add_argument("--warmup-ms", type=int, default=25)
     parser.add_argument("--rep-ms", type=int, default=100)
@@ -400,7 +412,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     copy_gbps = measure_copy_gbps(timer, COPY_BYTES if mode != "dry-run" else 2**24)
     if args.sweep:
-        print(sweep(timer, copy_gbps, "dry-run" if mode == "dry-run" else "quick"))
+        labels = args.variants.split(",") if args.variants else None
+        others = [name for name in providers if name != "core"] if args.providers else []
+        print(sweep(timer, copy_gbps, "dry-run" if mode == "dry-run" else "quick", labels, others))
         return
     if args.kernels:
         print(kernel_breakdown(providers, "dry-run" if mode == "dry-run" else "quick"))
