@@ -227,8 +227,10 @@ def test_a_merge_of_more_splits_than_it_reads_at_once(dtype):
     assert_all_within_tolerance(found)
 
 
-def test_the_split_rule_fills_the_machine_from_shapes_alone():
-    """FlashAttention-2's wave rule over two programs per SM, on an H100's 132 SMs."""
+def test_the_wave_split_rule_fills_the_machine_from_shapes_alone(monkeypatch):
+    """FlashAttention-2's wave rule over two programs per SM, on an H100's 132 SMs (config.BALANCE_TILES
+    off; the balanced rule below starts from the same count)."""
+    monkeypatch.setattr(core.testing.decode.config, "BALANCE_TILES", False)
     split_count = core.testing.decode.config.split_count
     sms = 132
     assert split_count(8 * 8, 32768 // 64, sms) == 4  # B 8 x 8 KV heads: one wave of 256 programs
@@ -240,8 +242,8 @@ def test_the_split_rule_fills_the_machine_from_shapes_alone():
 
 
 def test_the_balanced_split_rule_gives_every_split_of_one_wave_as_many_tiles(monkeypatch):
-    """The alternative rule (config.BALANCE_TILES): one wave of programs at most, no split left empty or
-    short by more than the rounding, and the fewest splits for that many tiles each."""
+    """The balanced rule (config.BALANCE_TILES, the default): one wave of programs at most, no split
+    left empty or short by more than the rounding, and the fewest splits for that many tiles each."""
     config = core.testing.decode.config
     monkeypatch.setattr(config, "BALANCE_TILES", True)
     sms = 132

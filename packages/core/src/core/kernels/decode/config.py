@@ -25,9 +25,11 @@ MERGE_TILE = 4096
 # The split rule aims at filling this many programs per SM at once: the kernel is bound by memory, and
 # a second resident program keeps loads in flight while the first one computes.
 PROGRAMS_PER_SM = 2
-# The rule's alternative, not yet timed against it (`run.py decode --sweep`): as many splits as one wave
-# of programs holds, then as few as give every split the same number of key tiles (split_count).
-BALANCE_TILES = False
+# Balanced splits (split_count): as many splits as one wave of programs holds, then as few as give every
+# split the same number of key tiles, instead of the fewest splits that fill the waves to 85%. It only
+# changes one-sequence rows, where the waves rule left splits uneven; timed faster there
+# (docs/perf-notes.md; `run.py decode --sweep` labels the two "x2b" and "x2").
+BALANCE_TILES = True
 # Under the interpreter there is no device to fill: the rule plans for a stand-in of a few SMs, so that
 # the small CPU test shapes split their keys too.
 INTERPRETER_SMS = 4
@@ -87,9 +89,10 @@ def split_count(programs_per_split: int, key_tiles: int, sm_count: int) -> int:
     waves / ceil(waves) is within 85% of the best, so that the merge and the per-split prologue stay
     few. A split keeps at least MIN_TILES_PER_SPLIT tiles.
 
-    With BALANCE_TILES the count is instead the most that one wave holds, lowered to the fewest splits
-    with the same tiles per split: every program of the wave then streams as many tiles (the wave rule
-    can leave one sequence's 512 tiles in 29 splits of 18, where 32 splits of 16 fit the same wave).
+    With BALANCE_TILES (the default) the count is instead the most that one wave holds, lowered to the
+    fewest splits with the same tiles per split: every program of the wave then streams as many tiles
+    (the wave rule can leave one sequence's 512 tiles in 29 splits of 18, where 32 splits of 16 fit the
+    same wave).
     """
     slots = PROGRAMS_PER_SM * sm_count
     if programs_per_split >= 0.8 * slots:
