@@ -98,9 +98,11 @@ class Arithmetic:
     #                                (s - m) + (s_low - m_low), save m_low with the LSE's low part, and add
     #                                s_low - m_low after s - lse in the backward's P (the kernel does for
     #                                fp32 inputs). Needs m to hold every score exactly and no tie_shift.
-    delta: str = "out"  # the backward's Delta_i: "out" = dO_i . O_i, one dot rounded once (fp16/bf16
-    #                     kernel); "p_dp" = sum_j P_ij dP_ij / sum_j P_ij in float64, kept in two parts,
-    #                     with dP in two parts too and dS = P ((dP - Delta) + (dP_low - Delta_low)) (fp32)
+    delta: str = "out"  # the backward's Delta_i: "out" = dO_i . O_i, one dot rounded once (the fp16/bf16
+    #                     kernel with plans.PreciseDelta off); "p_dp" = sum_j P_ij dP_ij / sum_j P_ij in
+    #                     float64, kept in two parts, with dP in two parts too and dS = P ((dP - Delta) +
+    #                     (dP_low - Delta_low)) (fp32); "p_dp_blocks" = the same ratio summed in the
+    #                     working precision, one key block of the dQ tiles at a time (fp16/bf16 kernel)
     pv_split: bool = False  # compensated P.V: P = hi + lo, both in the P.V dtype, two dots into acc
     tie_shift: bool = False  # Qiu & Yao: move the block max off the ties so that no p is exactly 1
 
@@ -393,6 +395,34 @@ def _block(x: np.ndarray, start: int, size: int) -> np.ndarray:
     return block
 
 
+def _row_sums_delta(q, k, v, dout, lse, lse_low, max_low, probabilities, arith, causal, wide):
+    """Delta = sum_j P dP / sum_j P as the fp16/bf16 dQ kernel's pass sums it (backward.py:
+    _p_dp_row_sums): the dQ tiles' rows, key blocks in order, each block's products summed across the
+    block in the working precision, the block sums added in turn; 0 for a row that sees no key."""
+    bm, bn = arith.block_m, arith.block_n
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    q_tiles, do_tiles = _tiles(q, bm), _tiles(dout, bm)
+    query_index = (np.arange(q_tiles.shape[-3])[:, None] * bm + np.arange(bm)[None, :])[..., None]
+    lse_tiles, lse_low_tiles, max_low_tiles = (_tiles(x[..., None], bm) for x in (lse, lse_low, max_low))
+    p_dp_sum = np.zeros(q_tiles.shape[:-1], dtype=wide)
+    p_sum = np.zeros(q_tiles.shape[:-1], dtype=wide)
+    key_end = _key_end(q_tiles.shape[-3], bm, n_q, n_k, causal)
+    for start in range(0, n_k, bn):
+        active = (start < key_end)[:, None]  # (nM, 1)
+        key_index = start + np.arange(bn)
+        k_blk = _block(k, start, bn)[..., None, :, :]
+        v_blk = _block(v, start, bn)[..., None, :, :]
+        p = probabilities(
+            _dot_parts(q_tiles, np.swapaxes(k_blk, -1, -2), arith), query_index, key_index,
+            lse_tiles, lse_low_tiles, max_low_tiles,
+        ).astype(wide)  # fmt: skip
+        dp = _dot_parts(do_tiles, np.swapaxes(v_blk, -1, -2), arith)[0].astype(wide)
+        p_dp_sum = np.where(active, p_dp_sum + np.sum(p * dp, axis=-1), p_dp_sum)
+        p_sum = np.where(active, p_sum + np.sum(p, axis=-1), p_sum)
+    delta = np.where(p_sum > 0, p_dp_sum / np.where(p_sum > 0, p_sum, 1), 0).astype(wide)
+    return _untile_rows(delta, n_q)
+
+
 def _untile(x: np.ndarray, n: int) -> np.ndarray:
     """(..., nT, T, D) -> (..., n, D), dropping the padded rows."""
     return x.reshape(*x.shape[:-3], -1, x.shape[-1])[..., :n, :]
@@ -437,7 +467,8 @@ def backward(
 
     delta = diag(dot(dO, O^T)), one rounding per row as the kernel's preprocess computes it (with
     `delta="p_dp"` sum(P * dP) / sum(P) per row in float64, in two float32 parts, as the float32 dQ
-    kernel computes it, and dP - delta below taken with both low parts), then
+    kernel computes it, and dP - delta below taken with both low parts; with `delta="p_dp_blocks"` the
+    same ratio in the working precision, a key block at a time, as the fp16/bf16 dQ kernel's pass), then
     dK/dV pass, each BLOCK_N key tile summing over the query blocks in ascending order, on transposed
     tiles as the kernel does:
         pT = exp(dot(k, qT) * qk_scale - lse);  dv += dot(pT.to(dtype), dO)
@@ -491,6 +522,9 @@ def backward(
         exact_delta = np.where(p_sum > 0, p_dp_sum / np.where(p_sum > 0, p_sum, 1), 0)
         delta = exact_delta.astype(wide)
         delta_low = (exact_delta - delta.astype(np.float64)).astype(wide)
+    elif arith.delta == "p_dp_blocks":
+        delta = _row_sums_delta(q, k, v, dout, lse, lse_low, max_low, probabilities, arith, causal, wide)
+        delta_low = np.zeros_like(delta)
     else:
         delta = _dot(dout[..., None, :], out[..., :, None])[..., 0, 0]
         delta_low = np.zeros_like(delta)

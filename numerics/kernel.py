@@ -86,5 +86,5 @@ def arithmetic(input_format: str, block_m: int, block_n: int):
         two_part_scores=fp32,
         two_part_lse=True,
         lse_low_negligible_below=0.0 if fp32 else 256.0,
-        delta="p_dp" if fp32 else "out",
+        delta="p_dp" if fp32 else "p_dp_blocks",
     )

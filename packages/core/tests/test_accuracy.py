@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import core
+from core.tolerance import judge, largest_finite
 
 from .conftest import ON_GPU
 from .helpers import DTYPES, assert_all_within_tolerance, compare_with_reference, make_qkv
@@ -83,6 +84,34 @@ def test_rows_tied_between_two_keys_at_logits_beyond_2_pow_24(dtype):
     k[:, :, 23], v[:, :, 23] = k[:, :, 7], v[:, :, 7]
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
     assert_all_within_tolerance(compare_with_reference(q, k, v, causal=False, sm_scale=1e8))
+
+
+@pytest.mark.parametrize("sm_scale", [None, 3851.8], ids=["default-scale", "scale-3852"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_a_zero_query_over_equal_keys_gets_the_true_zero_dq(dtype, sm_scale):
+    """q = 0 and two equal keys: both logits are 0, P = 1/2 each, and dq = sm_scale k (dS_0 + dS_1) = 0
+    exactly, since a row's dS sums to 0 without a gradient on the LSE. Eager attention gets that 0; a
+    backward whose Delta is dO . O, with O rounded to the input dtype, sums dS to dO . (O - O rounded)
+    instead and puts sm_scale k times that into dq: 1.4-1.9x the policy's bound at the default
+    sm_scale, 4e4x at 3852 (the GPU fuzzer, float16). fp16/bf16 now sum Delta from P and dP
+    (core.kernels.portable.plans.PreciseDelta)."""
+    q, k, v = make_qkv(3, 2, 2, 1, 2, 64, dtype, seed=1270, requires_grad=False)
+    q = torch.zeros_like(q)
+    k[:, :, 1] = k[:, :, 0]
+    dout = torch.ones_like(q)
+
+    def dq_of(attend):
+        leaf = q.detach().clone().requires_grad_()
+        attend(leaf, k, v, causal=False, sm_scale=sm_scale).backward(dout)
+        return leaf.grad
+
+    truth = dq_of(lambda *args, **kw: core.attention_reference(*args, **kw).to(dtype))
+    eager = dq_of(lambda *args, **kw: core.attention_reference(*args, **kw, compute_dtype=None))
+    assert torch.all(truth == 0) and torch.all(eager == 0)
+    # One ulp of the largest true gradient (dv, with dO = 1: 1/2 a row) is the whole bound here.
+    family = largest_finite(0.5 * dout)
+    verdict = judge("dq", dq_of(core.attention), truth.double(), eager, family_scale=family)
+    assert_all_within_tolerance([verdict])
 
 
 def test_float32_logits_near_the_row_max_keep_the_dots_rounding_error():

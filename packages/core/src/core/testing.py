@@ -7,7 +7,8 @@ Code outside the package imports `core`, `core.testing`, `core.ops`, `core.refer
 - switches: `poisoned_outputs()` (NaN-fill every kernel output), `host_cache(enabled)` (the plan cache
   and bound launches), `use_family(name)` (force a kernel family), `fused_backward(enabled)` (the
   portable family's fused backward, off by default), `varlen_whole_blocks(enabled)` (its whole-block
-  loop for packed sequences, off by default), `launches_forbidden()` (any kernel output
+  loop for packed sequences, off by default), `precise_delta(enabled)` (its Delta pass for fp16/bf16
+  backwards, on by default), `launches_forbidden()` (any kernel output
   allocation or launch fails: invalid input must be refused before);
 - introspection: `plan_for(q, k, v, ...)`, `cached_plans()`, `clear_plans()`, `families()`, `family(name)`,
   `kernel_fingerprint()`;
@@ -64,6 +65,7 @@ __all__ = [
     "plan_for",
     "poisoned_outputs",
     "portable",
+    "precise_delta",
     "score_scale",
     "use_family",
     "uses_base_2",
@@ -133,6 +135,14 @@ def fused_backward(enabled: bool):
     """Switch the portable family's fused backward (one kernel, dQ accumulated in key block order) on or
     off inside the block, for the calls it supports."""
     with _switched(_portable_fused_plans.FusedBackward, enabled):
+        yield
+
+
+@contextlib.contextmanager
+def precise_delta(enabled: bool):
+    """Switch the portable family's Delta pass for fp16/bf16 backwards (on by default: Delta summed from
+    P and dP in the dQ kernel, not dO . O from the rounded output) on or off inside the block."""
+    with _switched(_portable_plans.PreciseDelta, enabled):
         yield
 
 

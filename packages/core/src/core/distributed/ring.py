@@ -18,11 +18,14 @@ themselves are deterministic). Different world sizes or layouts sum in different
 within rounding, not bitwise.
 
 Where the backward op derives Delta (the row's sum of P dP) from the call's own keys instead of the
-merged out (float32 inputs; fp16/bf16 ones whose LSE has a gradient; core.kernels.portable.backward),
-that Delta would be the block's, not the row's. `_BlockBackward` corrects it: float32 adds the difference
-between the block's Delta and the row's to the dLSE it passes (one more forward call per block gives the
-block's output); fp16/bf16 run the LSE's gradient as a second backward call with dO = 0, where the
-kernel's own Delta is exactly right.
+merged out (float32 inputs, and fp16/bf16 ones while plans.PreciseDelta is on, its default;
+core.kernels.portable.plans.delta_from_keys), that Delta would be the block's, not the row's.
+`_BlockBackward` corrects it: it adds the difference between the block's Delta and the row's to the dLSE
+it passes (one more forward call per block gives the block's output). Otherwise (fp16/bf16 with the
+switch off) it runs the LSE's gradient as a second backward call with dO = 0, where the kernel's own
+Delta is exactly right. fp16/bf16 blocks take the row's Delta from the merged output rounded to the
+input dtype, as a FlashAttention-style backward does: the ring does not give the single-call
+backward's Delta guarantee (docs/numerics-policy.md).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from core._validation import validate_attention_inputs
 from core.distributed import comm
 from core.distributed.layout import Block, ring_block, validate_layout
 from core.kernels.host import uses_base_2
+from core.kernels.portable.plans import delta_from_keys
 
 LN2 = math.log(2.0)
 # Read once, as core.api does: a traced call should see a constant, not trace into the lookup.
@@ -326,18 +330,20 @@ class _BlockBackward:
         k, v = k[:, :, block.keys], v[:, :, block.keys]
         causal, scale = block.causal, self.spec.sm_scale
         backward = torch.ops.core.attention_backward
-        if not uses_base_2(q.dtype):
-            # float32: the kernel's Delta is the block's dO . O_block (its keys' P dP over their P), the
-            # row's is dO . O. Adding their difference to dLSE, which the kernel subtracts from Delta,
-            # makes it the row's.
+        if delta_from_keys(q.dtype, has_dlse=False):
+            # The kernel's Delta is the block's dO . O_block (its keys' P dP over their P), the row's is
+            # dO . O. Adding their difference to dLSE, which the kernel subtracts from Delta, makes it
+            # the row's.
             if dout is None:
                 dout = torch.zeros_like(out)
             else:
                 block_out = torch.ops.core.attention_forward(q, k, v, causal, scale)[0]
                 difference = (dout.double() * (block_out.double() - out.double())).sum(-1)
+                if uses_base_2(q.dtype):  # the kernel subtracts dLSE2 * log2(e) from Delta
+                    difference = difference * math.log(2.0)
                 dlse = (difference if dlse is None else dlse.double() + difference).float()
             return backward(dout, q, k, v, out, lse, lse_low, dlse, causal, scale)
-        # fp16/bf16: without a dLSE the kernel takes Delta from dO and the merged out, the row's. The LSE's
+        # Without a dLSE the kernel takes Delta from dO and the merged out, the row's. The LSE's
         # gradient goes through a second call with dO = 0, whose Delta (0 from the keys, minus dLSE) is
         # the row's too; gradients are linear in (dO, dLSE).
         grads = None

@@ -701,8 +701,9 @@ def backward_dq_kernel(
 
     Q, dOut, dQ (B, Hq, Nq, HEAD_DIM); K, V (B, Hkv, Nk, HEAD_DIM); any strides, 64-bit offsets.
     Lse (B, Hq, Nq), LseLow, the LSE's low parts ((1 or 2, B, Hq, Nq), forward.py), and Delta
-    ((1 or 2, B, Hq, Nq)), float32 contiguous. With DELTA_IN_DQ (float32 inputs, and fp16/bf16 ones
-    whose LSE has a gradient) this kernel completes Delta (both planes for float32) before its dQ loop.
+    ((1 or 2, B, Hq, Nq)), float32 contiguous. With DELTA_IN_DQ (float32 inputs, fp16/bf16 ones whose
+    LSE has a gradient, and all of them while plans.PreciseDelta is on) this kernel completes Delta
+    (both planes for float32) before its dQ loop.
     Grid: (cdiv(Nq, BLOCK_M), Hq, B), causal tiles that see the most keys launched first.
     TENSOR_DESCRIPTORS: K and V tiles come through the copy engine (core.kernels.shared._head_rows).
     WINDOW, SOFTCAP, VARLEN: as in the forward.
@@ -804,12 +805,13 @@ def backward_dq_kernel(
         # float32 eager attention's bound at sm_scale 295). Dividing by the P's own sum makes the row's
         # dS sum to 0 for the P actually used, as the exact ones do, so each dP - Delta is accurate to
         # float32 relative to itself. A one-hot row still gets dP - Delta = 0 exactly.
-        # fp16/bf16 take this pass only when the LSE has a gradient: Delta = dO . O uses O rounded to the
-        # input dtype, so dS summed over a row is dLSE + dO . (O - O rounded) instead of dLSE. The second
-        # term is noise at the output's precision, which a dLSE-only loss turns into all of dq's signal:
-        # q = 0 and equal keys give exactly dq = dLSE sm_scale k, which eager attention reproduces and the
-        # dO . O kernel missed by several times the bound (a pinned fuzz example). Without a dLSE
-        # the noise stays at the eager reference's own level, and the backward skips the pass.
+        # fp16/bf16 take this pass when the LSE has a gradient or plans.PreciseDelta is on (its default):
+        # Delta = dO . O uses O rounded to the input dtype, so dS summed over a row is dLSE + dO . (O - O
+        # rounded) instead of dLSE, and dq gets sm_scale times that noise times the row's mean key. Where
+        # the true dq is 0 or small, the noise is all of it: q = 0 and equal keys give exactly dq = dLSE
+        # sm_scale k (with a dLSE) or dq = 0 (without), which eager attention reproduces and the dO . O
+        # kernel missed by 1.4x the bound at the default sm_scale and 4e4x at sm_scale 3852 (pinned fuzz
+        # examples, fuzz/test_accuracy.py).
         # The pass reads K and V once more; the dK/dV kernel, launched after this one, reads the Delta
         # it stores.
         # float32 inputs sum in float64 (their Delta is kept in two float32 parts); fp16/bf16 in float32,

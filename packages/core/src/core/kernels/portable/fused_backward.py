@@ -32,7 +32,7 @@ in each step so that the read's latency hides behind the step's matmuls.
 
 Numerics are today's: the same helpers recompute the scores and P (with the LSE's low part where the
 forward saved one), dS is rounded to the input dtype for its dots, Delta is the preprocess's (or the
-dLSE pass's, `delta_with_lse_gradient_kernel`). fp16/bf16 only; float32 keeps the split backward.
+dLSE pass's, `delta_from_p_and_dp_kernel`). fp16/bf16 only; float32 keeps the split backward.
 """
 
 import triton
@@ -451,7 +451,7 @@ def dq_from_accumulator_kernel(
 
 
 @triton.jit(do_not_specialize=["n_queries", "n_keys"])
-def delta_with_lse_gradient_kernel(
+def delta_from_p_and_dp_kernel(
     Q, K, V, dOut, Lse, LseLow, Delta,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -464,7 +464,8 @@ def delta_with_lse_gradient_kernel(
     TENSOR_DESCRIPTORS: tl.constexpr,
 ):  # fmt: skip
     """Delta = sum_j P_ij dP_ij / sum_j P_ij + (the preprocess's -dLSE term already in Delta), for
-    fp16/bf16 inputs whose LSE has a gradient: the same pass, and the same sums in the same order, as
+    fp16/bf16 inputs whose LSE has a gradient or while plans.PreciseDelta is on: the same pass, and the
+    same sums in the same order, as
     backward.py's backward_dq_kernel with DELTA_IN_DQ (its comment says why dO . O is not enough
     there). The fused kernel needs every row's Delta before it starts, so the pass runs on its own:
     two matmuls per tile pair. Arguments and grid as backward_dq_kernel's."""

@@ -19,11 +19,12 @@ from core.kernels.launch import BoundLaunch
 from core.kernels.portable import config as _config
 from core.kernels.portable.backward import backward_preprocess_kernel
 from core.kernels.portable.fused_backward import (
-    delta_with_lse_gradient_kernel,
+    delta_from_p_and_dp_kernel,
     dq_from_accumulator_kernel,
     fused_backward_kernel,
 )
 from core.kernels.portable.plans import (
+    PreciseDelta,
     _attention_meta,
     _or_unused,
     _precision_flags,
@@ -91,8 +92,10 @@ class FusedBackwardPlan(OnDevice):
         self.accumulator_shape = (batch, q_heads, n_query_blocks * config.block_m, block_d)
         self.turns_shape = (batch, q_heads, n_query_blocks)
 
-        # Delta = rowsum(dO * O) - dLSE; with a dLSE only the dLSE term, which the Delta pass completes.
+        # Delta = rowsum(dO * O) - dLSE; with a dLSE (or plans.PreciseDelta on) only the dLSE term, which
+        # the Delta pass completes.
         has_dlse = dlse is not None
+        delta_pass = has_dlse or PreciseDelta.enabled
         rows_per_program = _config.preprocess_block_m(interpreted)
         self.preprocess = BoundLaunch(
             backward_preprocess_kernel,
@@ -100,7 +103,7 @@ class FusedBackwardPlan(OnDevice):
             (*q_layout, *dout.stride(), q_heads, n_queries),
             (),
             (("HEAD_DIM", head_dim), ("HAS_DLSE", has_dlse), base_2, dot_precision,
-             ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d), ("DELTA_IN_DQ", has_dlse),
+             ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d), ("DELTA_IN_DQ", delta_pass),
              ("VARLEN", False)),
             (),
             trailing_tensors=1,
@@ -109,14 +112,14 @@ class FusedBackwardPlan(OnDevice):
         scales = (sm_scale, score_scale(q.dtype, sm_scale))
         self.delta_pass = None
         delta_descriptors = False
-        if has_dlse:
+        if delta_pass:
             # The split backward's dQ tiles, so that Delta comes out as the split backward's.
             delta_config = _config.backward_configs(block_d, q.dtype, interpreted)[1]
             delta_descriptors = _use_descriptors(
                 delta_config, descriptors_pay_off(n_queries, delta_config.block_m), k, v
             )
             self.delta_pass = BoundLaunch(
-                delta_with_lse_gradient_kernel,
+                delta_from_p_and_dp_kernel,
                 (ceil_div(n_queries, delta_config.block_m), q_heads, batch),
                 (*input_strides, q_heads, q_heads // kv_heads, n_queries, n_keys),
                 scales[1:],

@@ -207,6 +207,26 @@ class VarlenWholeBlocks:
     enabled: bool = os.environ.get("CORE_VARLEN_WHOLE_BLOCKS", "0") == "1"
 
 
+class PreciseDelta:
+    """The switch: whether fp16/bf16 backwards sum Delta = sum_j P_ij dP_ij in the dQ kernel's extra pass
+    (backward.py: backward_dq_kernel, DELTA_IN_DQ) instead of taking dO . O from the preprocess, as
+    float32 inputs and a gradient of the LSE always do. dO . O reads O rounded to the input dtype, so
+    a row's dS sums to dO . (O - O rounded) instead of 0; sm_scale times that times the row's mean key
+    is noise in dq (and dk) that eager attention does not have, and where the true dq is 0 (a query
+    row whose keys tie) it is all of dq (a pinned GPU fuzz failure, fuzz/test_accuracy.py). On: correct
+    in every such row, at the cost of the pass (two more matmuls per tile in the dQ kernel). Off: the
+    FlashAttention-style backward, faster, with that noise."""
+
+    enabled: bool = os.environ.get("CORE_PRECISE_DELTA", "1") == "1"
+
+
+def delta_from_keys(dtype: torch.dtype, has_dlse: bool) -> bool:
+    """Whether the backward sums Delta from the call's own keys (sum_j P dP / sum_j P, the dQ kernel's
+    pass) rather than dO . O: then a call over some of a row's keys (a context-parallel block) gets
+    that block's Delta, not the row's (core.distributed.ring corrects it)."""
+    return dtype == torch.float32 or has_dlse or PreciseDelta.enabled
+
+
 def dkdv_whole_blocks(n_queries: int, block_m: int, block_d: int, varlen: bool, windowed: bool) -> bool:
     """The dK/dV kernel's WHOLE_QUERY_BLOCKS. Packed sequences start anywhere: their query blocks are
     never all whole, but all but the last of each sequence are, and the kernel runs those as whole
@@ -352,8 +372,9 @@ class BackwardPlan(OnDevice):
 
         # float32 saves Delta in two parts (backward.py: backward_dq_kernel), like the LSE's low parts.
         self.delta_shape = call.low_shape
-        # The dQ kernel sums Delta from P and dP for float32, and for a gradient of the LSE in any dtype.
-        delta_in_dq = ("DELTA_IN_DQ", q.dtype == torch.float32 or dlse is not None)
+        # The dQ kernel sums Delta from P and dP for float32, for a gradient of the LSE in any dtype, and
+        # for fp16/bf16 while PreciseDelta is on.
+        delta_in_dq = ("DELTA_IN_DQ", delta_from_keys(q.dtype, dlse is not None))
         rows_per_program = _config.preprocess_block_m(interpreted)
         self.blocks = (rows_per_program, dq_config.block_m, dkdv_config.block_n)
         self.heads = (q_heads, kv_heads)
