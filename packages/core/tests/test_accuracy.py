@@ -100,17 +100,17 @@ def test_a_zero_query_over_equal_keys_gets_the_true_zero_dq(dtype, sm_scale):
     k[:, :, 1] = k[:, :, 0]
     dout = torch.ones_like(q)
 
-    def dq_of(attend):
-        leaf = q.detach().clone().requires_grad_()
-        attend(leaf, k, v, causal=False, sm_scale=sm_scale).backward(dout)
-        return leaf.grad
+    def gradients(attend, dtype=None):
+        leaves = [x.detach().to(dtype or x.dtype).requires_grad_() for x in (q, k, v)]
+        attend(*leaves, causal=False, sm_scale=sm_scale).backward(dout.to(dtype or dout.dtype))
+        return [leaf.grad for leaf in leaves]
 
-    truth = dq_of(lambda *args, **kw: core.attention_reference(*args, **kw).to(dtype))
-    eager = dq_of(lambda *args, **kw: core.attention_reference(*args, **kw, compute_dtype=None))
-    assert torch.all(truth == 0) and torch.all(eager == 0)
-    # One ulp of the largest true gradient (dv, with dO = 1: 1/2 a row) is the whole bound here.
-    family = largest_finite(0.5 * dout)
-    verdict = judge("dq", dq_of(core.attention), truth.double(), eager, family_scale=family)
+    truth = gradients(core.attention_reference, torch.float64)
+    eager = gradients(lambda *args, **kw: core.attention_reference(*args, **kw, compute_dtype=None))
+    assert torch.all(truth[0] == 0) and torch.all(eager[0] == 0)
+    # One ulp of the largest true gradient (dv here: half of dO per key) is the whole bound.
+    family = largest_finite(*truth)
+    verdict = judge("dq", gradients(core.attention)[0], truth[0], eager[0], family_scale=family)
     assert_all_within_tolerance([verdict])
 
 

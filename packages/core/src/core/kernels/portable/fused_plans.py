@@ -24,12 +24,12 @@ from core.kernels.portable.fused_backward import (
     fused_backward_kernel,
 )
 from core.kernels.portable.plans import (
-    PreciseDelta,
     _attention_meta,
     _or_unused,
     _precision_flags,
     _prepare_launch,
     _use_descriptors,
+    delta_from_keys,
     descriptors_pay_off,
     whole_query_blocks,
 )
@@ -92,10 +92,10 @@ class FusedBackwardPlan(OnDevice):
         self.accumulator_shape = (batch, q_heads, n_query_blocks * config.block_m, block_d)
         self.turns_shape = (batch, q_heads, n_query_blocks)
 
-        # Delta = rowsum(dO * O) - dLSE; with a dLSE (or plans.PreciseDelta on) only the dLSE term, which
-        # the Delta pass completes.
+        # Delta = rowsum(dO * O) - dLSE; where the split backward's dQ kernel would sum Delta from P and
+        # dP (plans.delta_from_keys), only the dLSE term, which the Delta pass completes.
         has_dlse = dlse is not None
-        delta_pass = has_dlse or PreciseDelta.enabled
+        delta_pass = delta_from_keys(q.dtype, has_dlse)
         rows_per_program = _config.preprocess_block_m(interpreted)
         self.preprocess = BoundLaunch(
             backward_preprocess_kernel,
