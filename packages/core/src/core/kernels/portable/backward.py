@@ -166,12 +166,22 @@ def _whole_block_offsets(stat_offset, start, offs_m, BLOCK_M: tl.constexpr, ALIG
 
 
 @triton.jit
-def _dp_minus_delta(dp, dp_low, delta, delta_low, TWO_PART: tl.constexpr):
+def _dp_minus_delta(dp, dp_low, delta, delta_low, TWO_PART: tl.constexpr, LOW_DELTA: tl.constexpr = False):
     """dP - Delta (broadcast), and with TWO_PART (float32) with both low parts: (dp - delta) is exact where
     it matters (a nearly one-hot row, dp close to delta), so the difference keeps float32 precision
-    relative to itself rather than to dp (see backward_dq_kernel)."""
+    relative to itself rather than to dp (see backward_dq_kernel).
+
+    LOW_DELTA (fp16/bf16 with the Delta pass): dP - (delta + delta_low), dP in one part, rounded once.
+    TwoSum splits dp - delta into its rounded value and the exact error of that rounding, and the low
+    part joins the error before the one final addition. Two keys of equal P get exactly opposite
+    differences, as the exact ones are, so their dS cancel in dq exactly (see backward_dq_kernel)."""
     if TWO_PART:
         return (dp - delta) + (dp_low - delta_low)
+    elif LOW_DELTA:
+        difference = dp - delta
+        virtual = difference - dp
+        error = (dp - (difference - virtual)) + (-delta - virtual)
+        return difference + (error - delta_low)
     else:
         return dp - delta
 
@@ -617,7 +627,7 @@ def _dq_from_key_blocks(
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
     DESCRIPTORS: tl.constexpr, window_left=0, window_right=0, softcap_in=0.0, softcap_out=0.0,
-    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False, LOW_DELTA: tl.constexpr = False,
 ):  # fmt: skip
     """Add the contributions of keys [key_start, key_end) to one query tile's dQ.
 
@@ -637,7 +647,7 @@ def _dq_from_key_blocks(
             DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, window_left, window_right, softcap_in,
             softcap_out, WINDOW, SOFTCAP,
         )  # fmt: skip
-        ds = p * _dp_minus_delta(dp, dp_low, delta[:, None], delta_low[:, None], COMPENSATE)
+        ds = p * _dp_minus_delta(dp, dp_low, delta[:, None], delta_low[:, None], COMPENSATE, LOW_DELTA)
         if SOFTCAP:
             ds = ds * slope
         dq, dq_comp = _accumulate_dot(dq, dq_comp, ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, COMPENSATE)
@@ -656,8 +666,11 @@ def _p_dp_row_sums(
     DESCRIPTORS: tl.constexpr, window_left=0, window_right=0, softcap_in=0.0, softcap_out=0.0,
     WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):  # fmt: skip
-    """(p_dp_sum, p_sum) (one per row: float64 for float32 inputs, else float32) plus the sums of P * dP
-    (dP in two parts for float32) and of P over keys [key_start, key_end)."""
+    """(p_dp_sum, p_sum) (one per row, float64) plus the sums of P * dP (dP in two parts for float32) and
+    of P over keys [key_start, key_end). fp16/bf16: each product is split exactly into its float32
+    rounding and that rounding's error (an FMA), the roundings summed in float64 and the errors in
+    float32, so a row's sum of products is good to about 2^-48 of its terms: it needs more than float32
+    (backward_dq_kernel says why) and one conversion to float64 a score, not two."""
     offs_n = tl.arange(0, BLOCK_N)
     for block_start in range(key_start, key_end, BLOCK_N):
         cols = block_start + offs_n
@@ -673,8 +686,9 @@ def _p_dp_row_sums(
             p_dp_sum += tl.sum(p.to(tl.float64) * (dp.to(tl.float64) + dp_low.to(tl.float64)), 1)
             p_sum += tl.sum(p.to(tl.float64), 1)
         else:
-            p_dp_sum += tl.sum(p * dp, 1)
-            p_sum += tl.sum(p, 1)
+            product = p * dp
+            p_dp_sum += tl.sum(product.to(tl.float64), 1) + tl.sum(tl.fma(p, dp, -product), 1).to(tl.float64)
+            p_sum += tl.sum(p, 1).to(tl.float64)
         if not DESCRIPTORS:
             k_src += BLOCK_N * stride_kn
             v_src += BLOCK_N * stride_vn
@@ -814,12 +828,16 @@ def backward_dq_kernel(
         # examples, fuzz/test_accuracy.py).
         # The pass reads K and V once more; the dK/dV kernel, launched after this one, reads the Delta
         # it stores.
-        # float32 inputs sum in float64 (their Delta is kept in two float32 parts); fp16/bf16 in float32,
-        # whose 2^-24 is far below their own rounding (float64 runs at half float32's rate on Hopper's
-        # CUDA cores).
-        sum_dtype = tl.float64 if COMPENSATE else tl.float32
-        p_dp_sum = tl.zeros([BLOCK_M], dtype=sum_dtype)
-        p_sum = tl.zeros([BLOCK_M], dtype=sum_dtype)
+        # Every dtype sums in float64 and keeps Delta in two float32 parts; fp16/bf16 use the low part
+        # in their dQ loop only (LOW_DELTA), to round dP - Delta once (_dp_minus_delta). float32 Delta
+        # was not enough there: two keys of equal P (equal keys, a tiny q) have exactly opposite
+        # dP - Delta and dS, so eager attention's dq is exactly 0, but a Delta rounded to float32 is
+        # not their exact midpoint, one of the two dS could round to fp16 differently from the other,
+        # and sm_scale multiplied that one ulp of dS into dq (345x the bound at sm_scale 2330, float16,
+        # replayed in core's tests). The dK/dV kernel takes the high part: its sums run over queries,
+        # where no such pair cancels.
+        p_dp_sum = tl.zeros([BLOCK_M], dtype=tl.float64)
+        p_sum = tl.zeros([BLOCK_M], dtype=tl.float64)
         if WINDOW:
             p_dp_sum, p_sum = _p_dp_row_sums(
                 p_dp_sum, p_sum, q, do, lse, lse_low, max_low, k_head, v_head, stride_kn, stride_vn,
@@ -841,32 +859,31 @@ def backward_dq_kernel(
         )  # fmt: skip
         # A row that sees no key has no P at all: its Delta is the preprocess's -dLSE term alone.
         row_sums = tl.where(p_sum > 0.0, p_dp_sum / tl.where(p_sum > 0.0, p_sum, 1.0), 0.0)
-        row_sums += delta.to(sum_dtype)  # the preprocess's -dLSE term
+        row_sums += delta.to(tl.float64)  # the preprocess's -dLSE term
         delta = row_sums.to(tl.float32)
+        delta_low = (row_sums - delta.to(tl.float64)).to(tl.float32)
         tl.store(Delta + stat_rows, delta, mask=row_ok)
         if COMPENSATE:
-            delta_low = (row_sums - delta.to(tl.float64)).to(tl.float32)
             tl.store(Delta + rows_in_all_heads + stat_rows, delta_low, mask=row_ok)
-        else:
-            delta_low = delta
+    LOW_DELTA: tl.constexpr = DELTA_IN_DQ and not COMPENSATE
     if WINDOW:
         dq, dq_comp = _dq_from_key_blocks(
             dq, dq_comp, q, do, lse, lse_low, max_low, delta, delta_low, k_head, v_head, stride_kn, stride_vn,
             key_start, first_unmasked, rows, n_keys, diagonal, qk_scale, d_ok, True, False, EVEN_D, BLOCK_N,
             DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS, window_left, window_right,
-            softcap_in, softcap_out, True, SOFTCAP,
+            softcap_in, softcap_out, True, SOFTCAP, LOW_DELTA,
         )  # fmt: skip
     dq, dq_comp = _dq_from_key_blocks(
         dq, dq_comp, q, do, lse, lse_low, max_low, delta, delta_low, k_src, v_src, stride_kn, stride_vn,
         first_unmasked, unmasked_end, rows, n_keys, diagonal, qk_scale, d_ok, False, CAUSAL, EVEN_D, BLOCK_N,
         DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS, window_left, window_right,
-        softcap_in, softcap_out, WINDOW, SOFTCAP,
+        softcap_in, softcap_out, WINDOW, SOFTCAP, LOW_DELTA,
     )  # fmt: skip
     dq, dq_comp = _dq_from_key_blocks(
         dq, dq_comp, q, do, lse, lse_low, max_low, delta, delta_low, k_tail, v_tail, stride_kn, stride_vn,
         unmasked_end, key_end, rows, n_keys, diagonal, qk_scale, d_ok, True, CAUSAL, EVEN_D, BLOCK_N,
         DOT_PRECISION, BASE_2, PRECISE_EXP, COMPENSATE, TENSOR_DESCRIPTORS, window_left, window_right,
-        softcap_in, softcap_out, WINDOW, SOFTCAP,
+        softcap_in, softcap_out, WINDOW, SOFTCAP, LOW_DELTA,
     )  # fmt: skip
 
     dq_ptrs = (

@@ -32,7 +32,9 @@ in each step so that the read's latency hides behind the step's matmuls.
 
 Numerics are today's: the same helpers recompute the scores and P (with the LSE's low part where the
 forward saved one), dS is rounded to the input dtype for its dots, Delta is the preprocess's (or the
-dLSE pass's, `delta_from_p_and_dp_kernel`). fp16/bf16 only; float32 keeps the split backward.
+dLSE pass's, `delta_from_p_and_dp_kernel`, rounded to float32: dS here takes Delta in one part, so the
+split dQ kernel's exact cancellation of two keys with equal P, which needs its low part, is not promised
+by this kernel). fp16/bf16 only; float32 keeps the split backward.
 """
 
 import triton
@@ -519,7 +521,7 @@ def delta_from_p_and_dp_kernel(
         k_tail = k_src + unmasked_end.to(tl.int64) * stride_kn
         v_tail = v_src + unmasked_end.to(tl.int64) * stride_vn
     p_dp_sum, p_sum = _p_dp_row_sums(
-        tl.zeros([BLOCK_M], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32), q, do, lse, lse_low,
+        tl.zeros([BLOCK_M], dtype=tl.float64), tl.zeros([BLOCK_M], dtype=tl.float64), q, do, lse, lse_low,
         max_low, k_src, v_src, stride_kn, stride_vn, 0, unmasked_end, rows, n_keys, diagonal, qk_scale, d_ok,
         False, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION, BASE_2, PRECISE_EXP, False, TENSOR_DESCRIPTORS,
     )  # fmt: skip
@@ -530,4 +532,4 @@ def delta_from_p_and_dp_kernel(
     )  # fmt: skip
     # A row that sees no key has no P at all: its Delta is the preprocess's -dLSE term alone.
     row_sums = tl.where(p_sum > 0.0, p_dp_sum / tl.where(p_sum > 0.0, p_sum, 1.0), 0.0)
-    tl.store(Delta + stat_rows, row_sums + delta, mask=row_ok)
+    tl.store(Delta + stat_rows, (row_sums + delta.to(tl.float64)).to(tl.float32), mask=row_ok)
