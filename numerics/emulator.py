@@ -101,8 +101,11 @@ class Arithmetic:
     delta: str = "out"  # the backward's Delta_i: "out" = dO_i . O_i, one dot rounded once (the fp16/bf16
     #                     kernel with plans.PreciseDelta off); "p_dp" = sum_j P_ij dP_ij / sum_j P_ij in
     #                     float64, kept in two parts, with dP in two parts too and dS = P ((dP - Delta) +
-    #                     (dP_low - Delta_low)) (fp32); "p_dp_blocks" = the same ratio summed in the
-    #                     working precision, one key block of the dQ tiles at a time (fp16/bf16 kernel)
+    #                     (dP_low - Delta_low)) (fp32); "p_dp_blocks" = the same ratio, one key block
+    #                     of the dQ tiles at a time, kept in two parts, the dQ loop's dP - Delta rounded
+    #                     once from both (TwoSum), the dK/dV loop's from the high part (fp16/bf16 kernel);
+    #                     "p_dp_blocks_fp32" = the same ratio summed in float32 and rounded to one float32
+    #                     part (that kernel until 2026-12-07, which missed tied pairs: numerics E11)
     pv_split: bool = False  # compensated P.V: P = hi + lo, both in the P.V dtype, two dots into acc
     tie_shift: bool = False  # Qiu & Yao: move the block max off the ties so that no p is exactly 1
 
@@ -395,17 +398,22 @@ def _block(x: np.ndarray, start: int, size: int) -> np.ndarray:
     return block
 
 
-def _row_sums_delta(q, k, v, dout, lse, lse_low, max_low, probabilities, arith, causal, wide):
+def _row_sums_delta(q, k, v, dout, lse, lse_low, max_low, probabilities, arith, causal, wide,
+                    one_part: bool = False):  # fmt: skip
     """Delta = sum_j P dP / sum_j P as the fp16/bf16 dQ kernel's pass sums it (backward.py:
     _p_dp_row_sums): the dQ tiles' rows, key blocks in order, each block's products summed across the
-    block in the working precision, the block sums added in turn; 0 for a row that sees no key."""
+    block, the block sums added in turn; 0 for a row that sees no key. Each product P dP is split
+    exactly into its float32 rounding and that rounding's error (the kernel's FMA); the block sums the
+    roundings in float64 and the errors in float32, and the rows' sums (of P too) run in float64. Returns
+    Delta in two float32 parts (high, low), as the kernel keeps it. `one_part`: the earlier pass,
+    products and sums in float32 and Delta in one part (low 0)."""
     bm, bn = arith.block_m, arith.block_n
     n_q, n_k = q.shape[-2], k.shape[-2]
     q_tiles, do_tiles = _tiles(q, bm), _tiles(dout, bm)
     query_index = (np.arange(q_tiles.shape[-3])[:, None] * bm + np.arange(bm)[None, :])[..., None]
     lse_tiles, lse_low_tiles, max_low_tiles = (_tiles(x[..., None], bm) for x in (lse, lse_low, max_low))
-    p_dp_sum = np.zeros(q_tiles.shape[:-1], dtype=wide)
-    p_sum = np.zeros(q_tiles.shape[:-1], dtype=wide)
+    p_dp_sum = np.zeros(q_tiles.shape[:-1], dtype=wide if one_part else np.float64)
+    p_sum = np.zeros_like(p_dp_sum)
     key_end = _key_end(q_tiles.shape[-3], bm, n_q, n_k, causal)
     for start in range(0, n_k, bn):
         active = (start < key_end)[:, None]  # (nM, 1)
@@ -417,10 +425,19 @@ def _row_sums_delta(q, k, v, dout, lse, lse_low, max_low, probabilities, arith, 
             lse_tiles, lse_low_tiles, max_low_tiles,
         ).astype(wide)  # fmt: skip
         dp = _dot_parts(do_tiles, np.swapaxes(v_blk, -1, -2), arith)[0].astype(wide)
-        p_dp_sum = np.where(active, p_dp_sum + np.sum(p * dp, axis=-1), p_dp_sum)
-        p_sum = np.where(active, p_sum + np.sum(p, axis=-1), p_sum)
-    delta = np.where(p_sum > 0, p_dp_sum / np.where(p_sum > 0, p_sum, 1), 0).astype(wide)
-    return _untile_rows(delta, n_q)
+        product = p * dp
+        if one_part:
+            p_dp_sum = np.where(active, p_dp_sum + np.sum(product, axis=-1), p_dp_sum).astype(wide)
+            p_sum = np.where(active, p_sum + np.sum(p, axis=-1), p_sum).astype(wide)
+            continue
+        error = (p.astype(np.float64) * dp.astype(np.float64) - product.astype(np.float64)).astype(wide)
+        block_sum = np.sum(product.astype(np.float64), axis=-1) + np.sum(error, axis=-1).astype(np.float64)
+        p_dp_sum = np.where(active, p_dp_sum + block_sum, p_dp_sum)
+        p_sum = np.where(active, p_sum + np.sum(p, axis=-1).astype(np.float64), p_sum)
+    exact = np.where(p_sum > 0, p_dp_sum / np.where(p_sum > 0, p_sum, 1), 0)
+    delta = exact.astype(wide)
+    delta_low = np.zeros_like(delta) if one_part else (exact - delta.astype(np.float64)).astype(wide)
+    return _untile_rows(delta, n_q), _untile_rows(delta_low, n_q)
 
 
 def _untile(x: np.ndarray, n: int) -> np.ndarray:
@@ -468,7 +485,8 @@ def backward(
     delta = diag(dot(dO, O^T)), one rounding per row as the kernel's preprocess computes it (with
     `delta="p_dp"` sum(P * dP) / sum(P) per row in float64, in two float32 parts, as the float32 dQ
     kernel computes it, and dP - delta below taken with both low parts; with `delta="p_dp_blocks"` the
-    same ratio in the working precision, a key block at a time, as the fp16/bf16 dQ kernel's pass), then
+    same ratio a key block at a time, in two parts, as the fp16/bf16 dQ kernel's pass sums it, the dQ
+    pass's dP - delta rounded once from both parts and the dK/dV pass's from the high one), then
     dK/dV pass, each BLOCK_N key tile summing over the query blocks in ascending order, on transposed
     tiles as the kernel does:
         pT = exp(dot(k, qT) * qk_scale - lse);  dv += dot(pT.to(dtype), dO)
@@ -522,18 +540,26 @@ def backward(
         exact_delta = np.where(p_sum > 0, p_dp_sum / np.where(p_sum > 0, p_sum, 1), 0)
         delta = exact_delta.astype(wide)
         delta_low = (exact_delta - delta.astype(np.float64)).astype(wide)
-    elif arith.delta == "p_dp_blocks":
-        delta = _row_sums_delta(q, k, v, dout, lse, lse_low, max_low, probabilities, arith, causal, wide)
-        delta_low = np.zeros_like(delta)
+    elif arith.delta in ("p_dp_blocks", "p_dp_blocks_fp32"):
+        delta, delta_low = _row_sums_delta(
+            q, k, v, dout, lse, lse_low, max_low, probabilities, arith, causal, wide,
+            one_part=arith.delta == "p_dp_blocks_fp32",
+        )  # fmt: skip
     else:
         delta = _dot(dout[..., None, :], out[..., :, None])[..., 0, 0]
         delta_low = np.zeros_like(delta)
 
-    def dp_minus_delta(dot, delta_of_queries, delta_low_of_queries):
-        """dP - delta as the kernel's _dp_minus_delta takes it (dot: _dot_parts of dO and V)."""
+    def dp_minus_delta(dot, delta_of_queries, delta_low_of_queries, low_delta=False):
+        """dP - delta as the kernel's _dp_minus_delta takes it (dot: _dot_parts of dO and V); low_delta
+        (the fp16/bf16 dQ loop after the pass): dP - (delta + delta_low) rounded once, through TwoSum."""
         dp, dp_low = dot
         if two_part_dp and dp_low is not None:
             return (dp - delta_of_queries) + (dp_low - delta_low_of_queries)
+        if low_delta:
+            difference = dp - delta_of_queries
+            virtual = difference - dp
+            error = (dp - (difference - virtual)) + (-delta_of_queries - virtual)
+            return difference + (error - delta_low_of_queries)
         return dp - delta_of_queries
 
     # dK/dV: key tiles stacked (..., nN, BN, D), query blocks visited in order. Tiles are (keys x queries).
@@ -586,7 +612,7 @@ def backward(
         dot = _dot_parts(q_tiles, np.swapaxes(k_blk, -1, -2), arith)
         p = probabilities(dot, query_index, key_index, lse_tiles, lse_low_tiles, max_low_tiles)
         dp = _dot_parts(do_tiles, np.swapaxes(v_blk, -1, -2), arith, two_part=two_part_dp)
-        ds = p * dp_minus_delta(dp, delta_tiles, delta_low_tiles)
+        ds = p * dp_minus_delta(dp, delta_tiles, delta_low_tiles, arith.delta == "p_dp_blocks")
         dq_new, dq_comp_new = _accumulate(dq, dq_comp, _dot(fmt["ds_cast"].round(ds), k_blk), arith.kahan)
         dq, dq_comp = np.where(active, fmt["acc"].round(dq_new), dq), np.where(active, dq_comp_new, dq_comp)
     dq = fmt["out"].round(dq * wide(scale))

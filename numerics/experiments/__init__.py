@@ -21,6 +21,7 @@ NAMES = [
     "e8_tolerance",
     "e9_closing_the_gap",
     "e10_softcap_window",
+    "e11_delta",
 ]
 
 
