@@ -8,7 +8,8 @@
 #   for a baseline copy of core in .base/, e.g. `git archive BASE packages/core/src/core | tar -x -C .base`;
 #   the call carries ".base"), features-ab (the features benchmark on that baseline), kvcache (the
 #   KV-cache tests alone), decode-sweep (core's decode tiles and split rules side by side), decode-balance
-#   (the split rule with and without config.BALANCE_TILES, cuDNN beside them), decode-kernels (each
+#   (the split rule with and without config.BALANCE_TILES, cuDNN beside them), decode-pdl (the merge
+#   launched after the split kernel and early, config.OVERLAP_MERGE, cuDNN beside), decode-kernels (each
 #   decode kernel's time), precise-delta (the backward with and without plans.PreciseDelta's Delta pass),
 #   cp (the simulated ring), numerics,
 #   pinned (every fuzz failure pinned so far, inf/NaN ones included), sanitize (the compute-sanitizer
@@ -59,6 +60,7 @@ for name in $what; do
     decode-kernels) step decode-kernels 60 python3 $run decode --quick --kernels --providers core,cudnn ;;
     decode-sweep) step decode-sweep 240 python3 $run decode --sweep ;;
     decode-balance) step decode-balance 120 python3 $run decode --sweep --variants "64/4w/3s x2,64/4w/3s x2b" --providers cudnn ;;
+    decode-pdl) step decode-pdl 120 python3 $run decode --sweep --variants "64/4w/3s x2b,64/4w/3s x2b pdl" --providers cudnn ;;
     precise-delta) step precise-delta 120 python3 packages/core/benchmarks/precise_delta_ab.py ;;
     kvcache) step kvcache 120 python3 -m pytest packages/core/tests/test_kvcache.py -n 8 -q -p no:cacheprovider ;;
     features) step features 120 python3 $run features --quick ;;

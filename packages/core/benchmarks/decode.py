@@ -272,19 +272,21 @@ def table(results: list[dict], providers, copy_gbps: float) -> str:
 
 
 # (label "keys/warps/stages x programs per SM", keys per tile, warps, stages for a dense cache (paged: two
-# more), programs per SM the split rule fills, whether it balances tiles: config.BALANCE_TILES, label "b").
-# The first is the table's current choice.
+# more), programs per SM the split rule fills, whether it balances tiles: config.BALANCE_TILES, label "b";
+# whether the merge is launched early: config.OVERLAP_MERGE, label "pdl"). The second is the table's
+# current choice.
 SWEEP = [
-    ("64/4w/3s x2", 64, 4, 3, 2, False),
-    ("64/4w/3s x2b", 64, 4, 3, 2, True),
-    ("64/4w/4s x2", 64, 4, 4, 2, False),
-    ("64/4w/2s x2", 64, 4, 2, 2, False),
-    ("128/4w/3s x2", 128, 4, 3, 2, False),
-    ("32/4w/4s x2", 32, 4, 4, 2, False),
-    ("32/4w/4s x2b", 32, 4, 4, 2, True),
-    ("64/8w/3s x2", 64, 8, 3, 2, False),
-    ("64/4w/3s x1", 64, 4, 3, 1, False),
-    ("64/4w/3s x4", 64, 4, 3, 4, False),
+    ("64/4w/3s x2", 64, 4, 3, 2, False, False),
+    ("64/4w/3s x2b", 64, 4, 3, 2, True, False),
+    ("64/4w/3s x2b pdl", 64, 4, 3, 2, True, True),
+    ("64/4w/4s x2", 64, 4, 4, 2, False, False),
+    ("64/4w/2s x2", 64, 4, 2, 2, False, False),
+    ("128/4w/3s x2", 128, 4, 3, 2, False, False),
+    ("32/4w/4s x2", 32, 4, 4, 2, False, False),
+    ("32/4w/4s x2b", 32, 4, 4, 2, True, False),
+    ("64/8w/3s x2", 64, 8, 3, 2, False, False),
+    ("64/4w/3s x1", 64, 4, 3, 1, False, False),
+    ("64/4w/3s x4", 64, 4, 3, 4, False, False),
 ]
 
 
@@ -297,13 +299,13 @@ def sweep(timer, copy_gbps: float, mode: str, labels=None, others=()) -> str:
     free = torch.cuda.mem_get_info()[0] if device() == "cuda" else float("inf")
     table_rows = [row for row in rows(mode) if row.cache_bytes() < 0.5 * free]
     timings: dict = {}
-    original = (config.decode_config, config.PROGRAMS_PER_SM, config.BALANCE_TILES)
+    original = (config.decode_config, config.PROGRAMS_PER_SM, config.BALANCE_TILES, config.OVERLAP_MERGE)
     variants = [entry for entry in SWEEP if labels is None or entry[0] in labels]
     unknown = set(labels or ()) - {entry[0] for entry in SWEEP}
     if unknown:
         raise SystemExit(f"unknown sweep variants {sorted(unknown)}; choose from {[e[0] for e in SWEEP]}")
     try:
-        for index, (label, block_n, warps, stages, per_sm, balance) in enumerate(variants):
+        for index, (label, block_n, warps, stages, per_sm, balance, overlap) in enumerate(variants):
 
             def variant(
                 rows_, block_d, dtype, paged, interpreted, block_n=block_n, warps=warps, stages=stages
@@ -311,6 +313,7 @@ def sweep(timer, copy_gbps: float, mode: str, labels=None, others=()) -> str:
                 return config.DecodeConfig(config.block_m_for(rows_), block_n, warps, stages + 2 * paged)
 
             config.decode_config, config.PROGRAMS_PER_SM, config.BALANCE_TILES = variant, per_sm, balance
+            config.OVERLAP_MERGE = overlap
             core.testing.clear_plans()
             for row in table_rows:
                 result = run_row(row, ["core", *(others if index == 0 else ())], timer, copy_gbps)
@@ -319,7 +322,7 @@ def sweep(timer, copy_gbps: float, mode: str, labels=None, others=()) -> str:
                     timings[other, row] = result["providers"].get(other, {}).get("us")
             print(f"{label}: done")
     finally:
-        config.decode_config, config.PROGRAMS_PER_SM, config.BALANCE_TILES = original
+        config.decode_config, config.PROGRAMS_PER_SM, config.BALANCE_TILES, config.OVERLAP_MERGE = original
         core.testing.clear_plans()
     columns = [label for label, *_ in variants] + list(others)
     lines = [f"{'row':<34}" + "".join(f"{label:>14}" for label in columns)]

@@ -49,6 +49,7 @@ def test_every_probed_kernel_variant_compiles_for_sm90():
         ("decode_split_kernel", "SINGLE_SPLIT", False), ("decode_split_kernel", "PAGED", True),
         ("decode_split_kernel", "SOFTCAP", True), ("decode_split_kernel", "WINDOW_LEFT", True),
         ("decode_split_kernel", "WINDOW_RIGHT", True), ("kvcache_append_kernel", "PAGED", True),
+        ("decode_split_kernel", "LAUNCH_MERGE", True), ("decode_merge_kernel", "WAIT_FOR_SPLITS", True),
         ("attention_forward_kernel", "WINDOW", True), ("attention_forward_kernel", "SOFTCAP", True),
         ("backward_dkdv_kernel", "WINDOW", True), ("backward_dkdv_kernel", "SOFTCAP", True),
         ("backward_dkdv_kernel", "WHOLE_QUERY_BLOCKS", True), ("backward_dq_kernel", "WINDOW", True),

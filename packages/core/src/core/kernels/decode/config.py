@@ -30,6 +30,11 @@ PROGRAMS_PER_SM = 2
 # changes one-sequence rows, where the waves rule left splits uneven; timed faster there
 # (docs/perf-notes.md; `run.py decode --sweep` labels the two "x2b" and "x2").
 BALANCE_TILES = True
+# Programmatic dependent launch (sm_90 on): the merge kernel is launched while the split kernel's
+# programs still run, and waits for them inside (griddepcontrol.wait), so the gap between the two
+# launches overlaps the split kernel's tail. Off until timed beside the plain launch (`run.py decode
+# --sweep` labels it "pdl").
+OVERLAP_MERGE = False
 # Under the interpreter there is no device to fill: the rule plans for a stand-in of a few SMs, so that
 # the small CPU test shapes split their keys too.
 INTERPRETER_SMS = 4
@@ -76,6 +81,15 @@ def multiprocessors(device: torch.device, interpreted: bool) -> int:
     if interpreted or device.type != "cuda":
         return INTERPRETER_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def overlaps_merge(device: torch.device, interpreted: bool) -> bool:
+    """Whether the merge overlaps the split kernel (OVERLAP_MERGE) on this device: compiled, and on a GPU
+    with griddepcontrol (sm_90 and later). Off a GPU (the compile probe's CPU tensors) the target is
+    Hopper."""
+    if not OVERLAP_MERGE or interpreted:
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def split_count(programs_per_split: int, key_tiles: int, sm_count: int) -> int:

@@ -143,6 +143,7 @@ def decode_split_kernel(
     SEQLENS_IN_TENSOR: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     CACHE_BATCH_INDEX: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
+    LAUNCH_MERGE: tl.constexpr,
 ):  # fmt: skip
     """One split of the keys for the query rows of one (batch, KV head, row block).
 
@@ -159,8 +160,12 @@ def decode_split_kernel(
     Each sequence's keys are Nk_b = min(cached + n_new, capacity), capacity the keys the cache holds.
     qk_scale = sm_scale * log2(e) when BASE_2, else sm_scale. With SOFTCAP, qk_scale = sm_scale / softcap
     (the tanh's argument) and cap_scale = softcap, times log2(e) when BASE_2.
-    Grid: (row blocks * n_splits, Hkv, B).
+    Grid: (row blocks * n_splits, Hkv, B). LAUNCH_MERGE (config.OVERLAP_MERGE): each program lets the
+    merge kernel launch at once (griddepcontrol.launch_dependents); the merge waits for this whole grid
+    to finish before it reads a partial, so the early launch only overlaps the launch gap.
     """
+    if LAUNCH_MERGE:
+        tl.extra.cuda.gdc_launch_dependents()
     COMPENSATE: tl.constexpr = Q.dtype.element_ty == tl.float32
     WHOLE_PAGE_TILES: tl.constexpr = PAGED and PAGE_SIZE % BLOCK_N == 0
     kv_head = tl.program_id(1)
@@ -328,8 +333,12 @@ def decode_merge_kernel(
     n_q_heads, kv_group, n_queries, n_splits,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, ONE_READ: tl.constexpr,
     COMPENSATE: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
+    WAIT_FOR_SPLITS: tl.constexpr,
 ):  # fmt: skip
     """Merge the splits of one query row of (batch, KV head). Grid (kv_group * Nq, Hkv, B).
+    WAIT_FOR_SPLITS: launched before the split kernel ends (programmatic dependent launch,
+    config.OVERLAP_MERGE), so it waits for that grid's completion and writes (griddepcontrol.wait)
+    before its first read.
 
     Pointers: Partial, PartialStats as decode_split_kernel writes them; Out, Lse, LseLow as its
     SINGLE_SPLIT ones. BLOCK_S splits are read at once (a tile of partials, vectors of statistics): a
@@ -345,6 +354,8 @@ def decode_merge_kernel(
     run in a fixed order (a fixed tree within each BLOCK_S splits, the blocks in split order): the
     merge is deterministic, and one read sums exactly as a single block of the two-pass loop.
     """
+    if WAIT_FOR_SPLITS:
+        tl.extra.cuda.gdc_wait()
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
     # One row, as one-element vectors (the stores are the split kernel's, for tiles of rows).

@@ -76,6 +76,7 @@ class AttendPlan(OnDevice):
             qk_scale, cap_scale = score_scale(q.dtype, sm_scale), 1.0
         vectors, addressing = _addressing(k_cache, cache_seqlens, block_table, cache_batch_idx)
         out_layout = layout_of_new_buffer(q)
+        overlap = splits > 1 and _config.overlaps_merge(q.device, interpreted)
         self.split = BoundLaunch(
             decode_split_kernel,
             (row_blocks * splits, kv_heads, batch),
@@ -85,7 +86,7 @@ class AttendPlan(OnDevice):
             (("HEAD_DIM", head_dim), ("BLOCK_M", config.block_m), ("BLOCK_N", config.block_n),
              ("BLOCK_D", block_d), ("CAUSAL", causal), ("WINDOW_LEFT", window_left >= 0),
              ("WINDOW_RIGHT", window_right >= 0), ("SOFTCAP", bool(softcap)), *addressing,
-             ("SINGLE_SPLIT", splits == 1), dot_precision, base_2, precise_exp),
+             ("SINGLE_SPLIT", splits == 1), dot_precision, base_2, precise_exp, ("LAUNCH_MERGE", overlap)),
             (("num_warps", config.num_warps), ("num_stages", config.num_stages)),
         )  # fmt: skip
         self.merge = None
@@ -99,8 +100,8 @@ class AttendPlan(OnDevice):
                 (),
                 (("HEAD_DIM", head_dim), ("BLOCK_S", block_s), ("BLOCK_D", block_d),
                  ("ONE_READ", splits <= block_s), ("COMPENSATE", q.dtype == torch.float32), base_2,
-                 ("PRECISE_EXP", not interpreted)),
-                (("num_warps", 4), ("num_stages", 1)),
+                 ("PRECISE_EXP", not interpreted), ("WAIT_FOR_SPLITS", overlap)),
+                (("num_warps", 4), ("num_stages", 1), *((("launch_pdl", True),) if overlap else ())),
             )  # fmt: skip
 
     def __call__(self, q, k_cache, v_cache, cache_seqlens, block_table=None, cache_batch_idx=None,
