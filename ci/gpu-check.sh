@@ -10,7 +10,8 @@
 #   KV-cache tests alone), decode-sweep (core's decode tiles and split rules side by side), decode-balance
 #   (the split rule with and without config.BALANCE_TILES, cuDNN beside them), decode-pdl (the merge
 #   launched after the split kernel and early, config.OVERLAP_MERGE, cuDNN beside), decode-kernels (each
-#   decode kernel's time), precise-delta (the backward with and without plans.PreciseDelta's Delta pass),
+#   decode kernel's time), precise-delta (the backward with and without plans.PreciseDelta's Delta pass;
+#   precise-delta-ab: the same for the baseline copy in .base/, e.g. 0a5ed44's float32-sum pass),
 #   cp (the simulated ring), numerics,
 #   pinned (every fuzz failure pinned so far, inf/NaN ones included), sanitize (the compute-sanitizer
 #   sweep: an H100, the H200 machines' runtime refuses the tool), control (racecheck's control kernel)
@@ -62,6 +63,8 @@ for name in $what; do
     decode-balance) step decode-balance 120 python3 $run decode --sweep --variants "64/4w/3s x2,64/4w/3s x2b" --providers cudnn ;;
     decode-pdl) step decode-pdl 120 python3 $run decode --sweep --variants "64/4w/3s x2b,64/4w/3s x2b pdl" --providers cudnn ;;
     precise-delta) step precise-delta 120 python3 packages/core/benchmarks/precise_delta_ab.py ;;
+    precise-delta-ab) step precise-delta-ab 120 env PYTHONPATH="$PWD/.base/packages/core/src:$PYTHONPATH" \
+                        python3 packages/core/benchmarks/precise_delta_ab.py ;;
     kvcache) step kvcache 120 python3 -m pytest packages/core/tests/test_kvcache.py -n 8 -q -p no:cacheprovider ;;
     features) step features 120 python3 $run features --quick ;;
     pinned) step pinned 200 python3 -m pytest fuzz -p no:cacheprovider --profile pinned --nonfinite -n 16 -q ;;
