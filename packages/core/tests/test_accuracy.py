@@ -86,6 +86,22 @@ def test_rows_tied_between_two_keys_at_logits_beyond_2_pow_24(dtype):
     assert_all_within_tolerance(compare_with_reference(q, k, v, causal=False, sm_scale=1e8))
 
 
+def _dq_over_equal_keys(q, k, v, dout, sm_scale):
+    """(true dq, eager same-dtype dq, the gradient family's scale, core's dq verdict) for the gradients
+    of sum(out * dout); the family's scale is the largest true gradient (dv in these cases)."""
+
+    def gradients(attend, dtype=None):
+        leaves = [x.detach().to(dtype or x.dtype).requires_grad_() for x in (q, k, v)]
+        attend(*leaves, causal=False, sm_scale=sm_scale).backward(dout.to(dtype or dout.dtype))
+        return [leaf.grad for leaf in leaves]
+
+    truth = gradients(core.attention_reference, torch.float64)
+    eager = gradients(lambda *args, **kw: core.attention_reference(*args, **kw, compute_dtype=None))
+    family = largest_finite(*truth)
+    verdict = judge("dq", gradients(core.attention)[0], truth[0], eager[0], family_scale=family)
+    return truth[0], eager[0], family, verdict
+
+
 @pytest.mark.parametrize("sm_scale", [None, 3851.8], ids=["default-scale", "scale-3852"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_a_zero_query_over_equal_keys_gets_the_true_zero_dq(dtype, sm_scale):
@@ -99,18 +115,9 @@ def test_a_zero_query_over_equal_keys_gets_the_true_zero_dq(dtype, sm_scale):
     q = torch.zeros_like(q)
     k[:, :, 1] = k[:, :, 0]
     dout = torch.ones_like(q)
-
-    def gradients(attend, dtype=None):
-        leaves = [x.detach().to(dtype or x.dtype).requires_grad_() for x in (q, k, v)]
-        attend(*leaves, causal=False, sm_scale=sm_scale).backward(dout.to(dtype or dout.dtype))
-        return [leaf.grad for leaf in leaves]
-
-    truth = gradients(core.attention_reference, torch.float64)
-    eager = gradients(lambda *args, **kw: core.attention_reference(*args, **kw, compute_dtype=None))
-    assert torch.all(truth[0] == 0) and torch.all(eager[0] == 0)
+    truth, eager, _family, verdict = _dq_over_equal_keys(q, k, v, dout, sm_scale)
+    assert torch.all(truth == 0) and torch.all(eager == 0)
     # One ulp of the largest true gradient (dv here: half of dO per key) is the whole bound.
-    family = largest_finite(*truth)
-    verdict = judge("dq", gradients(core.attention)[0], truth[0], eager[0], family_scale=family)
     assert_all_within_tolerance([verdict])
 
 
@@ -130,18 +137,9 @@ def test_a_tiny_query_over_equal_keys_gets_the_true_zero_dq(dtype, seed):
     q = (q.double() / (sm_scale * head_dim**0.5)).to(dtype)
     k[:, :, 1] = k[:, :, 0]
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(q.device, dtype)
-
-    def gradients(attend, dtype=None):
-        leaves = [x.detach().to(dtype or x.dtype).requires_grad_() for x in (q, k, v)]
-        attend(*leaves, causal=False, sm_scale=sm_scale).backward(dout.to(dtype or dout.dtype))
-        return [leaf.grad for leaf in leaves]
-
-    truth = gradients(core.attention_reference, torch.float64)
-    eager = gradients(lambda *args, **kw: core.attention_reference(*args, **kw, compute_dtype=None))
-    family = largest_finite(*truth)
+    truth, _eager, family, verdict = _dq_over_equal_keys(q, k, v, dout, sm_scale)
     # 0 up to float64's own rounding (on the GPU the float64 reference leaves ~1e-14).
-    assert truth[0].abs().max() <= 1e-12 * family
-    verdict = judge("dq", gradients(core.attention)[0], truth[0], eager[0], family_scale=family)
+    assert truth.abs().max() <= 1e-12 * family
     assert_all_within_tolerance([verdict])
 
 
