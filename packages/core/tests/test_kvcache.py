@@ -227,6 +227,34 @@ def test_a_merge_of_more_splits_than_it_reads_at_once(dtype):
     assert_all_within_tolerance(found)
 
 
+@pytest.mark.skipif(
+    not ON_GPU or torch.cuda.get_device_capability() < (9, 0),
+    reason="programmatic dependent launch: compiled kernels on sm_90 and later (inert elsewhere)",
+)
+@pytest.mark.parametrize("page", [None, 16], ids=["dense", "page16"])
+def test_the_early_merge_launch_gives_the_same_bits(monkeypatch, page):
+    """config.OVERLAP_MERGE launches the merge before the split kernel ends; its wait must make it read
+    the finished partials: the same output and LSE, bit for bit, as the merge launched after."""
+    config = core.testing.decode.config
+    cache = Cache(2, 8, 8192, 128, torch.bfloat16, page=page, seed=31)
+    q = queries(2, 32, 1, 128, torch.bfloat16, seed=32)
+    seqlens = torch.tensor([8192, 3001], dtype=torch.int32, device=DEVICE)
+    results = {}
+    for overlap in (False, True):
+        monkeypatch.setattr(config, "OVERLAP_MERGE", overlap)
+        core.testing.clear_plans()
+        results[overlap] = [
+            core.attention_with_kvcache(
+                q, cache.k, cache.v, cache_seqlens=seqlens, block_table=cache.block_table, num_splits=splits,
+                return_lse=True,
+            )
+            for splits in (2, 7, None)
+        ]  # fmt: skip
+    core.testing.clear_plans()
+    for (out, lse), (early_out, early_lse) in zip(results[False], results[True], strict=True):
+        assert torch.equal(out, early_out) and torch.equal(lse, early_lse)
+
+
 def test_the_wave_split_rule_fills_the_machine_from_shapes_alone(monkeypatch):
     """FlashAttention-2's wave rule over two programs per SM, on an H100's 132 SMs (config.BALANCE_TILES
     off; the balanced rule below starts from the same count)."""
