@@ -58,7 +58,7 @@ GRADS = ("dq", "dk", "dv")
 
 def run(lab) -> dict:
     core = kernel.load(lab.mode)
-    draws, kernel_draws = lab.pick((60, 10), (200, 60))
+    draws, kernel_draws = lab.pick((60, 10), (60, 60))
     gen = inputs.rng(1101)
     cells = []
     for dtype in DTYPES:
