@@ -187,7 +187,12 @@ def seeds() -> st.SearchStrategy[int]:
 @st.composite
 def values(draw, distributions: tuple[str, ...] = DISTRIBUTIONS) -> Values:
     distribution = draw(st.sampled_from(distributions))
-    level = draw(st.floats(0.5, 2.0)) if distribution in ("huge_logits", "tiny_logits") else 1.0
+    if distribution in ("huge_logits", "tiny_logits"):
+        level = draw(st.floats(0.5, 2.0))
+    elif distribution == "ties":  # queries as drawn, or shrunk for logits ~1 at a peaky sm_scale
+        level = draw(st.sampled_from((1.0, 1e-2, 1e-3, 1e-4)))
+    else:
+        level = 1.0
     return Values(distribution, draw(seeds()), level)
 
 

@@ -214,6 +214,23 @@ def test_forward_matches_float64(kernel, case):
         upstream=Upstream(out="sum", lse="unused"),
     )
 ).via("discovered failure")  # fmt: skip
+# float16, sm_scale 1e4, ties with queries shrunk 1e-4 and a loss on the LSE (CPU fuzz ci, 2026-12-07):
+# dq of a q = 0 row is sm_scale x (the dLSE's share) ~ the float16 limit; truth 65504, eager 65472, and
+# the kernel's, within the policy's error, at or past 65520, which rounds to inf. The check's demand of a
+# finite result there was stricter than the policy; it now accepts an inf where the truth is within the
+# element's allowance of the overflow threshold (fuzz/oracle.py: check_sound).
+@example(
+    case=Case(
+        problem=Problem(q_heads=3, n_queries=33, n_keys=9, head_dim=235, causal=False,
+                        sm_scale=9974.66065778928),
+        layouts=(Layout(), Layout(order=(3, 1, 2, 0), steps=(2, 1, 3, 3), pads=(0, 0, 1, 0), offset=32,
+                                  broadcast=(0, 1)),
+                 Layout(order=(1, 3, 2, 0), steps=(1, 1, 1, 2), pads=(2, 3, 3, 3), offset=17,
+                        broadcast=(1,))),
+        values=Values("ties", seed=3983, level=0.0001),
+        upstream=Upstream(lse="sum", out_layout=Layout(order=(0, 2, 1, 3))),
+    )
+).via("discovered failure")  # fmt: skip
 @given(case=cases())
 def test_gradients_match_float64(kernel, case):
     assume(sharding.belongs(kernel, case))  # a pinned case runs in its own family only
