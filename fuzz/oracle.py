@@ -98,12 +98,17 @@ def _ulp(value: float, dtype: torch.dtype) -> float:
     return math.ldexp(torch.finfo(dtype).eps, math.frexp(value)[1] - 1)
 
 
+def _gradient_scale(truth: Results) -> float | None:
+    """The policy measures dq, dk and dv against one floor, set by the largest of the three true
+    gradients (None without a backward)."""
+    gradients = [t for t in (truth.dq, truth.dk, truth.dv) if t is not None]
+    return core.tolerance.largest_finite(*gradients) if gradients else None
+
+
 def check_within_policy(case: Case, kernel: Results, truth: Results, eager: Results) -> None:
     """Judge every quantity the kernel produced against the float64 truth, as core.tolerance says."""
     failures = []
-    # The policy measures dq, dk and dv against one floor, set by the largest of the three true gradients.
-    gradients = [t for t in (truth.dq, truth.dk, truth.dv) if t is not None]
-    gradient_scale = core.tolerance.largest_finite(*gradients) if gradients else None
+    gradient_scale = _gradient_scale(truth)
     for name, actual in kernel.items():
         family_scale = gradient_scale if name in ("dq", "dk", "dv") else None
         verdict = core.tolerance.judge(
@@ -174,14 +179,13 @@ def check_sound(
         # 65504, eager 65472, the kernel's dq rounded to inf, at sm_scale 1e4 with a loss on the LSE).
         largest = torch.finfo(problem.dtype).max
         overflow = largest + _ulp(largest, problem.dtype) / 2
-        gradients = [t for t in (truth.dq, truth.dk, truth.dv) if t is not None]
-        scale = core.tolerance.largest_finite(*gradients) if gradients else 0.0
-        floor = torch.finfo(problem.dtype).eps * scale
+        gradient_scale = _gradient_scale(truth)
         for name in ("dq", "dk", "dv"):
             actual, plain, true = getattr(kernel, name), getattr(eager, name), getattr(truth, name)
             if actual is not None:
-                rule = core.tolerance.POLICY[problem.dtype][name]
-                allowance = rule.factor * (plain.double() - true).abs() + rule.floor_ulps * floor
+                allowance = core.tolerance.allowance(
+                    name, true, plain, input_dtype=problem.dtype, family_scale=gradient_scale
+                )
                 may_round_to_inf = true.abs() + allowance >= overflow
                 representable = torch.isfinite(plain) & (true.abs() <= largest) & ~may_round_to_inf
                 assert bool(torch.isfinite(actual)[representable].all()), (

@@ -299,15 +299,13 @@ def forward(
     out = fmt["out"].round(np.where(seen[..., None], acc / l_safe[..., None], 0))
     # The kernel saves m + log(l) in its base; core.attention multiplies a base-2 one by ln 2 in fp32.
     log_l = log(l_safe)
-    saved = np.where(seen, m + log_l, -np.inf)
+    total, low = _two_sum(m, log_l)
+    saved = np.where(seen, total, -np.inf)
     lse = saved * wide(LN2) if base2 else saved
     lse_low = None
     if arith.two_part_lse:
-        # TwoSum: the exact rounding error of m + log(l), in the kernel's order of operations. Rows that
-        # see no key (m = -inf) make NaNs here, which the kernel and this replace by 0.
-        with np.errstate(invalid="ignore"):
-            log_l_part = saved - m
-            low = (m - (saved - log_l_part)) + (log_l - log_l_part)
+        # TwoSum's exact rounding error of m + log(l). Rows that see no key (m = -inf) make NaNs here,
+        # which the kernel and this replace by 0.
         low = np.where(seen, low, 0)
         low = np.where(np.abs(saved) < arith.lse_low_negligible_below, 0, low)
         parts = (low, m_low) if arith.two_part_scores else (low,)
@@ -357,6 +355,15 @@ def _scaled_low(raw: np.ndarray, scale, scores: np.ndarray, raw_low: np.ndarray 
     err = ((raw_hi * scale_hi - prod) + raw_hi * scale_lo + raw_lo * scale_hi) + raw_lo * scale_lo
     with np.errstate(invalid="ignore"):  # an overflowing product has no finite low part
         return (prod - scores) + err
+
+
+def _two_sum(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(s, e): a + b rounded in the operands' format and its exact rounding error, in the kernels' order
+    of operations (core.kernels.shared._two_sum). Infinite operands give a NaN e (callers mask it)."""
+    with np.errstate(invalid="ignore"):
+        s = a + b
+        virtual = s - a
+        return s, (a - (s - virtual)) + (b - virtual)
 
 
 def _split(x):
@@ -556,9 +563,7 @@ def backward(
         if two_part_dp and dp_low is not None:
             return (dp - delta_of_queries) + (dp_low - delta_low_of_queries)
         if low_delta:
-            difference = dp - delta_of_queries
-            virtual = difference - dp
-            error = (dp - (difference - virtual)) + (-delta_of_queries - virtual)
+            difference, error = _two_sum(dp, -delta_of_queries)
             return difference + (error - delta_low_of_queries)
         return dp - delta_of_queries
 

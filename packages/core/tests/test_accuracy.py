@@ -195,3 +195,16 @@ def test_policy_counts_a_correctly_rounded_overflow_as_exact():
     assert verdict.error == 0.0 and verdict.eager_error == 1e5 - 65504.0
     wrong_sign = torch.tensor([1.0, -float("inf"), -float("inf")], dtype=torch.float16)
     assert core.tolerance.judge("dk", wrong_sign, truth, saturated, family_scale=1.0).error == float("inf")
+
+
+def test_the_elementwise_allowance_is_the_bound_at_the_largest_eager_error():
+    """core.tolerance.allowance, element by element, is judge's bound with each element's own eager
+    error: its largest element is the bound, and each one is factor x that error + the floor."""
+    truth = torch.tensor([1.0, -2.0, 3.0, 100.0], dtype=torch.float64)
+    eager = torch.tensor([1.0, -2.5, 3.0, 100.25], dtype=torch.float16)
+    actual = truth.to(torch.float16)
+    bound = core.tolerance.judge("dq", actual, truth, eager, family_scale=200.0).bound
+    allowed = core.tolerance.allowance("dq", truth, eager, family_scale=200.0)
+    floor = torch.finfo(torch.float16).eps * 200.0
+    assert allowed.max().item() == bound
+    assert torch.equal(allowed, 3.0 * torch.tensor([0.0, 0.5, 0.0, 0.25], dtype=torch.float64) + floor)

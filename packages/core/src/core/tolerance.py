@@ -31,7 +31,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["POLICY", "Tolerance", "Verdict", "assert_within_tolerance", "judge", "largest_finite"]
+__all__ = [
+    "POLICY",
+    "Tolerance",
+    "Verdict",
+    "allowance",
+    "assert_within_tolerance",
+    "judge",
+    "largest_finite",
+]
 
 
 @dataclass(frozen=True)
@@ -126,11 +134,32 @@ def judge(
     for dq, dk and dv pass `largest_finite(true_dq, true_dk, true_dv)` (see the module docstring).
     """
     rule = POLICY[input_dtype or actual.dtype][quantity]
-    eps = torch.finfo(actual.dtype).eps
     scale = largest_finite(truth) if family_scale is None else family_scale
     eager_error = _max_abs_error(eager, truth)
-    floor = rule.floor_ulps * eps * scale
-    return Verdict(quantity, _max_abs_error(actual, truth), eager_error, rule.factor * eager_error + floor)
+    bound = rule.factor * eager_error + _floor(rule, actual.dtype, scale)
+    return Verdict(quantity, _max_abs_error(actual, truth), eager_error, bound)
+
+
+def allowance(
+    quantity: str,
+    truth: torch.Tensor,
+    eager: torch.Tensor,
+    *,
+    input_dtype: torch.dtype | None = None,
+    family_scale: float | None = None,
+) -> torch.Tensor:
+    """The policy's bound element by element, float64 on truth's device: factor x (the eager reference's
+    own error at that element) + the floor, as `judge` takes them (its bound is this with the largest
+    eager error). The floor is in ulps of `eager.dtype`, the result's; NaN where eager is NaN."""
+    rule = POLICY[input_dtype or eager.dtype][quantity]
+    scale = largest_finite(truth) if family_scale is None else family_scale
+    eager_error = (eager.detach().double() - truth.detach().double()).abs()
+    return rule.factor * eager_error + _floor(rule, eager.dtype, scale)
+
+
+def _floor(rule: Tolerance, dtype: torch.dtype, scale: float) -> float:
+    """floor_ulps x eps(dtype) x scale: the policy's absolute term."""
+    return rule.floor_ulps * torch.finfo(dtype).eps * scale
 
 
 def assert_within_tolerance(quantity: str, actual, truth, eager, **options) -> Verdict:

@@ -340,7 +340,7 @@ class _BlockBackward:
                 block_out = torch.ops.core.attention_forward(q, k, v, causal, scale)[0]
                 difference = (dout.double() * (block_out.double() - out.double())).sum(-1)
                 if uses_base_2(q.dtype):  # the kernel subtracts dLSE2 * log2(e) from Delta
-                    difference = difference * math.log(2.0)
+                    difference = difference * LN2
                 dlse = (difference if dlse is None else dlse.double() + difference).float()
             return backward(dout, q, k, v, out, lse, lse_low, dlse, causal, scale)
         # Without a dLSE the kernel takes Delta from dO and the merged out, the row's. The LSE's

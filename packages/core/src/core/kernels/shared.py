@@ -45,6 +45,16 @@ def _dot_parts(a, bT, DOT_PRECISION: tl.constexpr, TWO_PART: tl.constexpr):
 
 
 @triton.jit
+def _two_sum(a, b):
+    """(s, e): s = a + b rounded to the operands' float type, e its exact rounding error (Knuth's
+    TwoSum, six additions and no branch: s + e == a + b exactly while nothing overflows). Where a or b
+    is infinite, e is NaN: callers mask it."""
+    s = a + b
+    virtual = s - a
+    return s, (a - (s - virtual)) + (b - virtual)
+
+
+@triton.jit
 def _low_part(low, value):
     """low, the rounding error of a float32 value, or 0 where the value is infinite: there the
     differences that compute it are inf - inf = NaN, and a NaN low part of a -inf score would turn

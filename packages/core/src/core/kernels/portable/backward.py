@@ -46,6 +46,7 @@ from core.kernels.shared import (
     _scores,
     _sequence,
     _softcapped_scores,
+    _two_sum,
     _window_key_blocks,
     _window_query_blocks,
 )
@@ -178,9 +179,7 @@ def _dp_minus_delta(dp, dp_low, delta, delta_low, TWO_PART: tl.constexpr, LOW_DE
     if TWO_PART:
         return (dp - delta) + (dp_low - delta_low)
     elif LOW_DELTA:
-        difference = dp - delta
-        virtual = difference - dp
-        error = (dp - (difference - virtual)) + (-delta - virtual)
+        difference, error = _two_sum(dp, -delta)
         return difference + (error - delta_low)
     else:
         return dp - delta

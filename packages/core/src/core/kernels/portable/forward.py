@@ -29,6 +29,7 @@ from core.kernels.shared import (
     _scores,
     _sequence,
     _softcapped_scores,
+    _two_sum,
     _window_key_blocks,
 )
 
@@ -323,10 +324,10 @@ def attention_forward_kernel(
     # parts, from which the backward rebuilds the forward's exponent (backward.py: _probabilities):
     # TwoSum's exact rounding error of m + log(l), and for float32 the max's low part m_low on its own
     # (folding it into log(l) first would round at |m_low| ~ eps32 * |m|, 1e2 at logits near 1e9).
-    lse = tl.where(sees_a_key, m_i + log_l, float("-inf"))
+    lse, lse_low = _two_sum(m_i, log_l)
+    lse = tl.where(sees_a_key, lse, float("-inf"))
     tl.store(Lse + row_offsets, lse, mask=row_ok)
-    log_l_part = lse - m_i
-    lse_low = tl.where(sees_a_key, (m_i - (lse - log_l_part)) + (log_l - log_l_part), 0.0)
+    lse_low = tl.where(sees_a_key, lse_low, 0.0)
     if not COMPENSATE:
         # fp16/bf16 drop a low part that cannot matter: below |LSE2| = 2^8 it is at most 2^-17, which
         # moves P by under 1/32 of fp16's rounding. Then the backward sees an all-zero low part for
