@@ -45,7 +45,7 @@ for name in $what; do
   case $name in
     # -v: each outcome is logged as it comes (a run cut short still names its failures); SIGINT at the
     # time limit lets pytest print its summary when there is time for it
-    suite) step suite ${SUITE_SECONDS:-330} python3 -m pytest packages/core/tests packages/core/benchmarks/test_bench_harness.py \
+    suite) step suite ${SUITE_SECONDS:-370} python3 -m pytest packages/core/tests packages/core/benchmarks/test_bench_harness.py \
              -n 16 -v -rfEs -p no:cacheprovider -o junit_family=xunit1 --junitxml "$out/tests.xml" ;;
     host) step host 80 python3 $run host ;;
     # host time beside the pre-restructure core (8f51f75) copied to .ab/ (the device call carries ".ab")
