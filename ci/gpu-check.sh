@@ -12,7 +12,8 @@
 #   launched after the split kernel and early, config.OVERLAP_MERGE, cuDNN beside), decode-kernels (each
 #   decode kernel's time), precise-delta (the backward with and without plans.PreciseDelta's Delta pass;
 #   precise-delta-ab: the same for the baseline copy in .base/, e.g. 0a5ed44's float32-sum pass;
-#   dot-orientation: whether the dK/dV kernel's scores are bitwise the dQ kernel's),
+#   dot-orientation: whether the dK/dV kernel's scores are bitwise the dQ kernel's; delta-sums: the
+#   pass's loop alone with each way of summing its products, timed, and each one's error),
 #   cp (the simulated ring), numerics,
 #   pinned (every fuzz failure pinned so far, inf/NaN ones included), sanitize (the compute-sanitizer
 #   sweep: an H100, the H200 machines' runtime refuses the tool), control (racecheck's control kernel)
@@ -65,6 +66,7 @@ for name in $what; do
     decode-pdl) step decode-pdl 120 python3 $run decode --sweep --variants "64/4w/3s x2b,64/4w/3s x2b pdl" --providers cudnn ;;
     precise-delta) step precise-delta 120 python3 packages/core/benchmarks/precise_delta_ab.py ;;
     dot-orientation) step dot-orientation 60 python3 packages/core/benchmarks/dot_orientation.py ;;
+    delta-sums) step delta-sums 90 python3 packages/core/benchmarks/delta_sums.py ;;
     precise-delta-ab) step precise-delta-ab 120 env PYTHONPATH="$PWD/.base/packages/core/src:$PYTHONPATH" \
                         python3 packages/core/benchmarks/precise_delta_ab.py ;;
     kvcache) step kvcache 120 python3 -m pytest packages/core/tests/test_kvcache.py -n 8 -q -p no:cacheprovider ;;
