@@ -1,10 +1,10 @@
 """What does each way of summing the Delta pass's products cost, and how accurate is it? The pass (the dQ
 kernel's, docs/perf-notes.md "the Delta pass") computes S and dP for every key block, P = exp2(S - LSE),
-and sums P dP over the keys of each query row. The sum is the question: the pass's float64 sums cost
-58-120% of the rest of the pass on an H100 (docs/log/perf.md), because each score's float32 -> float64
-conversion issues on the exp's pipe. This times the pass's loop alone, non-causal, with each summation:
+and sums P dP over the keys of each query row. The sum is the question: each score's float32 -> float64
+conversion issues on the exp's pipe, so the float64 sums weigh on the pass like a second exp (their cost
+on an H100: docs/log/perf.md). This times the pass's loop alone, non-causal, with each summation:
 
-- float32: tl.sum of the products in float32 (core's pass until 0a5ed44; not accurate enough);
+- float32: tl.sum of the products in float32 (core's earlier pass; not accurate enough);
 - float64: each product split by an FMA into its rounding and that rounding's error, the roundings summed
   in float64 and the errors in float32, per key block (core's pass now);
 - float64 tiles: the same products converted and added into a float64 tile, reduced to the rows once after
@@ -115,9 +115,9 @@ def row_sums(q, k, v, dout, lse, how: str, tiles) -> tuple[torch.Tensor, torch.T
 
 
 def stressing_rows(heads: int, n_queries: int, n_keys: int, head_dim: int, dtype, gen):
-    """Rows whose products nearly cancel in no way but carry every scale: logits spread over ~40 (base
-    2), every value vector a common one plus 1e-3 noise, so each row's dP is one value plus small ones
-    and sum |P dP| is about |sum P dP|; the LSE exact for these scores (float64 of the same products)."""
+    """Rows whose products span many scales without cancelling: logits spread over ~40 (base 2), every
+    value vector a common one plus 1e-3 noise, so each row's dP is one value plus small ones and
+    sum |P dP| is about |sum P dP|; the LSE exact for these scores (float64 of the same products)."""
     randn = lambda *shape: torch.randn(*shape, device=DEVICE, generator=gen)  # noqa: E731
     q = (randn(heads, n_queries, head_dim) * 1.5).to(dtype)
     k = randn(heads, n_keys, head_dim).to(dtype)
