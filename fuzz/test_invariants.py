@@ -6,6 +6,7 @@ all, by a permutation, by an exact scale) and compares the two runs bitwise.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import torch
@@ -31,6 +32,24 @@ from fuzz.strategies import cases, permuted_cases, problems
 def assert_same_bits(first: Results, second: Results, what: str) -> None:
     for (name, a), (_, b) in zip(first.items(), second.items(), strict=True):
         assert same_bits(a, b), f"{name}: {what}"
+
+
+@contextlib.contextmanager
+def planned_as(case: Case, inputs: Inputs):
+    """The second run of a bitwise property goes through the plan core made for the first: the same
+    kernel family and, in the decode family, the same split count (core.testing.plan_like). Its inputs
+    hold the same numbers stored or grouped otherwise (repeated, permuted or scaled copies), and core
+    chooses kernels by shapes and layouts: a contiguous copy can take the Hopper forward where a strided
+    original took the portable one, and repeated k/v make a query tile per head where grouped k/v fill
+    one (GQA group x queries) that the decode family may not take. Two kernels' roundings differ, so a
+    property that holds within a kernel would fail between two."""
+    problem = case.problem
+    plan = core.testing.plan_for(
+        inputs.q.detach(), inputs.k.detach(), inputs.v.detach(), causal=problem.causal,
+        sm_scale=problem.sm_scale, window_size=problem.window_size, softcap=problem.softcap,
+    )  # fmt: skip
+    with core.testing.plan_like(plan):
+        yield
 
 
 def scales_exactly(base: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
@@ -105,11 +124,25 @@ def test_repeated_runs_are_bitwise_identical(kernel, case):
         upstream=Upstream(out="sum"),
     )
 ).via("discovered failure")  # fmt: skip
+# float16 on an H100 (gpu-1k, code f8d198c262a14ab0, 1 failure in 5,112 examples): out differed.
+# Grouped, the 2 x 64 query rows of the KV head were more than the decode family's row tile takes, so
+# the portable forward ran; repeated, each head's 64 rows fit it and the decode family split the keys.
+# Not a kernel error: the second run now goes through the first one's plan (planned_as). Fails on the
+# CPU too.
+@example(
+    case=Case(
+        problem=Problem(q_heads=2, n_queries=64, n_keys=2048, head_dim=80, causal=False),
+        layouts=(Layout(), Layout(), Layout(order=(0, 2, 1, 3))),
+        values=Values("uniform", seed=315911),
+        upstream=Upstream(lse="unused"),
+    )
+).via("discovered failure")
 @given(case=cases(problem=problems(min_group=2)))
 def test_gqa_equals_explicitly_repeated_kv(kernel, case):
     """Grouped heads read k/v in place; repeating k/v per query head must change nothing observable.
 
-    out, lse and dq are computed from the same numbers in the same order either way: bitwise equal.
+    Run on one plan (planned_as), out, lse and dq are computed from the same numbers in the same order
+    either way: bitwise equal.
     dk/dv of a group are summed in one float32 accumulator by the grouped kernel but rounded per copy
     when repeated, so those are judged by the policy against the float64 reference run on repeated k/v
     (whose gradients, summed over each group, are the GQA truth without any GQA code in the reference).
@@ -124,7 +157,8 @@ def test_gqa_equals_explicitly_repeated_kv(kernel, case):
     repeated_case = replace(case, problem=replace(problem, kv_heads=problem.q_heads))
     k, v = (t.detach().repeat_interleave(group, dim=1).requires_grad_() for t in (inputs.k, inputs.v))
     repeated_inputs = Inputs(inputs.q, k, v, inputs.dout, inputs.dlse, placed=[])
-    repeated = run_kernel(repeated_case, repeated_inputs)
+    with planned_as(case, inputs):
+        repeated = run_kernel(repeated_case, repeated_inputs)
     for name in ("out", "lse", "dq"):
         if getattr(grouped, name) is not None:
             assert same_bits(getattr(grouped, name), getattr(repeated, name)), f"{name}: GQA != repeated k/v"
@@ -166,7 +200,8 @@ def test_batch_and_head_permutations_commute(kernel, args):
         _permute(inputs.dlse, batch_order, q_head_order),
         placed=[],
     )
-    permuted = run_kernel(case, permuted_inputs)
+    with planned_as(case, inputs):
+        permuted = run_kernel(case, permuted_inputs)
     for (name, a), (_, b) in zip(base.items(), permuted.items(), strict=True):
         heads = kv_head_order if name in ("dk", "dv") else q_head_order
         assert same_bits(_permute(a, batch_order, heads), b), (
@@ -204,9 +239,10 @@ def test_output_is_linear_in_v(kernel, case, power, negate):
     scaled_v = v * scale
     assume(all_finite(scaled_v) and same_bits(scaled_v / scale, v))  # the scaling itself is exact
     base = run_kernel(case, inputs)
-    scaled = run_kernel(
-        case, Inputs(inputs.q, inputs.k, scaled_v.requires_grad_(), inputs.dout, inputs.dlse, [])
-    )
+    with planned_as(case, inputs):
+        scaled = run_kernel(
+            case, Inputs(inputs.q, inputs.k, scaled_v.requires_grad_(), inputs.dout, inputs.dlse, [])
+        )
 
     expected = base.out * scale
     normal = scales_exactly(base.out, expected)

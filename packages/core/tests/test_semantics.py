@@ -112,6 +112,33 @@ def test_gqa_equals_attention_with_repeated_kv():
     )
 
 
+@pytest.mark.parametrize("n_queries", [4, 16])
+def test_gqa_equals_repeated_kv_on_the_grouped_calls_plan(family, n_queries):
+    """The decode family plans by rows per KV head: grouped k/v put a group's query heads in one row tile
+    and split the keys for that grid, repeated k/v make a tile per head and split them for a grid as
+    many times larger. Planned like the grouped call (core.testing.plan_like), the repeated one splits
+    the keys as it did and every output is bitwise equal, in every family. (The fuzzer's GQA, permutation
+    and linearity properties compare their two runs this way.)"""
+    # Shapes where the split rule splits the two calls' keys differently: the interpreter plans for 4
+    # SMs, a GPU for its own (an H100's 132 take 8 KV heads x 8 sequences in fewer splits).
+    batch, kv_heads, n_keys = (8, 8, 2048) if ON_GPU else (1, 1, 256)
+    q, k, v = make_qkv(batch, 4 * kv_heads, kv_heads, n_queries, n_keys, 64, torch.float16, seed=21)
+    k_rep, v_rep = (leaf_copy(t.repeat_interleave(4, dim=1)) for t in (k, v))
+    q_rep = leaf_copy(q)
+    grouped_plan = core.testing.plan_for(q, k, v, causal=True)
+    if family == "decode":
+        repeated_plan = core.testing.plan_for(q_rep, k_rep, v_rep, causal=True)
+        assert repeated_plan.attend.splits != grouped_plan.attend.splits
+    out, lse = core.attention(q, k, v, causal=True, return_lse=True)
+    with core.testing.plan_like(grouped_plan):
+        if family == "decode":
+            assert core.testing.plan_for(q_rep, k_rep, v_rep, causal=True).attend.splits == (
+                grouped_plan.attend.splits
+            )
+        out_rep, lse_rep = core.attention(q_rep, k_rep, v_rep, causal=True, return_lse=True)
+    assert torch.equal(out, out_rep) and torch.equal(lse, lse_rep)
+
+
 def test_default_scale_is_inverse_sqrt_head_dim():
     q, k, v = make_qkv(1, 1, 1, 20, 20, 48, torch.float32, seed=11, requires_grad=False)
     default = core.attention(q, k, v)

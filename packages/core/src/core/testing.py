@@ -10,6 +10,7 @@ Code outside the package imports `core`, `core.testing`, `core.ops`, `core.refer
   loop for packed sequences, off by default), `precise_delta(enabled)` (its Delta pass for fp16/bf16
   backwards, on by default), `launches_forbidden()` (any kernel output
   allocation or launch fails: invalid input must be refused before);
+- `plan_like(plan)`: every call inside planned as `plan` was (its family, its decode split count);
 - introspection: `plan_for(q, k, v, ...)`, `cached_plans()`, `clear_plans()`, `families()`, `family(name)`,
   `kernel_fingerprint()`;
 - the kernels' raw passes and conventions: `forward`, `backward` (the LSE in the kernels' base with its
@@ -63,6 +64,7 @@ __all__ = [
     "launches_forbidden",
     "patch_interpreter",
     "plan_for",
+    "plan_like",
     "poisoned_outputs",
     "portable",
     "precise_delta",
@@ -167,6 +169,29 @@ def _switched(switch, enabled: bool):
         yield
     finally:
         switch.enabled = previous
+        _plans.clear()
+
+
+@contextlib.contextmanager
+def plan_like(plan):
+    """Plan every call inside the block as `plan` (a plan_for result) was planned: on its kernel family
+    (strict) and, in the decode family, with its split count. For properties that compare two calls bit
+    for bit: core picks the family and the splits from shapes and layouts, so inputs that differ only
+    in how k/v are stored or grouped can otherwise run different kernels, whose roundings differ."""
+    module = type(plan).__module__
+    name = next(
+        name for name, family in kernels.FAMILIES.items()
+        if module == family.__name__ or module.startswith(family.__name__ + ".")
+    )  # fmt: skip
+    splits = plan.attend.splits if name == kernels.decode.NAME else None
+    previous = _decode_plans.ForcedSplits.count
+    _decode_plans.ForcedSplits.count = splits
+    _plans.clear()
+    try:
+        with use_family(name):
+            yield
+    finally:
+        _decode_plans.ForcedSplits.count = previous
         _plans.clear()
 
 

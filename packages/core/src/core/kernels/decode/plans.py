@@ -226,6 +226,14 @@ def _visible_span(capacity: int, n_queries: int, causal: bool, window_left: int,
     return capacity
 
 
+class ForcedSplits:
+    """The split count of core.attention's decode-shaped calls when `count` is set (core.testing.plan_like),
+    instead of the split rule's: the rule counts programs per KV head, so two calls that must agree bit
+    for bit (grouped k/v and the same k/v repeated per query head) can otherwise split their keys apart."""
+
+    count: int | None = None
+
+
 class ForwardPlan:
     """The family contract's forward (core.kernels): a decode-shaped core.attention call, run as
     attention against a dense cache that is k, v themselves, every sequence holding all Nk keys. Its
@@ -237,6 +245,7 @@ class ForwardPlan:
         self.attend = AttendPlan(
             q, k, v, self.n_keys, None, None, n_new=0, causal=causal, sm_scale=sm_scale,
             window_size=(features.window_left, features.window_right), softcap=features.softcap,
+            num_splits=ForcedSplits.count,
         )  # fmt: skip
         self.backward_plans: dict[tuple, BackwardPlan] = {}
 
