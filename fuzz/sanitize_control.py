@@ -4,7 +4,8 @@ of 168) whose partitions touch no shared memory of their own. Each partition sto
 the default warpgroup (so it reaches them as a capture, through shared memory) into its own output.
 The second control adds what the Hopper forward's default warpgroup has besides: an mbarrier
 initialised before the partitions start and a barrier of the default warpgroup alone (`bar.sync 0,
-128`) inside its partition, in case that is what racecheck misreads.
+128`) inside its partition, in case that is what racecheck misreads. The third keeps that barrier
+and drops the mbarrier, to tell which of the two racecheck reacts to.
 
 The sweep's racecheck runs of the Hopper forward report hazards whose both sides are instructions of
 Triton's warp_specialize lowering, not of core's tiles (fuzz.sanitize_sites): the switch loop's
@@ -64,6 +65,12 @@ def _default_warpgroup_with_barriers(out, value, ready):
 
 
 @gluon.jit
+def _default_warpgroup_with_barrier(out, value):
+    _warpgroup_barrier()  # bar.sync 0, 128
+    _store(out, 0, value)
+
+
+@gluon.jit
 def warp_specialize_control_kernel(out, source):
     """out (PROGRAMS, 3) float32: partition p of program i writes out[i, p] = source[0] + p."""
     value = gl.load(source)  # a load cannot be rematerialized in the partitions: it becomes a capture
@@ -96,12 +103,35 @@ def warp_specialize_control_kernel_with_barriers(out, source):
     )
 
 
+@gluon.jit
+def warp_specialize_control_kernel_with_barrier_only(out, source):
+    """As warp_specialize_control_kernel, with the warpgroup barrier in the default partition and no
+    mbarrier."""
+    value = gl.load(source)
+    gl.warp_specialize(
+        [
+            (_default_warpgroup_with_barrier, (out, value)),
+            (_second_warpgroup, (out, value)),
+            (_producer_warp, (out, value)),
+        ],
+        [4, 1],
+        [240, 24],
+    )
+
+
+CONTROLS = (
+    warp_specialize_control_kernel,
+    warp_specialize_control_kernel_with_barriers,
+    warp_specialize_control_kernel_with_barrier_only,
+)
+
+
 def run_child() -> None:
     import torch
 
     source = torch.tensor([10.0], device="cuda")
     expected = torch.tensor([10.0, 11.0, 12.0], device="cuda").expand(PROGRAMS, 3)
-    for kernel in (warp_specialize_control_kernel, warp_specialize_control_kernel_with_barriers):
+    for kernel in CONTROLS:
         out = torch.full((PROGRAMS, 3), float("nan"), device="cuda")
         kernel[(PROGRAMS,)](out, source, num_warps=4, maxnreg=168)
         torch.cuda.synchronize()
