@@ -37,12 +37,12 @@ def assert_same_bits(first: Results, second: Results, what: str) -> None:
 @contextlib.contextmanager
 def planned_as(case: Case, inputs: Inputs):
     """The second run of a bitwise property goes through the plan core made for the first: the same
-    kernel family and, in the decode family, the same split count (core.testing.plan_like). Its inputs
-    hold the same numbers stored or grouped otherwise (repeated, permuted or scaled copies), and core
-    chooses kernels by shapes and layouts: a contiguous copy can take the Hopper forward where a strided
-    original took the portable one, and repeated k/v make a query tile per head where grouped k/v fill
-    one (GQA group x queries) that the decode family may not take. Two kernels' roundings differ, so a
-    property that holds within a kernel would fail between two."""
+    kernel family and, in the decode family, the same split count and row tile (core.testing.plan_like
+    says why). Its inputs hold the same numbers stored or grouped otherwise (repeated, permuted or
+    scaled copies), and core chooses kernels by shapes and layouts: a contiguous copy can take the
+    Hopper forward where a strided original took the portable one, and repeated k/v make a query tile
+    per head where grouped k/v fill one (GQA group x queries) that the decode family may not take. Two
+    kernels' roundings differ, so a property that holds within a kernel would fail between two."""
     problem = case.problem
     plan = core.testing.plan_for(
         inputs.q.detach(), inputs.k.detach(), inputs.v.detach(), causal=problem.causal,

@@ -115,10 +115,12 @@ def test_gqa_equals_attention_with_repeated_kv():
 @pytest.mark.parametrize("n_queries", [4, 16])
 def test_gqa_equals_repeated_kv_on_the_grouped_calls_plan(family, n_queries):
     """The decode family plans by rows per KV head: grouped k/v put a group's query heads in one row tile
-    and split the keys for that grid, repeated k/v make a tile per head and split them for a grid as
-    many times larger. Planned like the grouped call (core.testing.plan_like), the repeated one splits
-    the keys as it did and every output is bitwise equal, in every family. (The fuzzer's GQA, permutation
-    and linearity properties compare their two runs this way.)"""
+    and split the keys for that grid; repeated k/v make a tile per head, smaller (at Nq 16, 16 rows
+    where the group of 4 fills 64, and the two tiles multiply on different tensor-core instructions),
+    and split the keys for a grid as many times larger. Planned like the grouped call
+    (core.testing.plan_like), the repeated one takes the grouped one's splits and row tile, and every
+    output is bitwise equal, in every family. (The fuzzer's GQA, permutation and linearity properties
+    compare their two runs this way.)"""
     # Shapes where the split rule splits the two calls' keys differently: the interpreter plans for 4
     # SMs, a GPU for its own (an H100's 132 take 8 KV heads x 8 sequences in fewer splits).
     batch, kv_heads, n_keys = (8, 8, 2048) if ON_GPU else (1, 1, 256)
@@ -127,13 +129,16 @@ def test_gqa_equals_repeated_kv_on_the_grouped_calls_plan(family, n_queries):
     q_rep = leaf_copy(q)
     grouped_plan = core.testing.plan_for(q, k, v, causal=True)
     if family == "decode":
-        repeated_plan = core.testing.plan_for(q_rep, k_rep, v_rep, causal=True)
-        assert repeated_plan.attend.splits != grouped_plan.attend.splits
+        repeated_plan = core.testing.plan_for(q_rep, k_rep, v_rep, causal=True).attend
+        assert repeated_plan.splits != grouped_plan.attend.splits
+        assert (repeated_plan.row_tile != grouped_plan.attend.row_tile) == (n_queries == 16)
     out, lse = core.attention(q, k, v, causal=True, return_lse=True)
     with core.testing.plan_like(grouped_plan):
         if family == "decode":
-            assert core.testing.plan_for(q_rep, k_rep, v_rep, causal=True).attend.splits == (
-                grouped_plan.attend.splits
+            replanned = core.testing.plan_for(q_rep, k_rep, v_rep, causal=True).attend
+            assert (replanned.splits, replanned.row_tile) == (
+                grouped_plan.attend.splits,
+                grouped_plan.attend.row_tile,
             )
         out_rep, lse_rep = core.attention(q_rep, k_rep, v_rep, causal=True, return_lse=True)
     assert torch.equal(out, out_rep) and torch.equal(lse, lse_rep)

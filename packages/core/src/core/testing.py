@@ -10,7 +10,7 @@ Code outside the package imports `core`, `core.testing`, `core.ops`, `core.refer
   loop for packed sequences, off by default), `precise_delta(enabled)` (its Delta pass for fp16/bf16
   backwards, on by default), `launches_forbidden()` (any kernel output
   allocation or launch fails: invalid input must be refused before);
-- `plan_like(plan)`: every call inside planned as `plan` was (its family, its decode split count);
+- `plan_like(plan)`: every call inside planned as `plan` was (its family; its decode splits, row tile);
 - introspection: `plan_for(q, k, v, ...)`, `cached_plans()`, `clear_plans()`, `families()`, `family(name)`,
   `kernel_fingerprint()`;
 - the kernels' raw passes and conventions: `forward`, `backward` (the LSE in the kernels' base with its
@@ -175,23 +175,27 @@ def _switched(switch, enabled: bool):
 @contextlib.contextmanager
 def plan_like(plan):
     """Plan every call inside the block as `plan` (a plan_for result) was planned: on its kernel family
-    (strict) and, in the decode family, with its split count. For properties that compare two calls bit
-    for bit: core picks the family and the splits from shapes and layouts, so inputs that differ only
-    in how k/v are stored or grouped can otherwise run different kernels, whose roundings differ."""
+    (strict) and, in the decode family, with its split count and row tile. For properties that compare
+    two calls bit for bit: core picks the family, the splits and the tiles from shapes and layouts, so
+    inputs that differ only in how k/v are stored or grouped can otherwise run different kernels or
+    instructions, whose roundings differ."""
     module = type(plan).__module__
     name = next(
         name for name, family in kernels.FAMILIES.items()
         if module == family.__name__ or module.startswith(family.__name__ + ".")
     )  # fmt: skip
-    splits = plan.attend.splits if name == kernels.decode.NAME else None
-    previous = _decode_plans.ForcedSplits.count
-    _decode_plans.ForcedSplits.count = splits
+    forced = _decode_plans.ForcedPlan
+    previous = forced.splits, forced.row_tile
+    if name == kernels.decode.NAME:
+        forced.splits, forced.row_tile = plan.attend.splits, plan.attend.row_tile
+    else:
+        forced.splits = forced.row_tile = None
     _plans.clear()
     try:
         with use_family(name):
             yield
     finally:
-        _decode_plans.ForcedSplits.count = previous
+        forced.splits, forced.row_tile = previous
         _plans.clear()
 
 

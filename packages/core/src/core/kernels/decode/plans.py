@@ -7,6 +7,8 @@ values: a plan's launches are capturable in a CUDA graph.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from core._runtime import is_interpreted, patch_interpreter
@@ -37,11 +39,14 @@ class AttendPlan(OnDevice):
     with the conventions of core.kernels.host (lse in the kernels' base). An int cache_seqlens is part
     of the signature (the kernels take it as a constant); a tensor is read on the device. With
     keep_statistics False the LSE and its low parts go to one throwaway buffer and come back as None.
+    `num_splits` and `row_tile` (query rows a program holds) replace the split rule's and the tile
+    table's choices when given.
     """
 
     def __init__(self, q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, *, n_new: int,
                  causal: bool, sm_scale: float, window_size: tuple[int, int] = (-1, -1),
-                 softcap: float = 0.0, num_splits: int | None = None):  # fmt: skip
+                 softcap: float = 0.0, num_splits: int | None = None,
+                 row_tile: int | None = None):  # fmt: skip
         super().__init__(q)
         batch, q_heads, n_queries, head_dim = q.shape
         kv_heads = k_cache.shape[1]
@@ -50,6 +55,9 @@ class AttendPlan(OnDevice):
         block_d = padded_head_dim(head_dim)
         rows = kv_group * n_queries
         config = _config.decode_config(rows, block_d, q.dtype, block_table is not None, interpreted)
+        if row_tile:
+            config = dataclasses.replace(config, block_m=row_tile)
+        self.row_tile = config.block_m
         row_blocks = ceil_div(rows, config.block_m)
         window_left, window_right = window_size
         capacity = _capacity(k_cache, block_table)
@@ -226,12 +234,15 @@ def _visible_span(capacity: int, n_queries: int, causal: bool, window_left: int,
     return capacity
 
 
-class ForcedSplits:
-    """The split count of core.attention's decode-shaped calls when `count` is set (core.testing.plan_like),
-    instead of the split rule's: the rule counts programs per KV head, so two calls that must agree bit
-    for bit (grouped k/v and the same k/v repeated per query head) can otherwise split their keys apart."""
+class ForcedPlan:
+    """The split count and row tile of core.attention's decode-shaped calls where set
+    (core.testing.plan_like), instead of the split rule's and decode_config's. Both follow the query rows
+    per KV head, so two calls that must agree bit for bit (grouped k/v, and the same k/v repeated per
+    query head) could otherwise split their keys apart, or multiply on different tensor-core
+    instructions (a 64-row tile and a 16-row one sum a row's products in different orders)."""
 
-    count: int | None = None
+    splits: int | None = None
+    row_tile: int | None = None
 
 
 class ForwardPlan:
@@ -245,7 +256,7 @@ class ForwardPlan:
         self.attend = AttendPlan(
             q, k, v, self.n_keys, None, None, n_new=0, causal=causal, sm_scale=sm_scale,
             window_size=(features.window_left, features.window_right), softcap=features.softcap,
-            num_splits=ForcedSplits.count,
+            num_splits=ForcedPlan.splits, row_tile=ForcedPlan.row_tile,
         )  # fmt: skip
         self.backward_plans: dict[tuple, BackwardPlan] = {}
 
