@@ -7,8 +7,8 @@
 #   also: host-ab (host time beside the baseline in .ab/), decode-ab (the decode benchmark's core column
 #   for a baseline copy of core in .base/, e.g. `git archive BASE packages/core/src/core | tar -x -C .base`;
 #   the call carries ".base"), features-ab (the features benchmark on that baseline), kvcache (the
-#   KV-cache tests alone), decode-sweep (core's decode tiles and split rules side by side), decode-balance
-#   (the split rule with and without config.BALANCE_TILES, cuDNN beside them), decode-pdl (the merge
+#   KV-cache tests alone), varlen (the packed-sequence tests alone), decode-sweep (core's decode tiles
+#   and split rules side by side), decode-balance (the split rule with and without config.BALANCE_TILES, cuDNN beside them), decode-pdl (the merge
 #   launched after the split kernel and early, config.OVERLAP_MERGE, cuDNN beside), decode-kernels (each
 #   decode kernel's time), precise-delta (the backward with and without plans.PreciseDelta's Delta pass;
 #   precise-delta-ab: the same for the baseline copy in .base/, e.g. 0a5ed44's float32-sum pass;
@@ -70,6 +70,7 @@ for name in $what; do
     precise-delta-ab) step precise-delta-ab 120 env PYTHONPATH="$PWD/.base/packages/core/src:$PYTHONPATH" \
                         python3 packages/core/benchmarks/precise_delta_ab.py ;;
     kvcache) step kvcache 120 python3 -m pytest packages/core/tests/test_kvcache.py -n 8 -q -p no:cacheprovider ;;
+    varlen) step varlen 150 python3 -m pytest packages/core/tests/test_varlen.py -n 8 -q -rfE -p no:cacheprovider ;;
     features) step features 120 python3 $run features --quick ;;
     pinned) step pinned 200 python3 -m pytest fuzz -p no:cacheprovider --profile pinned --nonfinite -n 16 -q ;;
     # the logs come back in logs.tar.gz: the device tool returns only a few files of $OUT
