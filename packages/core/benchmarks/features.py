@@ -60,8 +60,9 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--providers",
-        default="core,whole,flex,sdpa,loop",
-        help="comma list of core,whole,flex,sdpa,loop (whole: core varlen with the whole-block dK/dV loop)",
+        default="core,whole,fadelta,flex,sdpa,loop",
+        help="comma list of core,whole,fadelta,flex,sdpa,loop (whole: core varlen with the whole-block "
+        "dK/dV loop; fadelta: core with Delta = dO . O, as FlashAttention and Flex take it)",
     )
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     return parser.parse_args(argv)
@@ -235,6 +236,7 @@ def packed_scenario(bench: Bench, tokens: int, documents: int, heads: int, head_
         with core.testing.varlen_whole_blocks(True):
             bench.measure(name, "core varlen whole", lambda: (core_varlen, leaves, grad), flops, reference,
                           "the whole-block dK/dV loop (switch on)")  # fmt: skip
+    _measure_with_output_delta(bench, name, "core varlen", core_varlen, leaves, grad, flops, reference)
     if "loop" in bench.providers:
         bench.measure(name, "core per-doc loop", lambda: (per_document, leaves, grad), flops, reference,
                       "one core.attention per document, + a cat")  # fmt: skip
@@ -246,6 +248,19 @@ def packed_scenario(bench: Bench, tokens: int, documents: int, heads: int, head_
             name, "sdpa padded", sdpa_setup, flops, reference,
             f"FLASH on {len(lengths)} x {longest}: {padding:.1f}x the tokens",
         )  # fmt: skip
+
+
+def _measure_with_output_delta(bench: Bench, name, provider, attend, leaves, grad, flops, reference):
+    """core again with its backward's Delta taken as dO . O from the rounded output (provider fadelta;
+    core.testing.precise_delta(False)), what FlashAttention and Flex compute: core's default Delta
+    pass (docs/perf-notes.md) made apart from the kernels' own speed."""
+    if "fadelta" not in bench.providers:
+        return
+    import core.testing
+
+    with core.testing.precise_delta(False):
+        bench.measure(name, f"{provider} dO.O", lambda: (attend, leaves, grad), flops, reference,
+                      "Delta = dO . O (precise_delta off)")  # fmt: skip
 
 
 def _sdpa_backend(torch, device):
@@ -296,6 +311,7 @@ def dense_scenario(
     reference = None
     if "core" in bench.providers:
         reference = bench.measure(name, "core", lambda: (core_call, leaves, grad), flops, None)
+    _measure_with_output_delta(bench, name, "core", core_call, leaves, grad, flops, reference)
     if "flex" in bench.providers:
         bench.measure(
             name, "flex", flex_setup, flops, reference, "mask_mod" + (" + score_mod" if softcap else "")
