@@ -414,8 +414,8 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.monotonic()
     copy_gbps = measure_copy_gbps(timer, COPY_BYTES if mode != "dry-run" else 2**24)
-    # The first row a process times ran ~50% slow for every provider alike (the card settling after the
-    # copy): one untimed pass over it first.
+    # The first row a process timed ran slow for every provider alike (docs/log/perf.md): one untimed
+    # pass over a row first.
     run_row(rows(mode)[0], providers, timer, copy_gbps)
     if args.sweep:
         labels = args.variants.split(",") if args.variants else None
