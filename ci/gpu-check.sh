@@ -9,7 +9,7 @@
 #   the call carries ".base"), features-ab (the features benchmark on that baseline), kvcache (the
 #   KV-cache tests alone), varlen (the packed-sequence tests alone), decode-sweep (core's decode tiles
 #   and split rules side by side), decode-balance (the split rule with and without config.BALANCE_TILES, cuDNN beside them), decode-pdl (the merge
-#   launched after the split kernel and early, config.OVERLAP_MERGE, cuDNN beside), decode-kernels (each
+#   launched after the split kernel and early from 16 splits on, config.OVERLAP_MERGE_FROM_SPLITS, cuDNN beside), decode-kernels (each
 #   decode kernel's time), precise-delta (the backward with and without plans.PreciseDelta's Delta pass;
 #   precise-delta-ab: the same for the baseline copy in .base/, e.g. 0a5ed44's float32-sum pass;
 #   dot-orientation: whether the dK/dV kernel's scores are bitwise the dQ kernel's; delta-sums: the
@@ -63,7 +63,7 @@ for name in $what; do
     decode-kernels) step decode-kernels 60 python3 $run decode --quick --kernels --providers core,cudnn ;;
     decode-sweep) step decode-sweep 240 python3 $run decode --sweep ;;
     decode-balance) step decode-balance 120 python3 $run decode --sweep --variants "64/4w/3s x2,64/4w/3s x2b" --providers cudnn ;;
-    decode-pdl) step decode-pdl 120 python3 $run decode --sweep --variants "64/4w/3s x2b,64/4w/3s x2b pdl" --providers cudnn ;;
+    decode-pdl) step decode-pdl 120 python3 $run decode --sweep --variants "64/4w/3s x2b,64/4w/3s x2b pdl16" --providers cudnn ;;
     precise-delta) step precise-delta 120 python3 packages/core/benchmarks/precise_delta_ab.py ;;
     dot-orientation) step dot-orientation 60 python3 packages/core/benchmarks/dot_orientation.py ;;
     delta-sums) step delta-sums 90 python3 packages/core/benchmarks/delta_sums.py ;;

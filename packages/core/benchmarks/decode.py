@@ -273,20 +273,21 @@ def table(results: list[dict], providers, copy_gbps: float) -> str:
 
 # (label "keys/warps/stages x programs per SM", keys per tile, warps, stages for a dense cache (paged: two
 # more), programs per SM the split rule fills, whether it balances tiles: config.BALANCE_TILES, label "b";
-# whether the merge is launched early: config.OVERLAP_MERGE, label "pdl"). The second is the table's
-# current choice.
+# from how many splits on the merge is launched early: config.OVERLAP_MERGE_FROM_SPLITS, None for never,
+# label "pdl" from 2, "pdl16" from 16). "64/4w/3s x2b pdl16" is the table's current choice.
 SWEEP = [
-    ("64/4w/3s x2", 64, 4, 3, 2, False, False),
-    ("64/4w/3s x2b", 64, 4, 3, 2, True, False),
-    ("64/4w/3s x2b pdl", 64, 4, 3, 2, True, True),
-    ("64/4w/4s x2", 64, 4, 4, 2, False, False),
-    ("64/4w/2s x2", 64, 4, 2, 2, False, False),
-    ("128/4w/3s x2", 128, 4, 3, 2, False, False),
-    ("32/4w/4s x2", 32, 4, 4, 2, False, False),
-    ("32/4w/4s x2b", 32, 4, 4, 2, True, False),
-    ("64/8w/3s x2", 64, 8, 3, 2, False, False),
-    ("64/4w/3s x1", 64, 4, 3, 1, False, False),
-    ("64/4w/3s x4", 64, 4, 3, 4, False, False),
+    ("64/4w/3s x2", 64, 4, 3, 2, False, None),
+    ("64/4w/3s x2b", 64, 4, 3, 2, True, None),
+    ("64/4w/3s x2b pdl", 64, 4, 3, 2, True, 2),
+    ("64/4w/3s x2b pdl16", 64, 4, 3, 2, True, 16),
+    ("64/4w/4s x2", 64, 4, 4, 2, False, None),
+    ("64/4w/2s x2", 64, 4, 2, 2, False, None),
+    ("128/4w/3s x2", 128, 4, 3, 2, False, None),
+    ("32/4w/4s x2", 32, 4, 4, 2, False, None),
+    ("32/4w/4s x2b", 32, 4, 4, 2, True, None),
+    ("64/8w/3s x2", 64, 8, 3, 2, False, None),
+    ("64/4w/3s x1", 64, 4, 3, 1, False, None),
+    ("64/4w/3s x4", 64, 4, 3, 4, False, None),
 ]
 
 
@@ -299,13 +300,14 @@ def sweep(timer, copy_gbps: float, mode: str, labels=None, others=()) -> str:
     free = torch.cuda.mem_get_info()[0] if device() == "cuda" else float("inf")
     table_rows = [row for row in rows(mode) if row.cache_bytes() < 0.5 * free]
     timings: dict = {}
-    original = (config.decode_config, config.PROGRAMS_PER_SM, config.BALANCE_TILES, config.OVERLAP_MERGE)
+    knobs = ("decode_config", "PROGRAMS_PER_SM", "BALANCE_TILES", "OVERLAP_MERGE_FROM_SPLITS")
+    original = {knob: getattr(config, knob) for knob in knobs}
     variants = [entry for entry in SWEEP if labels is None or entry[0] in labels]
     unknown = set(labels or ()) - {entry[0] for entry in SWEEP}
     if unknown:
         raise SystemExit(f"unknown sweep variants {sorted(unknown)}; choose from {[e[0] for e in SWEEP]}")
     try:
-        for index, (label, block_n, warps, stages, per_sm, balance, overlap) in enumerate(variants):
+        for index, (label, block_n, warps, stages, per_sm, balance, overlap_from) in enumerate(variants):
 
             def variant(
                 rows_, block_d, dtype, paged, interpreted, block_n=block_n, warps=warps, stages=stages
@@ -313,7 +315,7 @@ def sweep(timer, copy_gbps: float, mode: str, labels=None, others=()) -> str:
                 return config.DecodeConfig(config.block_m_for(rows_), block_n, warps, stages + 2 * paged)
 
             config.decode_config, config.PROGRAMS_PER_SM, config.BALANCE_TILES = variant, per_sm, balance
-            config.OVERLAP_MERGE = overlap
+            config.OVERLAP_MERGE_FROM_SPLITS = overlap_from
             core.testing.clear_plans()
             for row in table_rows:
                 result = run_row(row, ["core", *(others if index == 0 else ())], timer, copy_gbps)
@@ -322,7 +324,8 @@ def sweep(timer, copy_gbps: float, mode: str, labels=None, others=()) -> str:
                     timings[other, row] = result["providers"].get(other, {}).get("us")
             print(f"{label}: done")
     finally:
-        config.decode_config, config.PROGRAMS_PER_SM, config.BALANCE_TILES, config.OVERLAP_MERGE = original
+        for knob, value in original.items():
+            setattr(config, knob, value)
         core.testing.clear_plans()
     columns = [label for label, *_ in variants] + list(others)
     lines = [f"{'row':<34}" + "".join(f"{label:>14}" for label in columns)]

@@ -115,12 +115,14 @@ def record_launches() -> list[tuple]:
         recorded.append((self, tensors))
 
     bound_launch.__call__ = record
-    # The second call once more with the merge launched early (config.OVERLAP_MERGE, off by default).
+    # Each call with the default rule for the early merge launch (config.OVERLAP_MERGE_FROM_SPLITS: the
+    # 40-split calls launch it early), and the second once more with it launched early from 2 splits on.
+    default_rule = core.testing.decode.config.OVERLAP_MERGE_FROM_SPLITS
     for overlap, (dtype, head_dim, page, causal, window, softcap, splits, n_new, n_queries, group) in [
         *((False, call) for call in CALLS),
         (True, CALLS[1]),
     ]:
-        core.testing.decode.config.OVERLAP_MERGE = overlap
+        core.testing.decode.config.OVERLAP_MERGE_FROM_SPLITS = 2 if overlap else default_rule
         batch, kv_heads, capacity = 2, 2, 256
         q = torch.randn(batch, kv_heads * group, n_queries, head_dim).to(dtype)
         if page is None:
@@ -138,7 +140,7 @@ def record_launches() -> list[tuple]:
             sm_scale=head_dim**-0.5, window_size=window, softcap=softcap, num_splits=splits,
         )  # fmt: skip
         plan(q, k_cache, v_cache, seqlens, new, new, block_table, None)
-    core.testing.decode.config.OVERLAP_MERGE = False
+    core.testing.decode.config.OVERLAP_MERGE_FROM_SPLITS = default_rule
     for dtype, head_dim, n_queries, n_keys, causal, has_dlse, deterministic in FUSED_CALLS:
         q, dout = (torch.randn(1, 4, n_queries, head_dim).to(dtype) for _ in range(2))
         k, v = (torch.randn(1, 2, n_keys, head_dim).to(dtype) for _ in range(2))

@@ -233,15 +233,16 @@ def test_a_merge_of_more_splits_than_it_reads_at_once(dtype):
 )
 @pytest.mark.parametrize("page", [None, 16], ids=["dense", "page16"])
 def test_the_early_merge_launch_gives_the_same_bits(monkeypatch, page):
-    """config.OVERLAP_MERGE launches the merge before the split kernel ends; its wait must make it read
-    the finished partials: the same output and LSE, bit for bit, as the merge launched after."""
+    """config.OVERLAP_MERGE_FROM_SPLITS launches the merge before the split kernel ends; its wait must
+    make it read the finished partials: the same output and LSE, bit for bit, as the merge launched
+    after."""
     config = core.testing.decode.config
     cache = Cache(2, 8, 8192, 128, torch.bfloat16, page=page, seed=31)
     q = queries(2, 32, 1, 128, torch.bfloat16, seed=32)
     seqlens = torch.tensor([8192, 3001], dtype=torch.int32, device=DEVICE)
     results = {}
     for overlap in (False, True):
-        monkeypatch.setattr(config, "OVERLAP_MERGE", overlap)
+        monkeypatch.setattr(config, "OVERLAP_MERGE_FROM_SPLITS", 2 if overlap else None)
         core.testing.clear_plans()
         results[overlap] = [
             core.attention_with_kvcache(
@@ -253,6 +254,22 @@ def test_the_early_merge_launch_gives_the_same_bits(monkeypatch, page):
     core.testing.clear_plans()
     for (out, lse), (early_out, early_lse) in zip(results[False], results[True], strict=True):
         assert torch.equal(out, early_out) and torch.equal(lse, early_lse)
+
+
+def test_the_merge_is_launched_early_from_the_rules_split_count_on_hopper(monkeypatch):
+    """config.overlaps_merge: early from OVERLAP_MERGE_FROM_SPLITS splits on (never below 2: one split has
+    no merge), for compiled kernels on sm_90 (a CPU tensor stands for the Hopper target, as in the
+    compile probe), never interpreted, never with the rule off."""
+    config = core.testing.decode.config
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(config, "OVERLAP_MERGE_FROM_SPLITS", 16)
+    early = [config.overlaps_merge(splits, cpu, False) for splits in (1, 2, 8, 15, 16, 32, 128)]
+    assert early == [False] * 4 + [True] * 3
+    assert not config.overlaps_merge(32, cpu, True)
+    monkeypatch.setattr(config, "OVERLAP_MERGE_FROM_SPLITS", 1)
+    assert [config.overlaps_merge(s, cpu, False) for s in (1, 2)] == [False, True]
+    monkeypatch.setattr(config, "OVERLAP_MERGE_FROM_SPLITS", None)
+    assert not config.overlaps_merge(128, cpu, False)
 
 
 def test_the_wave_split_rule_fills_the_machine_from_shapes_alone(monkeypatch):

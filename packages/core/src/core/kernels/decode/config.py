@@ -32,9 +32,11 @@ PROGRAMS_PER_SM = 2
 BALANCE_TILES = True
 # Programmatic dependent launch (sm_90 on): the merge kernel is launched while the split kernel's
 # programs still run, and waits for them inside (griddepcontrol.wait), so the gap between the two
-# launches overlaps the split kernel's tail. Off until timed beside the plain launch (`run.py decode
-# --sweep` labels it "pdl").
-OVERLAP_MERGE = False
+# launches overlaps the split kernel's tail. From this many splits on (None: never). It pays where the
+# merge has many partials to read and the split kernel is one short wave (one sequence, GQA), and cost
+# where it had two (docs/perf-notes.md; `run.py decode --sweep` labels the rule from 2 splits "pdl" and
+# this one "pdl16").
+OVERLAP_MERGE_FROM_SPLITS: int | None = 16
 # Under the interpreter there is no device to fill: the rule plans for a stand-in of a few SMs, so that
 # the small CPU test shapes split their keys too.
 INTERPRETER_SMS = 4
@@ -83,11 +85,11 @@ def multiprocessors(device: torch.device, interpreted: bool) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def overlaps_merge(device: torch.device, interpreted: bool) -> bool:
-    """Whether the merge overlaps the split kernel (OVERLAP_MERGE) on this device: compiled, and on a GPU
-    with griddepcontrol (sm_90 and later). Off a GPU (the compile probe's CPU tensors) the target is
-    Hopper."""
-    if not OVERLAP_MERGE or interpreted:
+def overlaps_merge(splits: int, device: torch.device, interpreted: bool) -> bool:
+    """Whether a call of `splits` splits launches its merge early (OVERLAP_MERGE_FROM_SPLITS) on this
+    device: compiled, and on a GPU with griddepcontrol (sm_90 and later). Off a GPU (the compile probe's
+    CPU tensors) the target is Hopper."""
+    if OVERLAP_MERGE_FROM_SPLITS is None or splits < max(2, OVERLAP_MERGE_FROM_SPLITS) or interpreted:
         return False
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
 

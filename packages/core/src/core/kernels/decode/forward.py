@@ -160,9 +160,9 @@ def decode_split_kernel(
     Each sequence's keys are Nk_b = min(cached + n_new, capacity), capacity the keys the cache holds.
     qk_scale = sm_scale * log2(e) when BASE_2, else sm_scale. With SOFTCAP, qk_scale = sm_scale / softcap
     (the tanh's argument) and cap_scale = softcap, times log2(e) when BASE_2.
-    Grid: (row blocks * n_splits, Hkv, B). LAUNCH_MERGE (config.OVERLAP_MERGE): each program lets the
-    merge kernel launch at once (griddepcontrol.launch_dependents); the merge waits for this whole grid
-    to finish before it reads a partial, so the early launch only overlaps the launch gap.
+    Grid: (row blocks * n_splits, Hkv, B). LAUNCH_MERGE (config.OVERLAP_MERGE_FROM_SPLITS): each program
+    lets the merge kernel launch at once (griddepcontrol.launch_dependents); the merge waits for this
+    whole grid to finish before it reads a partial, so the early launch only overlaps the launch gap.
     """
     if LAUNCH_MERGE:
         tl.extra.cuda.gdc_launch_dependents()
@@ -337,7 +337,7 @@ def decode_merge_kernel(
 ):  # fmt: skip
     """Merge the splits of one query row of (batch, KV head). Grid (kv_group * Nq, Hkv, B).
     WAIT_FOR_SPLITS: launched before the split kernel ends (programmatic dependent launch,
-    config.OVERLAP_MERGE), so it waits for that grid's completion and writes (griddepcontrol.wait)
+    config.OVERLAP_MERGE_FROM_SPLITS), so it waits for that grid's completion and writes (griddepcontrol.wait)
     before its first read.
 
     Pointers: Partial, PartialStats as decode_split_kernel writes them; Out, Lse, LseLow as its

@@ -84,7 +84,7 @@ class AttendPlan(OnDevice):
             qk_scale, cap_scale = score_scale(q.dtype, sm_scale), 1.0
         vectors, addressing = _addressing(k_cache, cache_seqlens, block_table, cache_batch_idx)
         out_layout = layout_of_new_buffer(q)
-        overlap = splits > 1 and _config.overlaps_merge(q.device, interpreted)
+        overlap = _config.overlaps_merge(splits, q.device, interpreted)
         self.split = BoundLaunch(
             decode_split_kernel,
             (row_blocks * splits, kv_heads, batch),
