@@ -14,7 +14,9 @@
 #   precise-delta-ab: the same for the baseline copy in .base/, e.g. 0a5ed44's float32-sum pass;
 #   dot-orientation: whether the dK/dV kernel's scores are bitwise the dQ kernel's; delta-sums: the
 #   pass's loop alone with each way of summing its products, timed, and each one's error),
-#   cp (the simulated ring), numerics,
+#   hopper (the Hopper forwards, one program per tile and persistent: correctness, whether their results
+#   are the same bits, and their timing beside the portable forward, FA2 and cuDNN; table last in
+#   hopper.log), cp (the simulated ring), numerics,
 #   pinned (every fuzz failure pinned so far, inf/NaN ones included), sanitize (the compute-sanitizer
 #   sweep: an H100, the H200 machines' runtime refuses the tool), control (racecheck's control kernel)
 set -uo pipefail
@@ -52,6 +54,7 @@ for name in $what; do
     # host time beside the pre-restructure core (8f51f75) copied to .ab/ (the device call carries ".ab")
     host-ab) step host-ab 90 python3 $run host --baseline .ab/packages/core/src/core ;;
     cp) step cp 90 python3 $run cp --tokens 8192,32768 --out "$out/cp.json" ;;
+    hopper) step hopper 480 python3 $run hopper --quick --out "$out/hopper" ;;
     # numerics lab experiments on the GPU (NUMERICS=e10 by default); copy $OUT/numerics into numerics/results/gpu
     numerics) step numerics 200 python3 -m numerics --mode gpu --only "${NUMERICS:-e10}" --out "$out/numerics" ;;
     kernels) step kernels 200 python3 $run kernels --quick --out "$out" --docs "$out/docs" ;;

@@ -7,9 +7,10 @@ KV-cache call of CALLS and each attention call of ATTENTION_CALLS (forward and b
 family) builds core's plans on CPU tensors; every launch they make is recorded instead of run
 (core.testing.portable.launch.BoundLaunch, the one way core launches), and each distinct
 (kernel, signature, constexprs) is compiled with triton.compile for sm_90, specialised as Triton's
-launcher would (core.testing.compile_signature). The Hopper family's Gluon forward is compiled from its
-plan's own arguments (ForwardPlan.arguments: copy-engine descriptors over CPU tensors) for each call of
-HOPPER_CALLS; the fused backward's plans (core.testing.fused_backward's switch) for each of FUSED_CALLS.
+launcher would (core.testing.compile_signature). The Hopper family's Gluon forwards are compiled from
+their plans' own arguments (ForwardPlan.arguments: copy-engine descriptors over CPU tensors) for each
+call of HOPPER_CALLS, one program per tile or persistent (core.testing.hopper_persistent); the fused
+backward's plans (core.testing.fused_backward's switch) for each of FUSED_CALLS.
 Prints one JSON line per compile: kernel, constexprs, error.
 
     python packages/core/tests/compile_probe.py
@@ -78,31 +79,38 @@ FUSED_CALLS = [
 ]
 
 
-# (dtype, causal, q heads, kv heads): the Hopper family's Gluon forward as its plan launches it, both
-# dtypes, causal or not, GQA, and one head (whose head count and group, equal to 1, become constants).
+# (dtype, head dim, causal, q heads, kv heads, persistent): the Hopper family's Gluon forwards as its
+# plans launch them, one program per tile and persistent (core.testing.hopper_persistent): both dtypes,
+# causal or not, GQA, one head (whose head count and group, equal to 1, become constants), and the
+# persistent kernel at both head dims the kernels run at.
 HOPPER_CALLS = [
-    (torch.float16, True, 4, 2),
-    (torch.bfloat16, False, 4, 2),
-    (torch.bfloat16, True, 1, 1),
+    (torch.float16, 128, True, 4, 2, False),
+    (torch.bfloat16, 128, False, 4, 2, False),
+    (torch.bfloat16, 128, True, 1, 1, False),
+    (torch.float16, 128, True, 4, 2, True),
+    (torch.bfloat16, 128, False, 1, 1, True),
+    (torch.bfloat16, 64, True, 4, 2, True),
+    (torch.float16, 64, False, 4, 2, True),
 ]
 
 
 def hopper_launches() -> list[tuple]:
-    """[(kernel, arguments by name, launch options)] of the Hopper forward, from its plan on CPU tensors
-    (the descriptors need only an aligned address)."""
+    """[(kernel, arguments by name, launch options)] of the Hopper forwards, from their plans on CPU
+    tensors (the descriptors need only an aligned address)."""
     hopper = core.testing.family("hopper")
     launches = []
-    for dtype, causal, q_heads, kv_heads in HOPPER_CALLS:
-        q = torch.randn(2, q_heads, 300, 128).to(dtype)
-        k, v = (torch.randn(2, kv_heads, 333, 128).to(dtype) for _ in range(2))
-        plan = hopper.ForwardPlan(q, k, v, causal, 128**-0.5)
+    for dtype, head_dim, causal, q_heads, kv_heads, persistent in HOPPER_CALLS:
+        q = torch.randn(2, q_heads, 300, head_dim).to(dtype)
+        k, v = (torch.randn(2, kv_heads, 333, head_dim).to(dtype) for _ in range(2))
+        with core.testing.hopper_persistent(persistent):
+            plan = hopper.ForwardPlan(q, k, v, causal, head_dim**-0.5)
         lse = torch.empty(plan.lse_shape)
         arguments = plan.arguments(q, k, v, torch.empty_like(q), lse, lse[None])
         arguments = {
             name: core.testing.Pointer("fp32") if isinstance(value, torch.Tensor) else value
             for name, value in arguments.items()
         }
-        launches.append((hopper.kernel(), arguments, plan.options))
+        launches.append((plan.kernel, arguments, plan.options))
     return launches
 
 

@@ -27,13 +27,20 @@ def pytest_report_header(config):
     return f"core kernels: {target}"
 
 
-@pytest.fixture(autouse=True, params=core.testing.families())
+# The Hopper family runs twice: its one-program-per-tile forward ("hopper") and its persistent one.
+HOPPER_PERSISTENT = "hopper-persistent"
+FAMILIES = [*core.testing.families(), *([HOPPER_PERSISTENT] if "hopper" in core.testing.families() else [])]
+
+
+@pytest.fixture(autouse=True, params=FAMILIES)
 def family(request):
-    """Every test runs once per kernel family this machine can run. The portable family takes every call;
-    another family is forced strictly, and a test that reaches a call it does not take is skipped there
+    """Every test runs once per kernel family this machine can run, the Hopper family once per forward
+    kernel (core.testing.hopper_persistent off, then on). The portable family takes every call; another
+    family is forced strictly, and a test that reaches a call it does not take is skipped there
     (pytest_runtest_call below): each family passes the properties of the calls it takes."""
-    strict = request.param != "portable"
-    with core.testing.use_family(request.param, strict=strict):
+    persistent = request.param == HOPPER_PERSISTENT
+    name = "hopper" if persistent else request.param
+    with core.testing.use_family(name, strict=name != "portable"), core.testing.hopper_persistent(persistent):
         yield request.param
 
 

@@ -8,8 +8,9 @@ Code outside the package imports `core`, `core.testing`, `core.ops`, `core.refer
   and bound launches), `use_family(name)` (force a kernel family), `fused_backward(enabled)` (the
   portable family's fused backward, off by default), `varlen_whole_blocks(enabled)` (its whole-block
   loop for packed sequences, off by default), `precise_delta(enabled)` (its Delta pass for fp16/bf16
-  backwards, on by default), `launches_forbidden()` (any kernel output
-  allocation or launch fails: invalid input must be refused before);
+  backwards, on by default), `hopper_persistent(enabled)` (the Hopper family's persistent forward, off
+  by default), `launches_forbidden()` (any kernel output allocation or launch fails: invalid input must
+  be refused before);
 - `plan_like(plan)`: every call inside planned as `plan` was (its family; its decode splits, row tile);
 - introspection: `plan_for(q, k, v, ...)`, `cached_plans()`, `clear_plans()`, `families()`, `family(name)`,
   `kernel_fingerprint()`;
@@ -58,6 +59,7 @@ __all__ = [
     "float64_dot",
     "forward",
     "fused_backward",
+    "hopper_persistent",
     "host_cache",
     "is_interpreted",
     "kernel_fingerprint",
@@ -157,18 +159,28 @@ def varlen_whole_blocks(enabled: bool):
 
 
 @contextlib.contextmanager
-def _switched(switch, enabled: bool):
-    """A switch class's `enabled` set inside the block; call plans made before or inside it dropped
-    (unless the setting is unchanged: those plans hold)."""
-    if switch.enabled == enabled:
+def hopper_persistent(enabled: bool):
+    """Switch the Hopper family's persistent forward (one program per SM walking a list of tiles; off by
+    default) on or off inside the block, for the plans made in it. Its results are bitwise the one-tile
+    kernel's."""
+    with _switched(kernels.hopper, enabled, "PERSISTENT"):
+        yield
+
+
+@contextlib.contextmanager
+def _switched(switch, enabled: bool, attribute: str = "enabled"):
+    """A switch's `attribute` (a switch class's `enabled`, a module's flag) set inside the block; call
+    plans made before or inside it dropped (unless the setting is unchanged: those plans hold)."""
+    previous = getattr(switch, attribute)
+    if previous == enabled:
         yield
         return
-    previous, switch.enabled = switch.enabled, enabled
+    setattr(switch, attribute, enabled)
     _plans.clear()
     try:
         yield
     finally:
-        switch.enabled = previous
+        setattr(switch, attribute, previous)
         _plans.clear()
 
 

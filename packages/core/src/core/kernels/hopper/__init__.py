@@ -8,6 +8,11 @@ lengths where it measures faster than the portable forward (docs/perf-notes.md):
 full tile of queries. `supports` never imports Gluon, so this package imports on any machine and under
 the interpreter (where `supports` is False); a plan compiles the kernel on first use. CORE_HOPPER=0 in
 the environment turns the family off.
+
+Two kernels compute the same results, bit for bit: one program per tile of 2 x BLOCK_M query rows
+(forward.py), or, with PERSISTENT, one program per SM walking a heaviest-first list of tiles
+(persistent.py). PERSISTENT (CORE_HOPPER_PERSISTENT=1 in the environment; core.testing.hopper_persistent
+in tests) is read when a plan is made; it stays off until a GPU timing says the persistent kernel pays.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from core.kernels.host import PLAIN, Features, OnDevice, new_buffer, score_scale
 NAME = "hopper"
 
 ENABLED = os.environ.get("CORE_HOPPER", "1") != "0"
+PERSISTENT = os.environ.get("CORE_HOPPER_PERSISTENT", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIMS = (128,)  # D 64 runs, but measured no faster than the portable forward: left to it
 _TMA_DIM_LIMIT = 2**32  # the copy engine's largest extent per dimension
@@ -56,6 +62,14 @@ def tile_config(head_dim: int) -> TileConfig:
 @functools.cache
 def _is_sm90(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int | None:
+    """The GPU's SM count; None off a GPU (the compile probe's plans over CPU tensors launch nothing)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _fits_copy_engine(t: torch.Tensor) -> bool:
@@ -113,7 +127,8 @@ class ForwardPlan(OnDevice):
     """The forward of one call signature (core.kernels' contract): `plan(q, k, v)` returns (out, lse,
     lse_low) with the portable forward's conventions: out like q; lse (B, Hq, Nq) float32 in base 2,
     -inf for rows that see no key; lse_low (1, B, Hq, Nq), its TwoSum rounding error, 0 where
-    |lse| < 256 and for rows that see no key. The backward is the portable family's."""
+    |lse| < 256 and for rows that see no key. The backward is the portable family's. The kernel, one
+    program per tile or persistent, is PERSISTENT's when the plan is made."""
 
     def __init__(self, q, k, v, causal: bool, sm_scale: float, features: Features = PLAIN):
         super().__init__(q)
@@ -126,11 +141,18 @@ class ForwardPlan(OnDevice):
         element = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
         self.q_layout = gl.NVMMASharedLayout.get_default_for([1, 1, config.block_m, head_dim], element)
         self.kv_layout = gl.NVMMASharedLayout.get_default_for([1, 1, config.block_n, head_dim], element)
-        tiles = -(-n_queries // (2 * config.block_m))
-        self.grid = (tiles * q_heads * batch,)
+        tiles = -(-n_queries // (2 * config.block_m)) * q_heads * batch
+        self.persistent = PERSISTENT
+        self.kernel = kernel(self.persistent)
+        if self.persistent:
+            self.grid = (min(tiles, _multiprocessors(q.device) or tiles),)
+            counts = dict(n_batch_heads=batch * q_heads)
+        else:
+            self.grid = (tiles,)
+            counts = {}
         kv_group = q_heads // k.shape[1]
         self.scalars = dict(
-            n_q_heads=q_heads, kv_group=kv_group, n_queries=n_queries, n_keys=k.shape[2],
+            **counts, n_q_heads=q_heads, kv_group=kv_group, n_queries=n_queries, n_keys=k.shape[2],
             qk_scale=score_scale(q.dtype, sm_scale), HEAD_DIM=head_dim, CAUSAL=bool(causal),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, STAGES=config.stages,
             CONSUMER_REGISTERS=config.consumer_registers, PRODUCER_REGISTERS=config.producer_registers,
@@ -142,17 +164,15 @@ class ForwardPlan(OnDevice):
         return self.on_device(self._run, q, k, v)
 
     def _run(self, q, k, v):
-        from core.kernels.hopper.forward import hopper_attention_forward_kernel
-
         out = new_buffer(q)
         lse = new_buffer(q, self.lse_shape)
         lse_low = new_buffer(q, (1, *self.lse_shape))
         arguments = self.arguments(q, k, v, out, lse, lse_low)
-        hopper_attention_forward_kernel[self.grid](**arguments, **self.options)
+        self.kernel[self.grid](**arguments, **self.options)
         return out, lse, lse_low
 
     def arguments(self, q, k, v, out, lse, lse_low) -> dict:
-        """The kernel's arguments by name for one call: copy-engine descriptors over q, k, v and out, the
+        """self.kernel's arguments by name for one call: copy-engine descriptors over q, k, v and out, the
         statistics' buffers, the scalars and constexprs (launch options: self.options)."""
         config = self.config
         return dict(
@@ -167,11 +187,18 @@ class ForwardPlan(OnDevice):
         return self._portable.backward_plan(dout, dlse, q, k, v)
 
 
-__all__ = ["NAME", "ForwardPlan", "TileConfig", "available", "kernel", "supports", "tile_config"]
+__all__ = [
+    "NAME", "PERSISTENT", "ForwardPlan", "TileConfig", "available", "kernel", "supports", "tile_config",
+]  # fmt: skip
 
 
-def kernel():
-    """The Gluon kernel itself (compiling it for a report needs no GPU; importing it needs Gluon)."""
+def kernel(persistent: bool = False):
+    """The Gluon kernel itself, one program per tile or persistent (compiling it for a report needs no
+    GPU; importing it needs Gluon)."""
+    if persistent:
+        from core.kernels.hopper.persistent import hopper_attention_forward_persistent_kernel
+
+        return hopper_attention_forward_persistent_kernel
     from core.kernels.hopper.forward import hopper_attention_forward_kernel
 
     return hopper_attention_forward_kernel

@@ -14,6 +14,9 @@ saved in two parts with the same rules.
 Only the final division differs: a reciprocal per row times the accumulator (two roundings in float32,
 hidden by the output's rounding to fp16/bf16).
 
+The persistent kernel (persistent.py) runs these partitions' pieces (_consume, _load_query_tile,
+_load_key_blocks) over many tiles per program; their ring slots and query phases are its arguments.
+
 This module imports Gluon at import time; core.kernels.hopper imports it only when a plan needs it.
 """
 
@@ -97,19 +100,21 @@ def _softmax_block(
 
 @gluon.jit
 def _overlapped_step(
-    j, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, p_prev, m_i, l_i, l_comp,
+    j, ring_base, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, p_prev, m_i, l_i, l_comp,
     qk_scale, rows, n_keys, diagonal,
     MASKED: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr,
 ):  # fmt: skip
-    """Key block j (j >= 1): issue S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; take the softmax of S_j
-    while the second MMA runs; then rescale O to block j's max. Returns the state with P_j pending."""
-    stage = j % STAGES
-    prev = (j - 1) % STAGES
-    mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+    """Key block j (j >= 1), in ring slot ring_base + j: issue S_j = Q K_j^T, then O += P_{j-1} V_{j-1};
+    take the softmax of S_j while the second MMA runs; then rescale O to block j's max. Returns the state
+    with P_j pending."""
+    slot = ring_base + j
+    stage = slot % STAGES
+    prev = (slot - 1) % STAGES
+    mbarrier.wait(k_ready.index(stage), (slot // STAGES) & 1)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_LAYOUT)
     s_token = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+    mbarrier.wait(v_ready.index(prev), ((slot - 1) // STAGES) & 1)
     o_token = warpgroup_mma(p_prev, v_smem.index(prev), acc, is_async=True)
     scores = warpgroup_mma_wait(num_outstanding=1, deps=(s_token,))
     p, alpha, m_i, l_i, l_comp = _softmax_block(
@@ -126,14 +131,17 @@ def _overlapped_step(
 @gluon.jit
 def _consume(
     q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, o_desc, Lse, LseLow,
-    batch, head, row_start, row_offset, n_queries, n_keys, n_blocks_loaded, qk_scale,
+    batch, head, row_start, row_offset, n_queries, n_keys, n_blocks_loaded, qk_scale, ring_base, q_phase,
     HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr,
 ):  # fmt: skip
     """One consumer warpgroup: BLOCK_M query rows from row_start against the key blocks they see, in the
     order the producer loads them; it releases every stage the producer loaded, including the blocks
-    past its own causal end (the other consumer's rows see more keys). Writes out, LSE and its low part.
-    row_offset: the index of this head's row 0 in Lse and LseLow."""
+    past its own causal end (the other consumer's rows see more keys). Writes out, LSE and its low part,
+    staging the output in q_smem; returns once the copy engine has read it from there.
+    row_offset: the index of this head's row 0 in Lse and LseLow. Key block j sits in ring slot
+    ring_base + j (stage slot % STAGES, its (slot // STAGES)-th use); q_ready completes its phase
+    q_phase when the query tile has landed."""
     S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1], instr_shape=[16, BLOCK_N, 16]
     )
@@ -162,13 +170,16 @@ def _consume(
     l_comp = gl.zeros([BLOCK_M], gl.float32, ROW_LAYOUT)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, O_LAYOUT)
     p_prev = gl.zeros([BLOCK_M, BLOCK_N], dtype, P_LAYOUT)
-    mbarrier.wait(q_ready, 0)
+    mbarrier.wait(q_ready, q_phase)
 
     if n_blocks > 0:
         # Block 0 alone: its scores, softmax and P; its P V is issued with block 1's scores.
-        mbarrier.wait(k_ready.index(0), 0)
+        first = ring_base % STAGES
+        mbarrier.wait(k_ready.index(first), (ring_base // STAGES) & 1)
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_LAYOUT)
-        s_token = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s_token = warpgroup_mma(
+            q_smem, k_smem.index(first).permute((1, 0)), s_zero, use_acc=False, is_async=True
+        )
         scores = warpgroup_mma_wait(num_outstanding=0, deps=(s_token,))
         p, _, m_i, l_i, l_comp = _softmax_block(
             scores, m_i, l_i, l_comp, qk_scale, 0, rows, n_keys, diagonal, True, CAUSAL, BLOCK_N, S_LAYOUT
@@ -176,26 +187,26 @@ def _consume(
         p_prev = gl.convert_layout(p.to(dtype), P_LAYOUT)
         for j in range(1, n_unmasked):
             acc, p_prev, m_i, l_i, l_comp = _overlapped_step(
-                j, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, p_prev, m_i, l_i, l_comp,
-                qk_scale, rows, n_keys, diagonal, False, CAUSAL, BLOCK_M, BLOCK_N, STAGES, S_LAYOUT,
+                j, ring_base, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, p_prev, m_i, l_i,
+                l_comp, qk_scale, rows, n_keys, diagonal, False, CAUSAL, BLOCK_M, BLOCK_N, STAGES, S_LAYOUT,
                 O_LAYOUT, P_LAYOUT,
             )  # fmt: skip
         for j in range(gl.maximum(n_unmasked, 1), n_blocks):
             acc, p_prev, m_i, l_i, l_comp = _overlapped_step(
-                j, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, p_prev, m_i, l_i, l_comp,
-                qk_scale, rows, n_keys, diagonal, True, CAUSAL, BLOCK_M, BLOCK_N, STAGES, S_LAYOUT,
+                j, ring_base, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, p_prev, m_i, l_i,
+                l_comp, qk_scale, rows, n_keys, diagonal, True, CAUSAL, BLOCK_M, BLOCK_N, STAGES, S_LAYOUT,
                 O_LAYOUT, P_LAYOUT,
             )  # fmt: skip
         # The last block's P V.
-        last = n_blocks - 1
+        last = ring_base + n_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         o_token = warpgroup_mma(p_prev, v_smem.index(last % STAGES), acc, is_async=True)
         acc, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(o_token, p_prev))
         mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
     # Blocks only the other consumer's rows see: hand their stages back as they arrive.
-    for j in range(n_blocks, n_blocks_loaded):
-        mbarrier.wait(v_ready.index(j % STAGES), (j // STAGES) & 1)
-        mbarrier.arrive(kv_empty.index(j % STAGES), count=1)
+    for slot in range(ring_base + n_blocks, ring_base + n_blocks_loaded):
+        mbarrier.wait(v_ready.index(slot % STAGES), (slot // STAGES) & 1)
+        mbarrier.arrive(kv_empty.index(slot % STAGES), count=1)
 
     # l_i >= 1 for every row that saw a key (its max contributes exp2(0)); rows that saw none output 0
     # and LSE -inf.
@@ -223,6 +234,19 @@ def _consume(
 
 
 @gluon.jit
+def _blocks_loaded(
+    tile_start, n_queries, n_keys, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr
+):  # fmt: skip
+    """The key blocks that the last row of the tile of CONSUMERS x BLOCK_M rows from tile_start sees
+    (the producer loads them all; the first consumer may see fewer)."""
+    if CAUSAL:
+        key_end = gl.minimum(n_keys, gl.maximum(tile_start + CONSUMERS * BLOCK_M + n_keys - n_queries, 0))
+    else:
+        key_end = n_keys
+    return (key_end + BLOCK_N - 1) // BLOCK_N
+
+
+@gluon.jit
 def _produce(
     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
     batch, head, kv_head, tile_start, n_blocks_loaded,
@@ -232,16 +256,33 @@ def _produce(
     stage reused once both consumers have released it. K and V have their own ready barriers, so the
     score MMA can start before V has landed."""
     for c in gl.static_range(CONSUMERS):
-        mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-        _copy_to_shared(
-            q_desc, [batch, head, tile_start + c * BLOCK_M, 0], q_ready.index(c),
-            _tile_view(q_smem.index(c), q_desc),
-        )  # fmt: skip
-    for j in range(n_blocks_loaded):
-        stage = j % STAGES
+        _load_query_tile(q_desc, q_smem.index(c), q_ready.index(c), batch, head, tile_start + c * BLOCK_M)
+    _load_key_blocks(
+        k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_empty, batch, kv_head, 0, n_blocks_loaded,
+        BLOCK_N, STAGES,
+    )  # fmt: skip
+
+
+@gluon.jit
+def _load_query_tile(q_desc, q_smem, q_ready, batch, head, row_start):
+    """BLOCK_M query rows from row_start into q_smem; q_ready completes a phase when they have landed."""
+    mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+    _copy_to_shared(q_desc, [batch, head, row_start, 0], q_ready, _tile_view(q_smem, q_desc))
+
+
+@gluon.jit
+def _load_key_blocks(
+    k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_empty, batch, kv_head, ring_base, n_blocks,
+    BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+):  # fmt: skip
+    """Key blocks 0 .. n_blocks - 1 of one (batch, kv head) into ring slots ring_base + j, each stage
+    reused once both consumers have released its previous use."""
+    for j in range(n_blocks):
+        slot = ring_base + j
+        stage = slot % STAGES
         # A fresh barrier counts as having completed the phase before its first: the first pass
         # through the ring does not wait.
-        mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
+        mbarrier.wait(kv_empty.index(stage), ((slot // STAGES) & 1) ^ 1)
         mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
         _copy_to_shared(
             k_desc, [batch, kv_head, j * BLOCK_N, 0], k_ready.index(stage),
@@ -263,7 +304,7 @@ def _second_consumer(
 ):  # fmt: skip
     _consume(
         q_smem.index(1), k_smem, v_smem, q_ready.index(1), k_ready, v_ready, kv_empty, o_desc, Lse, LseLow,
-        batch, head, tile_start + BLOCK_M, row_offset, n_queries, n_keys, n_blocks_loaded, qk_scale,
+        batch, head, tile_start + BLOCK_M, row_offset, n_queries, n_keys, n_blocks_loaded, qk_scale, 0, 0,
         HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES,
     )  # fmt: skip
 
@@ -277,7 +318,7 @@ def _first_consumer(
 ):  # fmt: skip
     _consume(
         q_smem.index(0), k_smem, v_smem, q_ready.index(0), k_ready, v_ready, kv_empty, o_desc, Lse, LseLow,
-        batch, head, tile_start, row_offset, n_queries, n_keys, n_blocks_loaded, qk_scale,
+        batch, head, tile_start, row_offset, n_queries, n_keys, n_blocks_loaded, qk_scale, 0, 0,
         HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES,
     )  # fmt: skip
 
@@ -310,12 +351,7 @@ def hopper_attention_forward_kernel(
     tile_start = tile * (CONSUMERS * BLOCK_M)
     row_offset = batch_head.to(gl.int64) * n_queries
 
-    # The key blocks the tile's last row sees; the first consumer may see fewer.
-    if CAUSAL:
-        key_end = gl.minimum(n_keys, gl.maximum(tile_start + CONSUMERS * BLOCK_M + n_keys - n_queries, 0))
-    else:
-        key_end = n_keys
-    n_blocks_loaded = (key_end + BLOCK_N - 1) // BLOCK_N
+    n_blocks_loaded = _blocks_loaded(tile_start, n_queries, n_keys, CAUSAL, BLOCK_M, BLOCK_N)
 
     dtype: gl.constexpr = q_desc.dtype
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
