@@ -124,10 +124,8 @@ class Case:
 @dataclass(frozen=True)
 class VarlenCase:
     """A packed batch for core.attention_varlen: each sequence's query and key lengths (0 allowed),
-    heads, head dim, dtype, the options, the values, whether q, k and v are head slices of one fused
-    (total, Hq + 2 Hkv, D) projection (self-attention: lens_q == lens_k) instead of separate tensors, and
-    whether the call runs with core.testing.varlen_whole_blocks on (a fast path still off by default; it
-    changes the backward of unwindowed calls at head dims 65-128 only)."""
+    heads, head dim, dtype, the options, the values, and whether q, k and v are head slices of one fused
+    (total, Hq + 2 Hkv, D) projection (self-attention: lens_q == lens_k) instead of separate tensors."""
 
     lens_q: tuple[int, ...] = (16,)
     lens_k: tuple[int, ...] = (16,)
@@ -141,7 +139,6 @@ class VarlenCase:
     softcap: float = 0.0
     values: Values = Values()
     fused: bool = False
-    whole_blocks: bool = False
 
     @property
     def options(self) -> dict:

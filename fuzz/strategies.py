@@ -288,9 +288,8 @@ def varlen_cases(draw, limits: profiles.Limits | None = None) -> VarlenCase:
     """A packed batch of 1-4 ragged sequences within `limits`, of the running test item's kernel
     family: query and key lengths each 0, 1, a tile edge or anything (Nq != Nk both ways, chunked
     prefill's Nk >= Nq, and key lengths equal to the query lengths), GQA, any head dim, a window, a
-    softcap, a scale, any value distribution, sometimes q, k, v as views of one fused projection, and
-    the varlen whole-block switch on or off. The work over all sequences stays within the profile's
-    per-example budget."""
+    softcap, a scale, any value distribution, and sometimes q, k, v as views of one fused projection.
+    The work over all sequences stays within the profile's per-example budget."""
     limits = limits or profiles.active().limits
     kernel = sharding.current()
     dtype = draw(st.sampled_from(DTYPES)) if kernel is None else kernel[0]
@@ -321,7 +320,7 @@ def varlen_cases(draw, limits: profiles.Limits | None = None) -> VarlenCase:
         lens_q=tuple(lens_q), lens_k=tuple(lens_k), q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
         dtype=dtype, causal=causal, sm_scale=draw(sm_scales(head_dim)),
         window_size=window, softcap=draw(softcaps()), values=draw(values()),
-        fused=self_attention and draw(st.booleans()), whole_blocks=draw(st.booleans()),
+        fused=self_attention and draw(st.booleans()),
     )  # fmt: skip
 
 

@@ -54,12 +54,11 @@ def test_windows_and_softcaps_match_float64(kernel, case: Case):
 def _varlen_results(case: VarlenCase, inputs):
     """(out, lse, dq, dk, dv) of core.attention_varlen on the case's packed batch."""
     leaves = [t.detach().requires_grad_() for t in (inputs.q, inputs.k, inputs.v)]
-    with core.testing.varlen_whole_blocks(case.whole_blocks):
-        out, lse = core.attention_varlen(
-            *leaves, inputs.cu_seqlens_q, inputs.cu_seqlens_k, max(*case.lens_q, 1), max(*case.lens_k, 1),
-            **case.options, return_lse=True,
-        )  # fmt: skip
-        out.backward(inputs.dout)
+    out, lse = core.attention_varlen(
+        *leaves, inputs.cu_seqlens_q, inputs.cu_seqlens_k, max(*case.lens_q, 1), max(*case.lens_k, 1),
+        **case.options, return_lse=True,
+    )  # fmt: skip
+    out.backward(inputs.dout)
     return out.detach(), lse.detach(), *(t.grad for t in leaves)
 
 

@@ -60,9 +60,9 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--providers",
-        default="core,whole,fadelta,flex,sdpa,loop",
-        help="comma list of core,whole,fadelta,flex,sdpa,loop (whole: core varlen with the whole-block "
-        "dK/dV loop; fadelta: core with Delta = dO . O, as FlashAttention and Flex take it)",
+        default="core,fadelta,flex,sdpa,loop",
+        help="comma list of core,fadelta,flex,sdpa,loop (fadelta: core with Delta = dO . O, as "
+        "FlashAttention and Flex take it)",
     )
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     return parser.parse_args(argv)
@@ -230,12 +230,6 @@ def packed_scenario(bench: Bench, tokens: int, documents: int, heads: int, head_
     reference = None
     if "core" in bench.providers:
         reference = bench.measure(name, "core varlen", lambda: (core_varlen, leaves, grad), flops, None, note)
-    if "whole" in bench.providers:
-        import core.testing
-
-        with core.testing.varlen_whole_blocks(True):
-            bench.measure(name, "core varlen whole", lambda: (core_varlen, leaves, grad), flops, reference,
-                          "the whole-block dK/dV loop (switch on)")  # fmt: skip
     _measure_with_output_delta(bench, name, "core varlen", core_varlen, leaves, grad, flops, reference)
     if "loop" in bench.providers:
         bench.measure(name, "core per-doc loop", lambda: (per_document, leaves, grad), flops, reference,

@@ -21,7 +21,8 @@ LSE low part, then the same two without it (the one typical inputs run).
 
 `--features window,softcap,varlen` compiles the kernels with those switches on instead (a sliding
 window, logit softcapping, packed sequences; any subset): the plain kernels' report is the default.
-Switches core reads from the environment apply, e.g. CORE_VARLEN_WHOLE_BLOCKS=1 with `--features varlen`.
+`--n` sets N: one that is no multiple of the dK/dV kernel's BLOCK_M (4001, say) compiles the backward
+of a ragged Nq, which reads its row statistics from the padded copy (backward.py, PADDED_STATS).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def kernel_arguments(
     else:
         dkdv, dq = _config.backward_configs(block_d, torch_dtype, False)
         config = dkdv if kind == "dkdv" else dq
+        padded = {"PADDED_STATS": _launch.padded_stats(n, dkdv.block_m, varlen)}
         outputs = {"dk": "bhnd", "dv": "bhnd"} if kind == "dkdv" else {"dq": "bhmd"}
         tensors = {"q": "bhmd", "k": "bhnd", "v": "bhnd", "do": "bhmd", **outputs}
         pointers = {name: element for name in ("Q", "K", "V", "dOut")}
@@ -77,12 +79,9 @@ def kernel_arguments(
         pointers |= {"dK": element, "dV": element} if kind == "dkdv" else {"dQ": element}
         scalars = {"sm_scale": 0.125, "qk_scale": 0.18}
         if kind == "dkdv":
-            extra = {
-                "PREFETCH_ROW_STATS": config.prefetch_row_stats,
-                "WHOLE_QUERY_BLOCKS": _launch.dkdv_whole_blocks(n, config.block_m, block_d, varlen, window),
-            }
+            extra = {"PREFETCH_ROW_STATS": config.prefetch_row_stats, **padded}
         else:
-            extra = {"DELTA_IN_DQ": False}
+            extra = {"DELTA_IN_DQ": False, **padded}
     pointers |= {"CuSeqlensQ": "i32", "CuSeqlensK": "i32"}  # stand-ins unless varlen
     arguments = {name: Pointer(element_type) for name, element_type in pointers.items()}
     for tensor, dims in tensors.items():
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--d", default="64,128")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--n", type=int, default=4096, help="Nq = Nk (ragged: padded row statistics)")
     parser.add_argument("--kernels", default="forward,dq,dkdv")
     parser.add_argument("--features", default="", help="comma list of window,softcap,varlen (default: none)")
     args = parser.parse_args(argv)

@@ -2,10 +2,11 @@
 
 - prefetched one step ahead (the portable config's KernelConfig.prefetch_row_stats) or loaded in the
   step that uses them;
-- for whole query blocks (Nq a multiple of BLOCK_M, the portable plans' whole_query_blocks), unmasked
-  aligned vectors or the masked loads every other length takes.
+- for whole query blocks (Nq a multiple of BLOCK_M, the portable plans' whole_query_blocks), from the
+  saved statistics in place or from the padded copy every other length takes (backward.py,
+  PADDED_STATS), with Q and dO masked.
 
-Each pair is the same loads of the same numbers. Both of the kernel's loops are covered: the one for rows
+Each pair is the same numbers. Both of the kernel's loops are covered: the one for rows
 whose LSE low parts are all 0 (typical logits), and the one that subtracts them (|LSE| beyond 2^8 in
 base 2, core.kernels.portable.forward)."""
 
@@ -104,3 +105,23 @@ def test_row_statistics_loads_give_the_same_bits(case, dtype, sm_scale, monkeypa
     for name, a, b in zip(("dq", "dk", "dv"), tested, plain):
         assert not torch.isnan(a).any(), f"{name} has unwritten (NaN) elements"
         assert torch.equal(a, b), f"{name} differs between the two ways of loading ({variant})"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_rows_whose_scores_all_overflow_read_the_same_from_the_padded_copy(dtype, monkeypatch):
+    """Rows that see every key but whose every score overflows to -inf have LSE -inf, and the dK/dV
+    kernel visits them in its unmasked loop (unlike rows that see no key, which only masked blocks
+    reach): in place it reads their LSE as +inf, and from the padded copy the preprocess must have
+    copied it as +inf, for the same P = 0 (a -inf there would make P NaN)."""
+    q, k, v = make_qkv(1, 2, 1, 64, 40, 16, dtype, seed=43)
+    huge = 1e30 if dtype == torch.bfloat16 else 1e20  # q . k = -16 huge^2: beyond float32
+    with torch.no_grad():
+        q[:, :, :24] = huge
+        k.fill_(-huge)  # equal keys: the other rows' finite scores tie, P = 1 / Nk
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(44)).to(DEVICE, dtype)
+    lse, *in_place = _gradients(q, k, v, dout, False, None, monkeypatch, prefetch=None, whole=None)
+    _, *padded = _gradients(q, k, v, dout, False, None, monkeypatch, prefetch=None, whole=False)
+    assert torch.all(lse[:, :, :24] == float("-inf")) and torch.all(lse[:, :, 24:].isfinite())
+    for name, a, b in zip(("dq", "dk", "dv"), in_place, padded):
+        assert not torch.isnan(a).any(), f"{name} has NaN elements"
+        assert torch.equal(a, b), f"{name} differs between the statistics in place and the padded copy"

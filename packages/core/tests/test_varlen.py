@@ -99,21 +99,43 @@ def test_each_sequence_equals_its_dense_call_bitwise(case, dtype):
     _check_each_sequence_against_its_dense_call(case, dtype, HEAD_DIM)
 
 
-@pytest.mark.parametrize("whole_blocks", [False, True], ids=["masked", "whole-blocks"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_at_head_dim_128_each_sequence_equals_its_dense_call_bitwise(dtype, whole_blocks):
-    """At BLOCK_D 128, with core.testing.varlen_whole_blocks, the dK/dV kernel runs a sequence's whole
-    query blocks with unmasked row loads and only its last, ragged block masked (backward.py,
-    _dkdv_from_group): the sequences end mid-block and in whole blocks, and start at offsets no block
-    size divides."""
-    with core.testing.varlen_whole_blocks(whole_blocks):
-        _check_each_sequence_against_its_dense_call(CASES[0], dtype, 128)
+def test_at_head_dim_128_each_sequence_equals_its_dense_call_bitwise(dtype):
+    """At BLOCK_D 128 too (other tiles on the GPU): the sequences end mid-block and in whole blocks, and
+    start at offsets no block size divides."""
+    _check_each_sequence_against_its_dense_call(CASES[0], dtype, 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_a_sequence_whose_scores_are_all_minus_inf_equals_its_dense_call(dtype):
+    """A sequence whose every score overflows to -inf though each of its rows sees keys: its rows' LSE is
+    -inf, so the dK/dV kernel of that sequence reads a -inf LSE for each row it visits (which the padded
+    statistics hold as +inf, so that its P is 0), and it still gives its dense call's bits. The
+    lengths cross multiples of the padded statistics' 128 rows."""
+    lens_q, lens_k = [70, 90, 33, 50], [80, 90, 40, 50]
+    options = {"causal": True}  # Nk >= Nq: every row sees a key
+    (q, k, v), cu_q, cu_k = packed_inputs(lens_q, lens_k, 4, 2, dtype, seed=17)
+    # q . k = -D * huge^2: beyond float32 in every score of sequence 1 (bf16 holds 1e30, float32 1e20)
+    huge = 1e30 if dtype == torch.bfloat16 else 1e20
+    rows, keys = slice(70, 160), slice(80, 170)
+    with torch.no_grad():
+        q[rows] = huge
+        k[keys] = -huge
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(18)).to(DEVICE, dtype)
+    _, lse, dq, dk, _ = _check_against_dense_calls(q, k, v, cu_q, cu_k, dout, lens_q, lens_k, options)
+    assert torch.all(lse[:, rows] == float("-inf"))
+    assert torch.all(dq[rows] == 0) and torch.all(dk[keys] == 0)
 
 
 def _check_each_sequence_against_its_dense_call(case, dtype, head_dim):
     lens_q, lens_k, options = case
     (q, k, v), cu_q, cu_k = packed_inputs(lens_q, lens_k, 4, 2, dtype, seed=len(lens_q), head_dim=head_dim)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+    _check_against_dense_calls(q, k, v, cu_q, cu_k, dout, lens_q, lens_k, options)
+
+
+def _check_against_dense_calls(q, k, v, cu_q, cu_k, dout, lens_q, lens_k, options):
+    """(out, lse, dq, dk, dv) of core.attention_varlen, each sequence's bitwise its dense call's."""
     out, lse, dq, dk, dv = run_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), dout, **options)
     starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
     checked = 0
@@ -135,6 +157,7 @@ def _check_each_sequence_against_its_dense_call(case, dtype, head_dim):
             assert torch.equal(packed, alone), f"sequence {b} ({n_queries} x {n_keys}): {name} differs"
         checked += 1
     assert checked >= 2
+    return out, lse, dq, dk, dv
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

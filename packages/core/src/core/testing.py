@@ -6,11 +6,10 @@ Code outside the package imports `core`, `core.testing`, `core.ops`, `core.refer
 
 - switches: `poisoned_outputs()` (NaN-fill every kernel output), `host_cache(enabled)` (the plan cache
   and bound launches), `use_family(name)` (force a kernel family), `fused_backward(enabled)` (the
-  portable family's fused backward, off by default), `varlen_whole_blocks(enabled)` (its whole-block
-  loop for packed sequences, off by default), `precise_delta(enabled)` (its Delta pass for fp16/bf16
-  backwards, on by default), `hopper_persistent(enabled)` (the Hopper family's persistent forward, off
-  by default), `launches_forbidden()` (any kernel output allocation or launch fails: invalid input must
-  be refused before);
+  portable family's fused backward, off by default), `precise_delta(enabled)` (its Delta pass for
+  fp16/bf16 backwards, on by default), `hopper_persistent(enabled)` (the Hopper family's persistent
+  forward, off by default), `launches_forbidden()` (any kernel output allocation or launch fails:
+  invalid input must be refused before);
 - `plan_like(plan)`: every call inside planned as `plan` was (its family; its decode splits, row tile);
 - introspection: `plan_for(q, k, v, ...)`, `cached_plans()`, `clear_plans()`, `families()`, `family(name)`,
   `kernel_fingerprint()`;
@@ -147,14 +146,6 @@ def precise_delta(enabled: bool):
     """Switch the portable family's Delta pass for fp16/bf16 backwards (on by default: Delta summed from
     P and dP in the dQ kernel, not dO . O from the rounded output) on or off inside the block."""
     with _switched(_portable_plans.PreciseDelta, enabled):
-        yield
-
-
-@contextlib.contextmanager
-def varlen_whole_blocks(enabled: bool):
-    """Switch the portable family's whole-block loop for packed sequences at BLOCK_D 128 (its dK/dV
-    kernel; off by default) on or off inside the block."""
-    with _switched(_portable_plans.VarlenWholeBlocks, enabled):
         yield
 
 

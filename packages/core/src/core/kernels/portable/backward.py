@@ -29,6 +29,17 @@ The kernels share the forward's switches (forward.py: attention_forward_kernel):
 window: each program visits only the blocks its window reaches, the edges masked), SOFTCAP, and VARLEN
 (packed sequences, the per-row statistics laid out (Hq, total_q), programs past their sequence's end
 returning at once). Off, the kernels are the plain ones.
+
+PADDED_STATS (every VARLEN call, and every dense call whose Nq is no multiple of the dK/dV kernel's
+BLOCK_M): the preprocess copies the row statistics the dQ and dK/dV kernels read (the LSE, its low
+parts, Delta) into a padded buffer in which each sequence's (each (batch, head)'s) rows start at a
+multiple of STATS_ROW_PAD and its last query block is padded, and the other two kernels read them
+there (_padded_stat_rows lays the copy out). A packed sequence starts anywhere and a ragged Nq ends
+mid-block, so the dK/dV kernel could load those rows' statistics only with masks and per-element
+predicates, a third of its D=128 loop (docs/perf-notes.md); from the copy every query block is whole
+and aligned, as it is in place when Nq is a multiple of BLOCK_M. The padding reads as rows that see no
+key (LSE +inf, low parts and Delta 0, so their P is 0), and a -inf LSE is copied as +inf, so the dK/dV
+kernel's loads need neither masks nor the -inf map.
 """
 
 import triton
@@ -54,6 +65,48 @@ from core.kernels.shared import (
 LOG2E = tl.constexpr(1.4426950408889634)
 # Rows of the LSE's low part that the dK/dV kernel checks per step before choosing its loop.
 LOW_PART_SCAN_BLOCK = tl.constexpr(1024)
+# Each sequence's rows in the padded copy of the row statistics (PADDED_STATS) start at a multiple of
+# this: a multiple of every BLOCK_M of the dK/dV kernel and of the preprocess (config.py; the kernels
+# assert it), so each query block of the copy is whole and aligned.
+STATS_ROW_PAD = tl.constexpr(128)
+
+
+@triton.jit
+def _padded_stat_rows(head, batch, q_start, n_q_heads, n_queries, VARLEN: tl.constexpr):
+    """(first, plane): where the padded copy of the row statistics (PADDED_STATS) holds row 0 of this
+    head's rows of sequence `batch`, and the rows of one of its planes. n_queries: Nq (dense) or the
+    packed total (VARLEN, whose sequence b starts at packed row q_start).
+
+    Dense: (B, Hq, Nq rounded up to STATS_ROW_PAD) (plans.BackwardPlan.padded_rows). VARLEN: (Hq, rows)
+    with sequence b's rows from STATS_ROW_PAD * (b + q_start // STATS_ROW_PAD): a multiple of
+    STATS_ROW_PAD, at least the previous one's start plus that one's length rounded up to STATS_ROW_PAD
+    (so even a sequence without queries has a block of rows, which a prefetch may read and not use),
+    and found without summing the earlier lengths. A head's rows end by
+    STATS_ROW_PAD * (sequences + total_q // STATS_ROW_PAD) (plans.padded_stat_rows, the host's size of
+    the buffer, from shapes alone)."""
+    if VARLEN:
+        rows_per_head = (tl.num_programs(2).to(tl.int64) + n_queries // STATS_ROW_PAD) * STATS_ROW_PAD
+        sequence_start = (batch + q_start // STATS_ROW_PAD).to(tl.int64) * STATS_ROW_PAD
+        return head.to(tl.int64) * rows_per_head + sequence_start, rows_per_head * n_q_heads
+    else:
+        rows_per_head = tl.cdiv(n_queries, STATS_ROW_PAD).to(tl.int64) * STATS_ROW_PAD
+        first = (batch.to(tl.int64) * n_q_heads + head) * rows_per_head
+        return first, tl.num_programs(2).to(tl.int64) * n_q_heads * rows_per_head
+
+
+@triton.jit
+def _write_padded_stats(Lse, LseLow, Delta, offsets, plane, real, lse, lse_low, max_low, delta,
+                        TWO_PART: tl.constexpr):  # fmt: skip
+    """Store a block of rows of the padded copy of the row statistics (PADDED_STATS): where `real`, the
+    values (lse with -inf already read as +inf), elsewhere padding, a row that sees no key (LSE +inf,
+    low parts and Delta 0). TWO_PART (float32): plane [1] of LseLow (the max's low part) and of Delta
+    (its low part, 0 here: the dQ kernel writes it for the real rows) too, `plane` rows in."""
+    tl.store(Lse + offsets, tl.where(real, lse, float("inf")))
+    tl.store(LseLow + offsets, tl.where(real, lse_low, 0.0))
+    tl.store(Delta + offsets, tl.where(real, delta, 0.0))
+    if TWO_PART:
+        tl.store(LseLow + plane + offsets, tl.where(real, max_low, 0.0))
+        tl.store(Delta + plane + offsets, tl.zeros_like(delta))
 
 
 @triton.jit(do_not_specialize=["n_queries"])
@@ -61,9 +114,10 @@ def backward_preprocess_kernel(
     Out, dOut, dLse, Delta,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    n_q_heads, n_queries, CuSeqlensQ,
+    n_q_heads, n_queries, CuSeqlensQ, Lse, LseLow, PaddedLse, PaddedLseLow,
     HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BASE_2: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DELTA_IN_DQ: tl.constexpr, VARLEN: tl.constexpr,
+    PADDED_STATS: tl.constexpr,
 ):  # fmt: skip
     """Delta[b, h, i] = sum_d dOut * Out - dLse * (log2(e) if BASE_2 else 1) (float32); with DELTA_IN_DQ
     only the dLse term, which the dQ kernel completes with sum_j P_ij dP_ij (see backward_dq_kernel).
@@ -82,11 +136,18 @@ def backward_preprocess_kernel(
     N = 1k and vanishes at longer N. Grid: (cdiv(Nq, BLOCK_M), Hq, B). VARLEN: packed sequences as in
     the forward (Out, dOut (total_q, Hq, HEAD_DIM), dLse and each Delta plane (Hq, total_q), n_queries
     the packed total).
+
+    PADDED_STATS: Delta goes to the padded copy of the row statistics instead (Delta: its planes), with
+    a copy of the forward's Lse and LseLow (laid out as dLse, LseLow with its planes) into PaddedLse and
+    PaddedLseLow, the last block of each sequence's rows padded (_write_padded_stats). Every dK/dV
+    BLOCK_M divides this BLOCK_M (plans.py asserts it), so each block the dK/dV kernel reads is written.
+    Otherwise Lse, LseLow and the padded planes are not read.
     """
     head = tl.program_id(1)
     batch = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     packed_queries = n_queries
+    q_start: tl.constexpr = 0  # a plain call's (a constexpr: `= 0` would put a constant into the IR)
     if VARLEN:
         q_start, n_queries = _sequence(CuSeqlensQ, batch)
         if tl.program_id(0) * BLOCK_M >= n_queries:
@@ -120,7 +181,28 @@ def backward_preprocess_kernel(
         if BASE_2:
             dlse = dlse * LOG2E
         delta -= dlse
-    tl.store(Delta + row_offsets, delta, mask=rows < n_queries)
+    if PADDED_STATS:
+        tl.static_assert(STATS_ROW_PAD % BLOCK_M == 0)
+        TWO_PART: tl.constexpr = Out.dtype.element_ty == tl.float32
+        if VARLEN:
+            low_plane = packed_queries.to(tl.int64) * n_q_heads
+        else:
+            low_plane = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
+        row_ok = rows < n_queries
+        lse = tl.load(Lse + row_offsets, mask=row_ok, other=0.0)
+        # A -inf LSE (a row that saw no key) is copied as +inf, once, for the dK/dV kernel's loads.
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        lse_low = tl.load(LseLow + row_offsets, mask=row_ok, other=0.0)
+        max_low = tl.zeros_like(lse_low)
+        if TWO_PART:
+            max_low = tl.load(LseLow + low_plane + row_offsets, mask=row_ok, other=0.0)
+        first, plane = _padded_stat_rows(head, batch, q_start, n_q_heads, packed_queries, VARLEN)
+        _write_padded_stats(
+            PaddedLse, PaddedLseLow, Delta, first + rows, plane, row_ok, lse, lse_low, max_low, delta,
+            TWO_PART,
+        )  # fmt: skip
+    else:
+        tl.store(Delta + row_offsets, delta, mask=rows < n_queries)
 
 
 @triton.jit
@@ -134,12 +216,15 @@ def _load_row_values(ptrs, row_ok, other: tl.constexpr, WHOLE_BLOCK: tl.constexp
 
 @triton.jit
 def _load_row_stats(Lse, LseLow, Delta, row_offsets, row_ok, rows_in_all_heads, TWO_PART_MAX: tl.constexpr,
-                    LOAD_LOW: tl.constexpr = True, WHOLE_BLOCK: tl.constexpr = False):  # fmt: skip
+                    LOAD_LOW: tl.constexpr = True, WHOLE_BLOCK: tl.constexpr = False,
+                    NO_MINUS_INF: tl.constexpr = False):  # fmt: skip
     """The saved LSE (+inf for rows past Nq or that saw no key, so their P is 0), its low part (0 unless
     LOAD_LOW), the max's low part (TWO_PART_MAX, float32; else 0) and Delta. Plane [1] of LseLow starts
-    rows_in_all_heads in. WHOLE_BLOCK: every row is below Nq, row_ok is not read."""
+    rows_in_all_heads in. WHOLE_BLOCK: every row is below Nq (or a padded copy's), row_ok is not read.
+    NO_MINUS_INF: no LSE is -inf (the padded copy's: PADDED_STATS), so none is mapped to +inf."""
     lse = _load_row_values(Lse + row_offsets, row_ok, float("inf"), WHOLE_BLOCK)
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    if not NO_MINUS_INF:
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
     if LOAD_LOW:
         lse_low = _load_row_values(LseLow + row_offsets, row_ok, 0.0, WHOLE_BLOCK)
     else:
@@ -153,17 +238,20 @@ def _load_row_stats(Lse, LseLow, Delta, row_offsets, row_ok, rows_in_all_heads, 
 
 
 @triton.jit
-def _whole_block_offsets(stat_offset, start, offs_m, BLOCK_M: tl.constexpr, ALIGNED: tl.constexpr = True):
-    """Offsets of rows [start, start + BLOCK_M) of a (B, Hq, Nq) statistic, stat_offset the head's first,
-    every row of the block inside the head's rows. ALIGNED: Nq is a multiple of BLOCK_M (so are
-    stat_offset and start), and marked so the compiler loads the rows as aligned vectors; a packed
-    sequence starts anywhere, so its whole blocks are loaded unmasked but not marked. (Written as
-    stat_offset + (start + offs_m), the association of the masked path: the other one made ptxas
+def _whole_block_offsets(stat_offset, start, offs_m, BLOCK_M: tl.constexpr):
+    """Offsets of rows [start, start + BLOCK_M) of a row statistic, stat_offset the head's (or padded
+    sequence's) first, every row of the block inside its rows: stat_offset and start are multiples of
+    BLOCK_M (Nq is one, or the statistics are the padded copy), marked so the compiler loads the rows
+    as aligned vectors. (Written as stat_offset + (start + offs_m): the other association made ptxas
     serialize the D=128 kernel's wgmmas, C7515.)"""
-    if ALIGNED:
-        return tl.max_contiguous(tl.multiple_of(stat_offset + (start + offs_m), BLOCK_M), BLOCK_M)
-    else:
-        return stat_offset + (start + offs_m)
+    return tl.max_contiguous(tl.multiple_of(stat_offset + (start + offs_m), BLOCK_M), BLOCK_M)
+
+
+@triton.jit
+def _last_padded_block(n_queries, BLOCK_M: tl.constexpr):
+    """The first row of the last query block a padded copy holds for n_queries rows (0 for none: a
+    sequence without queries, whose copy has STATS_ROW_PAD rows before the next one's)."""
+    return tl.maximum(tl.cdiv(n_queries, BLOCK_M) - 1, 0) * BLOCK_M
 
 
 @triton.jit
@@ -224,9 +312,9 @@ def _dkdv_from_query_blocks(
     stride_qm, stride_dom, row_start, row_end, keys, n_queries, diagonal, qk_scale, d_ok,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
     use_lse_low, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
-    DESCRIPTORS: tl.constexpr, PREFETCH_ROW_STATS: tl.constexpr, WHOLE_BLOCKS: tl.constexpr,
+    DESCRIPTORS: tl.constexpr, PREFETCH_ROW_STATS: tl.constexpr, PADDED_STATS: tl.constexpr,
     window_left=0, window_right=0, softcap_in=0.0, softcap_out=0.0,
-    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False, ALIGNED: tl.constexpr = True,
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):  # fmt: skip
     """Add the contributions of query rows [row_start, row_end) to one tile's dK and dV.
 
@@ -237,29 +325,24 @@ def _dkdv_from_query_blocks(
     blocks are fully visible. SOFTCAP multiplies dS by the capped scores' slope.
     PREFETCH_ROW_STATS loads each block's LSE and Delta one step ahead, in registers: Triton's pipeliner
     leaves these one-float-per-row loads in the step that uses them (it pays at D=64 with three stages,
-    not at D=128: config.py). WHOLE_BLOCKS: no row of any block is past Nq (backward_dkdv_kernel's
-    WHOLE_QUERY_BLOCKS, or a packed sequence's whole blocks), and with ALIGNED Nq is a multiple of
-    BLOCK_M.
+    not at D=128: config.py). The statistics load whole and aligned, unmasked: from the padded copy
+    (PADDED_STATS, stat_offset a multiple of STATS_ROW_PAD), where Q and dO are masked at Nq, or in
+    place, where Nq is a multiple of BLOCK_M and Q and dO load unmasked too.
     """
     offs_m = tl.arange(0, BLOCK_M)
-    # The whole-block and masked loads are written out side by side rather than through one helper:
-    # each masked path keeps the exact offset expressions it was measured with, since ptxas's
-    # register allocation (and its wgmma serialisation, C7515) changed with their association alone
-    # (docs/perf-notes.md).
+    WHOLE_BLOCKS: tl.constexpr = not PADDED_STATS
+    if PADDED_STATS:
+        last_start = _last_padded_block(n_queries, BLOCK_M)
+    else:
+        last_start = n_queries - BLOCK_M
     if PREFETCH_ROW_STATS:
-        if WHOLE_BLOCKS:
-            # Unmasked, from a start kept inside the rows: the step after the last reloads a block it
-            # never uses.
-            first_start = tl.minimum(row_start, n_queries - BLOCK_M)
-            next_lse, next_lse_low, next_max_low, next_delta = _load_row_stats(
-                Lse, LseLow, Delta, _whole_block_offsets(stat_offset, first_start, offs_m, BLOCK_M, ALIGNED),
-                None, rows_in_all_heads, COMPENSATE, use_lse_low, True,
-            )  # fmt: skip
-        else:
-            next_lse, next_lse_low, next_max_low, next_delta = _load_row_stats(
-                Lse, LseLow, Delta, stat_offset + row_start + offs_m, row_start + offs_m < n_queries,
-                rows_in_all_heads, COMPENSATE, use_lse_low,
-            )  # fmt: skip
+        # From a start kept inside the rows (the copy's, padding included): the step after the last
+        # reloads a block it never uses.
+        first_start = tl.minimum(row_start, last_start)
+        next_lse, next_lse_low, next_max_low, next_delta = _load_row_stats(
+            Lse, LseLow, Delta, _whole_block_offsets(stat_offset, first_start, offs_m, BLOCK_M), None,
+            rows_in_all_heads, COMPENSATE, use_lse_low, True, PADDED_STATS,
+        )  # fmt: skip
     for block_start in range(row_start, row_end, BLOCK_M):
         rows = block_start + offs_m
         row_ok = rows < n_queries
@@ -267,27 +350,16 @@ def _dkdv_from_query_blocks(
         do = _load_rows(do_src, block_start, row_ok, d_ok, WHOLE_BLOCKS, EVEN_D, DESCRIPTORS)
         if PREFETCH_ROW_STATS:
             lse, lse_low, max_low, delta = next_lse, next_lse_low, next_max_low, next_delta
-            if WHOLE_BLOCKS:
-                next_start = tl.minimum(block_start + BLOCK_M, n_queries - BLOCK_M)
-                next_lse, next_lse_low, next_max_low, next_delta = _load_row_stats(
-                    Lse, LseLow, Delta,
-                    _whole_block_offsets(stat_offset, next_start, offs_m, BLOCK_M, ALIGNED), None,
-                    rows_in_all_heads, COMPENSATE, use_lse_low, True,
-                )  # fmt: skip
-            else:
-                next_lse, next_lse_low, next_max_low, next_delta = _load_row_stats(
-                    Lse, LseLow, Delta, stat_offset + rows + BLOCK_M, rows + BLOCK_M < n_queries,
-                    rows_in_all_heads, COMPENSATE, use_lse_low,
-                )  # fmt: skip
-        elif WHOLE_BLOCKS:
-            lse, lse_low, max_low, delta = _load_row_stats(
-                Lse, LseLow, Delta, _whole_block_offsets(stat_offset, block_start, offs_m, BLOCK_M, ALIGNED),
-                None, rows_in_all_heads, COMPENSATE, use_lse_low, True,
+            next_start = tl.minimum(block_start + BLOCK_M, last_start)
+            next_lse, next_lse_low, next_max_low, next_delta = _load_row_stats(
+                Lse, LseLow, Delta, _whole_block_offsets(stat_offset, next_start, offs_m, BLOCK_M), None,
+                rows_in_all_heads, COMPENSATE, use_lse_low, True, PADDED_STATS,
             )  # fmt: skip
         else:
             lse, lse_low, max_low, delta = _load_row_stats(
-                Lse, LseLow, Delta, stat_offset + rows, row_ok, rows_in_all_heads, COMPENSATE, use_lse_low
-            )
+                Lse, LseLow, Delta, _whole_block_offsets(stat_offset, block_start, offs_m, BLOCK_M), None,
+                rows_in_all_heads, COMPENSATE, use_lse_low, True, PADDED_STATS,
+            )  # fmt: skip
         if SOFTCAP:
             scores_t, scores_low_t, slope_t = _softcapped_scores(
                 k, qT, softcap_in, softcap_out, DOT_PRECISION, COMPENSATE
@@ -308,9 +380,7 @@ def _dkdv_from_query_blocks(
         dv, dv_comp = _accumulate_dot(dv, dv_comp, pT.to(do.dtype), do, DOT_PRECISION, COMPENSATE)
         dpT, dpT_low = _dot_parts(v, tl.trans(do), DOT_PRECISION, COMPENSATE)
         if COMPENSATE:
-            delta_low = _load_row_values(
-                Delta + rows_in_all_heads + stat_offset + rows, row_ok, 0.0, WHOLE_BLOCKS
-            )
+            delta_low = tl.load(Delta + rows_in_all_heads + stat_offset + rows)
         else:
             delta_low = delta
         dsT = pT * _dp_minus_delta(dpT, dpT_low, delta[None, :], delta_low[None, :], COMPENSATE)
@@ -333,16 +403,13 @@ def _dkdv_from_group(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
     COMPENSATE: tl.constexpr, USE_LSE_LOW: tl.constexpr, DESCRIPTORS: tl.constexpr,
-    PREFETCH_ROW_STATS: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    PREFETCH_ROW_STATS: tl.constexpr, PADDED_STATS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     VARLEN: tl.constexpr,
 ):  # fmt: skip
     """Add every query row of the kv_group query heads from first_head on that sees these keys: those
     straddling the causal diagonal, [row_start, unmasked_start), masked; those after it unmasked. With
     WINDOW: rows [unmasked_start, unmasked_end) unmasked between the window's two edges,
     [row_start, unmasked_start) and [unmasked_end, row_end), masked (shared._window_query_blocks)."""
-    # WHOLE_BLOCKS: every query block is whole, or for packed sequences, every block but the last of
-    # each sequence is run as one (below)
-    EVERY_BLOCK_WHOLE: tl.constexpr = WHOLE_BLOCKS and not VARLEN
     offs_m = tl.arange(0, BLOCK_M)
     for group_member in range(0, kv_group):
         head = first_head + group_member
@@ -360,8 +427,8 @@ def _dkdv_from_group(
                 do_base + row_start.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom
                 + offs_d[None, :] * stride_dod
             )  # fmt: skip
-        if VARLEN:
-            stat_offset = head.to(tl.int64) * packed_queries + q_start
+        if PADDED_STATS:
+            stat_offset, _ = _padded_stat_rows(head, batch, q_start, n_q_heads, packed_queries, VARLEN)
         else:
             stat_offset = (batch.to(tl.int64) * n_q_heads + head) * n_queries
         if WINDOW:
@@ -369,7 +436,7 @@ def _dkdv_from_group(
                 dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
                 rows_in_all_heads, stride_qm, stride_dom, row_start, unmasked_start, keys, n_queries,
                 diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
-                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, EVERY_BLOCK_WHOLE, window_left,
+                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, PADDED_STATS, window_left,
                 window_right, softcap_in, softcap_out, True, SOFTCAP,
             )  # fmt: skip
             q_whole = _rows_from(q_src, unmasked_start - row_start, stride_qm, DESCRIPTORS)
@@ -378,7 +445,7 @@ def _dkdv_from_group(
                 dk, dv, dk_comp, dv_comp, k, v, q_whole, do_whole, Lse, LseLow, Delta, stat_offset,
                 rows_in_all_heads, stride_qm, stride_dom, unmasked_start, unmasked_end, keys, n_queries,
                 diagonal, qk_scale, d_ok, False, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
-                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, EVERY_BLOCK_WHOLE, window_left,
+                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, PADDED_STATS, window_left,
                 window_right, softcap_in, softcap_out, True, SOFTCAP,
             )  # fmt: skip
             q_edge = _rows_from(q_src, unmasked_end - row_start, stride_qm, DESCRIPTORS)
@@ -387,7 +454,7 @@ def _dkdv_from_group(
                 dk, dv, dk_comp, dv_comp, k, v, q_edge, do_edge, Lse, LseLow, Delta, stat_offset,
                 rows_in_all_heads, stride_qm, stride_dom, unmasked_end, row_end, keys, n_queries, diagonal,
                 qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2, PRECISE_EXP,
-                COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, EVERY_BLOCK_WHOLE, window_left, window_right,
+                COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, PADDED_STATS, window_left, window_right,
                 softcap_in, softcap_out, True, SOFTCAP,
             )  # fmt: skip
         else:
@@ -396,32 +463,17 @@ def _dkdv_from_group(
                     dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
                     rows_in_all_heads, stride_qm, stride_dom, row_start, unmasked_start, keys, n_queries,
                     diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
-                    PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, EVERY_BLOCK_WHOLE,
+                    PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, PADDED_STATS,
                     softcap_in=softcap_in, softcap_out=softcap_out, SOFTCAP=SOFTCAP,
                 )  # fmt: skip
                 if not DESCRIPTORS:
                     q_src += (unmasked_start - row_start).to(tl.int64) * stride_qm
                     do_src += (unmasked_start - row_start).to(tl.int64) * stride_dom
-            ragged_start = unmasked_start
-            if VARLEN and WHOLE_BLOCKS:
-                # A packed sequence's blocks are whole but for its last: those run with unmasked row
-                # loads (not aligned: the sequence starts anywhere), only the ragged end masked.
-                ragged_start = tl.maximum(unmasked_start, (n_queries // BLOCK_M) * BLOCK_M)
-                if ragged_start > unmasked_start:  # the prefetch before the loop reads a whole block
-                    dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
-                        dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
-                        rows_in_all_heads, stride_qm, stride_dom, unmasked_start, ragged_start, keys,
-                        n_queries, diagonal, qk_scale, d_ok, False, EVEN_D, BLOCK_M, DOT_PRECISION,
-                        USE_LSE_LOW, BASE_2, PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, True,
-                        softcap_in=softcap_in, softcap_out=softcap_out, SOFTCAP=SOFTCAP, ALIGNED=False,
-                    )  # fmt: skip
-                q_src = _rows_from(q_src, ragged_start - unmasked_start, stride_qm, DESCRIPTORS)
-                do_src = _rows_from(do_src, ragged_start - unmasked_start, stride_dom, DESCRIPTORS)
             dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
                 dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
-                rows_in_all_heads, stride_qm, stride_dom, ragged_start, n_queries, keys, n_queries,
+                rows_in_all_heads, stride_qm, stride_dom, unmasked_start, n_queries, keys, n_queries,
                 diagonal, qk_scale, d_ok, False, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
-                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, EVERY_BLOCK_WHOLE,
+                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, PADDED_STATS,
                 softcap_in=softcap_in, softcap_out=softcap_out, SOFTCAP=SOFTCAP,
             )  # fmt: skip
 
@@ -453,7 +505,7 @@ def backward_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
     TENSOR_DESCRIPTORS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
-    PREFETCH_ROW_STATS: tl.constexpr, WHOLE_QUERY_BLOCKS: tl.constexpr,
+    PREFETCH_ROW_STATS: tl.constexpr, PADDED_STATS: tl.constexpr,
 ):  # fmt: skip
     """dK, dV for BLOCK_N keys of one key/value head.
 
@@ -464,13 +516,17 @@ def backward_dkdv_kernel(
     over the kv_group = Hq // Hkv query heads that share this key/value head itself, so GQA needs
     neither atomics nor a reduction pass.
     Grid: (cdiv(Nk, BLOCK_N), Hkv, B). TENSOR_DESCRIPTORS: Q and dO tiles come through the copy engine
-    (core.kernels.shared._head_rows). PREFETCH_ROW_STATS: see _dkdv_from_query_blocks. WHOLE_QUERY_BLOCKS:
-    Nq is a multiple of BLOCK_M, so the query rows' LSE and Delta load unmasked, as aligned vectors. The
-    masks and per-element predicates of those one-float-per-row loads were a third of the D=128 loop's
-    instructions (docs/perf-notes.md).
-    WINDOW, SOFTCAP, VARLEN: as in the forward (packed K, V, dK, dV (total_k, Hkv, HEAD_DIM); the host
-    never asks for WHOLE_QUERY_BLOCKS with VARLEN).
+    (core.kernels.shared._head_rows). PREFETCH_ROW_STATS: see _dkdv_from_query_blocks.
+    The query rows' LSE and Delta load unmasked, as aligned vectors: the masks and per-element
+    predicates of those one-float-per-row loads were a third of the D=128 loop's instructions
+    (docs/perf-notes.md). Without PADDED_STATS Nq is a multiple of BLOCK_M (plans.whole_query_blocks),
+    and they load in place, Q and dO unmasked too. PADDED_STATS (every VARLEN call, and every other
+    Nq): Lse, LseLow and Delta are the padded copy of the statistics (backward_preprocess_kernel), and
+    only Q and dO are masked at Nq.
+    WINDOW, SOFTCAP, VARLEN: as in the forward (packed K, V, dK, dV (total_k, Hkv, HEAD_DIM)).
     """
+    tl.static_assert(PADDED_STATS or not VARLEN)
+    tl.static_assert(STATS_ROW_PAD % BLOCK_M == 0)
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
     start_n = tl.program_id(0) * BLOCK_N
@@ -532,11 +588,13 @@ def backward_dkdv_kernel(
         unmasked_end = n_queries
         row_end = n_queries
 
-    if VARLEN:
-        rows_in_all_heads = packed_queries.to(tl.int64) * n_q_heads
+    first_head = kv_head * kv_group
+    if PADDED_STATS:
+        _, rows_in_all_heads = _padded_stat_rows(
+            first_head, batch, q_start, n_q_heads, packed_queries, VARLEN
+        )
     else:
         rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
-    first_head = kv_head * kv_group
     # fp16/bf16 save a zero low part for typical rows (forward.py). Scanning it first, one float
     # per row against 2 x HEAD_DIM inputs per row in the loop, lets such tiles take a loop without its
     # subtraction and without its load, both measurable (docs/perf-notes.md). Up to BLOCK_D 128 both
@@ -545,8 +603,10 @@ def backward_dkdv_kernel(
     if (not COMPENSATE) and BLOCK_D <= 128:
         nonzero_lows = 0
         for group_member in range(0, kv_group):
-            if VARLEN:
-                stat_offset = (first_head + group_member).to(tl.int64) * packed_queries + q_start
+            if PADDED_STATS:
+                stat_offset, _ = _padded_stat_rows(
+                    first_head + group_member, batch, q_start, n_q_heads, packed_queries, VARLEN
+                )
             else:
                 stat_offset = (batch.to(tl.int64) * n_q_heads + first_head + group_member) * n_queries
             nonzero_lows += _nonzero_count(LseLow, stat_offset, row_start, row_end, LOW_PART_SCAN_BLOCK)
@@ -558,8 +618,7 @@ def backward_dkdv_kernel(
             rows_in_all_heads, row_start, unmasked_start, keys, n_queries, diagonal, qk_scale, d_ok, offs_d,
             q_start, packed_queries, unmasked_end, row_end, window_left, window_right, softcap_in,
             softcap_out, HEAD_DIM, CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION, BASE_2, PRECISE_EXP,
-            COMPENSATE, True, TENSOR_DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_QUERY_BLOCKS, WINDOW, SOFTCAP,
-            VARLEN,
+            COMPENSATE, True, TENSOR_DESCRIPTORS, PREFETCH_ROW_STATS, PADDED_STATS, WINDOW, SOFTCAP, VARLEN,
         )  # fmt: skip
     else:
         dk, dv, dk_comp, dv_comp = _dkdv_from_group(
@@ -568,8 +627,7 @@ def backward_dkdv_kernel(
             rows_in_all_heads, row_start, unmasked_start, keys, n_queries, diagonal, qk_scale, d_ok, offs_d,
             q_start, packed_queries, unmasked_end, row_end, window_left, window_right, softcap_in,
             softcap_out, HEAD_DIM, CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION, BASE_2, PRECISE_EXP,
-            COMPENSATE, False, TENSOR_DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_QUERY_BLOCKS, WINDOW, SOFTCAP,
-            VARLEN,
+            COMPENSATE, False, TENSOR_DESCRIPTORS, PREFETCH_ROW_STATS, PADDED_STATS, WINDOW, SOFTCAP, VARLEN,
         )  # fmt: skip
 
     dk_ptrs = (
@@ -708,7 +766,7 @@ def backward_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
     TENSOR_DESCRIPTORS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
-    DELTA_IN_DQ: tl.constexpr,
+    DELTA_IN_DQ: tl.constexpr, PADDED_STATS: tl.constexpr,
 ):  # fmt: skip
     """dQ for BLOCK_M query rows of one query head.
 
@@ -719,8 +777,12 @@ def backward_dq_kernel(
     (both planes for float32) before its dQ loop.
     Grid: (cdiv(Nq, BLOCK_M), Hq, B), causal tiles that see the most keys launched first.
     TENSOR_DESCRIPTORS: K and V tiles come through the copy engine (core.kernels.shared._head_rows).
+    PADDED_STATS (every VARLEN call, and dense calls whose Nq is no multiple of the dK/dV kernel's
+    BLOCK_M): Lse, LseLow and Delta are the padded copy of the statistics (backward_preprocess_kernel),
+    where this kernel reads them and completes Delta.
     WINDOW, SOFTCAP, VARLEN: as in the forward.
     """
+    tl.static_assert(PADDED_STATS or not VARLEN)
     block_m_index = tl.program_id(0)
     if CAUSAL:
         block_m_index = tl.num_programs(0) - 1 - block_m_index
@@ -729,6 +791,7 @@ def backward_dq_kernel(
     kv_head = head // kv_group
     start_m = block_m_index * BLOCK_M
     packed_queries = n_queries
+    q_start: tl.constexpr = 0  # a plain call's (a constexpr: `= 0` would put a constant into the IR)
     if VARLEN:
         q_start, n_queries = _sequence(CuSeqlensQ, batch)
         k_start, n_keys = _sequence(CuSeqlensK, batch)
@@ -760,9 +823,11 @@ def backward_dq_kernel(
         row_ok, d_ok, False, EVEN_D,
     )  # fmt: skip
     COMPENSATE: tl.constexpr = Q.dtype.element_ty == tl.float32
-    if VARLEN:
-        rows_in_all_heads = packed_queries.to(tl.int64) * n_q_heads
-        stat_rows = head.to(tl.int64) * packed_queries + q_start + rows
+    if PADDED_STATS:
+        first_stat_row, rows_in_all_heads = _padded_stat_rows(
+            head, batch, q_start, n_q_heads, packed_queries, VARLEN
+        )
+        stat_rows = first_stat_row + rows
     else:
         rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
         stat_rows = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows

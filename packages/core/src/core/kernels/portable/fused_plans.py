@@ -104,9 +104,9 @@ class FusedBackwardPlan(OnDevice):
             (),
             (("HEAD_DIM", head_dim), ("HAS_DLSE", has_dlse), base_2, dot_precision,
              ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d), ("DELTA_IN_DQ", delta_pass),
-             ("VARLEN", False)),
+             ("VARLEN", False), ("PADDED_STATS", False)),
             (),
-            trailing_tensors=1,
+            trailing_tensors=5,
         )  # fmt: skip
         input_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
         scales = (sm_scale, score_scale(q.dtype, sm_scale))
@@ -162,7 +162,8 @@ class FusedBackwardPlan(OnDevice):
         if self.needs_scratch:
             install_scratch_allocator()
         delta = new_buffer(q, self.delta_shape)
-        self.preprocess(self.index, out, dout, _or_unused(dlse, lse), delta, delta)  # delta: no cu_seqlens
+        # delta stands in for cu_seqlens and the padded statistics' sources and planes (none here)
+        self.preprocess(self.index, out, dout, _or_unused(dlse, lse), delta, *[delta] * 5)
         if self.delta_pass is not None:
             self.delta_pass(self.index, q, k, v, dout, lse, lse_low, delta)
         dq, dk, dv = new_buffer(q), new_buffer(k), new_buffer(v)

@@ -40,6 +40,7 @@ from core.kernels.host import (
 from core.kernels.launch import BoundLaunch
 from core.kernels.portable import config as _config
 from core.kernels.portable.backward import (
+    STATS_ROW_PAD,
     backward_dkdv_kernel,
     backward_dq_kernel,
     backward_preprocess_kernel,
@@ -198,15 +199,6 @@ def _launch(launch: BoundLaunch, index, packed: Packed | None, block: int, heads
     launch(index, *tensors, grid=(ceil_div(longest, block), heads, packed.cu_seqlens_q.shape[0] - 1))
 
 
-class VarlenWholeBlocks:
-    """The switch: whether a packed, unwindowed backward at BLOCK_D 128 runs each sequence's whole query
-    blocks with unmasked row loads and only its last block masked (backward.py: _dkdv_from_group). At
-    BLOCK_D 128 only: the compiled loop is shorter there and not at the other sizes (docs/perf-notes.md).
-    Off until a GPU timing says it pays."""
-
-    enabled: bool = os.environ.get("CORE_VARLEN_WHOLE_BLOCKS", "0") == "1"
-
-
 class PreciseDelta:
     """The switch: whether fp16/bf16 backwards sum Delta = sum_j P_ij dP_ij in the dQ kernel's extra pass
     (backward.py: backward_dq_kernel, DELTA_IN_DQ) instead of taking dO . O from the preprocess, as
@@ -227,19 +219,25 @@ def delta_from_keys(dtype: torch.dtype, has_dlse: bool) -> bool:
     return dtype == torch.float32 or has_dlse or PreciseDelta.enabled
 
 
-def dkdv_whole_blocks(n_queries: int, block_m: int, block_d: int, varlen: bool, windowed: bool) -> bool:
-    """The dK/dV kernel's WHOLE_QUERY_BLOCKS. Packed sequences start anywhere: their query blocks are
-    never all whole, but all but the last of each sequence are, and the kernel runs those as whole
-    blocks where VarlenWholeBlocks says so."""
-    if varlen:
-        return VarlenWholeBlocks.enabled and not windowed and block_d == 128
-    return whole_query_blocks(n_queries, block_m)
+def padded_stats(n_queries: int, block_m: int, varlen: bool) -> bool:
+    """The backward kernels' PADDED_STATS: whether the preprocess copies the row statistics into a
+    padded buffer that the dQ and dK/dV kernels read (backward.py), so that each query block of the
+    dK/dV kernel (BLOCK_M rows) loads them whole and aligned. Every packed call (sequences start
+    anywhere) and every dense one whose query blocks are not all whole; the others read them in place."""
+    return varlen or not whole_query_blocks(n_queries, block_m)
+
+
+def padded_stat_rows(total_queries: int, sequences: int) -> int:
+    """Rows of each head in the padded copy of a packed call's row statistics: where
+    backward.py's _padded_stat_rows places the last of `sequences` sequences of `total_queries` rows
+    in all, it ends by this many. From the shapes alone, so the host reads no sequence length."""
+    return STATS_ROW_PAD.value * (sequences + total_queries // STATS_ROW_PAD.value)
 
 
 def whole_query_blocks(n_queries: int, block_m: int) -> bool:
     """Whether the dK/dV kernel's query blocks are all whole (Nq a multiple of BLOCK_M): then it loads
-    the rows' LSE and Delta without masks, as aligned vectors (backward.py: _whole_block_offsets).
-    One more compiled variant per shape class, for a third fewer instructions in its loop at D=128."""
+    the rows' LSE and Delta in place without masks, as aligned vectors (backward.py:
+    _whole_block_offsets), and Q and dO unmasked; other lengths take the padded copy (padded_stats)."""
     return n_queries > 0 and n_queries % block_m == 0
 
 
@@ -371,11 +369,22 @@ class BackwardPlan(OnDevice):
         q_layout = _kernel_strides_of_new_buffer(q)  # the forward's output and dq are laid out like this
 
         # float32 saves Delta in two parts (backward.py: backward_dq_kernel), like the LSE's low parts.
+        # With padded statistics those go to the padded copy, which holds every plane the dQ and dK/dV
+        # kernels read: the LSE, its low parts, Delta's parts (in this order).
+        self.padded_stats = padded_stats(n_queries, dkdv_config.block_m, call.varlen)
+        # A dense call's copy: each (batch, head)'s rows rounded up (backward.py: _padded_stat_rows).
+        self.padded_rows = ceil_div(n_queries, STATS_ROW_PAD.value) * STATS_ROW_PAD.value
+        self.batch = call.batch
+        self.low_planes = call.low_shape[0]
         self.delta_shape = call.low_shape
+        padded = ("PADDED_STATS", self.padded_stats)
         # The dQ kernel sums Delta from P and dP for float32, for a gradient of the LSE in any dtype, and
         # for fp16/bf16 while PreciseDelta is on.
         delta_in_dq = ("DELTA_IN_DQ", delta_from_keys(q.dtype, dlse is not None))
         rows_per_program = _config.preprocess_block_m(interpreted)
+        # The preprocess pads the padded copy's last block of each sequence to its own block: every block
+        # the dK/dV kernel reads lies in one it writes.
+        assert not self.padded_stats or rows_per_program % dkdv_config.block_m == 0
         self.blocks = (rows_per_program, dq_config.block_m, dkdv_config.block_n)
         self.heads = (q_heads, kv_heads)
         self.preprocess = BoundLaunch(
@@ -384,9 +393,10 @@ class BackwardPlan(OnDevice):
             (*q_layout, *kernel_strides(dout), q_heads, n_queries),
             (),
             (("HEAD_DIM", call.head_dim), ("HAS_DLSE", dlse is not None), base_2, dot_precision,
-             ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d), delta_in_dq, ("VARLEN", call.varlen)),
+             ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d), delta_in_dq, ("VARLEN", call.varlen),
+             padded),
             (),
-            trailing_tensors=1,
+            trailing_tensors=5,
         )  # fmt: skip
 
         sizes = (q_heads, q_heads // kv_heads, n_queries, n_keys)
@@ -403,14 +413,13 @@ class BackwardPlan(OnDevice):
             call.grid(dq_config.block_m, q_heads, n_queries),
             (*input_strides, *q_layout, *sizes),
             scales,
-            (*dq_constexprs, delta_in_dq),
+            (*dq_constexprs, delta_in_dq, padded),
             dq_options,
             *call.trailing,
         )  # fmt: skip
         dkdv_constexprs, dkdv_options = call.meta(
             block_d, dkdv_config, q.dtype, interpreted, dkdv_descriptors
         )
-        whole = dkdv_whole_blocks(n_queries, dkdv_config.block_m, block_d, call.varlen, call.windowed)
         self.dkdv = BoundLaunch(
             backward_dkdv_kernel,
             call.grid(dkdv_config.block_n, kv_heads, n_keys),
@@ -419,7 +428,7 @@ class BackwardPlan(OnDevice):
             (
                 *dkdv_constexprs,
                 ("PREFETCH_ROW_STATS", dkdv_config.prefetch_row_stats),
-                ("WHOLE_QUERY_BLOCKS", whole),
+                padded,
             ),
             dkdv_options,
             *call.trailing,
@@ -431,21 +440,33 @@ class BackwardPlan(OnDevice):
     def _run(self, dout, dlse, q, k, v, out, lse, lse_low, packed):
         if self.needs_scratch:
             install_scratch_allocator()
-        delta = new_buffer(q, self.delta_shape)
-        cu_q, cu_k = (delta, delta) if packed is None else packed[:2]
         (preprocess_rows, dq_rows, dkdv_keys), (q_heads, kv_heads) = self.blocks, self.heads
+        if self.padded_stats:
+            # The preprocess copies lse and lse_low here and writes Delta here; the dQ and dK/dV kernels
+            # read the copy only.
+            if packed is None:
+                rows = (self.batch, q_heads, self.padded_rows)
+            else:
+                rows = (q_heads, padded_stat_rows(q.shape[0], packed.cu_seqlens_q.shape[0] - 1))
+            stats = new_buffer(q, (1 + 2 * self.low_planes, *rows))
+            low_end = 1 + self.low_planes
+            row_lse, row_lse_low, delta = stats[0], stats[1:low_end], stats[low_end:]
+        else:
+            row_lse, row_lse_low, delta = lse, lse_low, new_buffer(q, self.delta_shape)
+        cu_q, cu_k = (delta, delta) if packed is None else packed[:2]
         dlse_or_unused = _or_unused(dlse, lse)
         _launch(
             self.preprocess, self.index, packed, preprocess_rows, q_heads, out, dout, dlse_or_unused, delta,
-            cu_q,
+            cu_q, lse, lse_low, row_lse, row_lse_low,
         )  # fmt: skip
         dq, dk, dv = new_buffer(q), new_buffer(k), new_buffer(v)
         # dQ first: it may complete Delta, which the dK/dV kernel reads (backward.py, DELTA_IN_DQ).
         _launch(
-            self.dq, self.index, packed, dq_rows, q_heads, q, k, v, dout, lse, lse_low, delta, dq, cu_q, cu_k
-        )
+            self.dq, self.index, packed, dq_rows, q_heads, q, k, v, dout, row_lse, row_lse_low, delta, dq,
+            cu_q, cu_k,
+        )  # fmt: skip
         _launch(
-            self.dkdv, self.index, packed, dkdv_keys, kv_heads, q, k, v, dout, lse, lse_low, delta, dk, dv,
-            cu_q, cu_k, longest_queries=False,
+            self.dkdv, self.index, packed, dkdv_keys, kv_heads, q, k, v, dout, row_lse, row_lse_low, delta,
+            dk, dv, cu_q, cu_k, longest_queries=False,
         )  # fmt: skip
         return dq, dk, dv
