@@ -84,24 +84,34 @@ class Side:
         return self.plan(*self.args)
 
     def dkdv_alone(self):
-        """The dK/dV launch on its own (Delta computed once beforehand, as the backward does)."""
+        """The dK/dV launch on its own (its row statistics computed once beforehand, as the backward
+        does)."""
         plan = self.plan
-        delta = torch.empty(plan.delta_shape, device="cuda", dtype=torch.float32)
-        # The LSE stands in for dLSE, Delta for cu_seqlens (trailing pointers that plain calls never read,
-        # of kernels that take them: a baseline from before packed sequences has none).
-        unused = [delta] * getattr(plan.preprocess, "trailing_tensors", 0)
-        plan.preprocess(plan.index, self.out, self.dout, self.lse, delta, *unused)
+        lse, lse_low, delta = self.row_statistics()
         dk, dv = torch.empty_like(self.k), torch.empty_like(self.v)
+        # Delta stands in for cu_seqlens (trailing pointers that plain calls never read).
         unused = [delta] * getattr(plan.dkdv, "trailing_tensors", 0)
 
         def run():
             if plan.needs_scratch:
                 self.package.testing.portable.plans.install_scratch_allocator()
-            plan.dkdv(
-                plan.index, self.q, self.k, self.v, self.dout, self.lse, self.lse_low, delta, dk, dv, *unused
-            )
+            plan.dkdv(plan.index, self.q, self.k, self.v, self.dout, lse, lse_low, delta, dk, dv, *unused)
 
         return run
+
+    def row_statistics(self):
+        """(lse, lse_low, delta) as the plan's dK/dV kernel reads them: the padded copy the preprocess
+        writes (BackwardPlan.row_statistics), or for a baseline from before it, the forward's statistics
+        in place and Delta in a buffer of its own."""
+        plan = self.plan
+        if hasattr(plan, "row_statistics"):
+            return plan.row_statistics(self.dout, None, self.q, self.out, self.lse, self.lse_low)
+        delta = torch.empty(plan.delta_shape, device="cuda", dtype=torch.float32)
+        # The LSE stands in for dLSE, Delta for cu_seqlens (trailing pointers that plain calls never read,
+        # of kernels that take them: a baseline from before packed sequences has none).
+        unused = [delta] * getattr(plan.preprocess, "trailing_tensors", 0)
+        plan.preprocess(plan.index, self.out, self.dout, self.lse, delta, *unused)
+        return self.lse, self.lse_low, delta
 
 
 def dlse_backward_ms(q, k, v, dout, causal) -> tuple[float, float]:

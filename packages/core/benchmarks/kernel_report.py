@@ -22,7 +22,8 @@ LSE low part, then the same two without it (the one typical inputs run).
 `--features window,softcap,varlen` compiles the kernels with those switches on instead (a sliding
 window, logit softcapping, packed sequences; any subset): the plain kernels' report is the default.
 `--n` sets N: one that is no multiple of the dK/dV kernel's BLOCK_M (4001, say) compiles the backward
-of a ragged Nq, which reads its row statistics from the padded copy (backward.py, PADDED_STATS).
+of a ragged Nq, whose dK/dV kernel masks Q and dO (backward.py, WHOLE_QUERY_BLOCKS; every call reads
+its row statistics from the padded copy). `--no-causal` compiles the kernels without the causal mask.
 """
 
 from __future__ import annotations
@@ -71,7 +72,6 @@ def kernel_arguments(
     else:
         dkdv, dq = _config.backward_configs(block_d, torch_dtype, False)
         config = dkdv if kind == "dkdv" else dq
-        padded = {"PADDED_STATS": _launch.padded_stats(n, dkdv.block_m, varlen)}
         outputs = {"dk": "bhnd", "dv": "bhnd"} if kind == "dkdv" else {"dq": "bhmd"}
         tensors = {"q": "bhmd", "k": "bhnd", "v": "bhnd", "do": "bhmd", **outputs}
         pointers = {name: element for name in ("Q", "K", "V", "dOut")}
@@ -79,9 +79,10 @@ def kernel_arguments(
         pointers |= {"dK": element, "dV": element} if kind == "dkdv" else {"dQ": element}
         scalars = {"sm_scale": 0.125, "qk_scale": 0.18}
         if kind == "dkdv":
-            extra = {"PREFETCH_ROW_STATS": config.prefetch_row_stats, **padded}
+            whole = not varlen and _launch.whole_query_blocks(n, config.block_m)
+            extra = {"PREFETCH_ROW_STATS": config.prefetch_row_stats, "WHOLE_QUERY_BLOCKS": whole}
         else:
-            extra = {"DELTA_IN_DQ": False, **padded}
+            extra = {"DELTA_IN_DQ": False}
     pointers |= {"CuSeqlensQ": "i32", "CuSeqlensK": "i32"}  # stand-ins unless varlen
     arguments = {name: Pointer(element_type) for name, element_type in pointers.items()}
     for tensor, dims in tensors.items():
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--d", default="64,128")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--n", type=int, default=4096, help="Nq = Nk (ragged: padded row statistics)")
+    parser.add_argument("--n", type=int, default=4096, help="Nq = Nk (ragged: Q and dO masked in dK/dV)")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--kernels", default="forward,dq,dkdv")
     parser.add_argument("--features", default="", help="comma list of window,softcap,varlen (default: none)")
     args = parser.parse_args(argv)
@@ -170,11 +172,14 @@ def main(argv: list[str] | None = None) -> None:
     torch_dtype, element = DTYPES[args.dtype]
     kernels = {"forward": attention_forward_kernel, "dq": backward_dq_kernel, "dkdv": backward_dkdv_kernel}
     shown = ",".join(sorted(features)) or "none"
-    print(f"triton {triton.__version__}, sm_90a, {args.dtype}, causal, N {args.n}, features: {shown}")
+    masking = "causal" if args.causal else "not causal"
+    print(f"triton {triton.__version__}, sm_90a, {args.dtype}, {masking}, N {args.n}, features: {shown}")
     for d in map(int, args.d.split(",")):
         for kind in args.kernels.split(","):
             kernel = kernels[kind]
-            arguments, options = kernel_arguments(kind, d, args.n, element, torch_dtype, True, features)
+            arguments, options = kernel_arguments(
+                kind, d, args.n, element, torch_dtype, args.causal, features
+            )
             compiled = triton.compile(
                 ASTSource(kernel, *compile_signature(kernel, arguments)), target=HOPPER, options=options
             )

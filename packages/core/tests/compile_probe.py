@@ -57,8 +57,8 @@ CALLS = [
 
 
 # (dtype, head dim, Nq, Nk, causal, window, softcap): the portable kernels' switches: whole query blocks
-# and ragged ones (padded row statistics), windows, softcap, GQA, float32's precision path. (The fused
-# backward, behind its switch, takes CUDA tensors only: not probed.)
+# and ragged ones (Q and dO masked in the dK/dV kernel), windows, softcap, GQA, float32's precision path.
+# (The fused backward, behind its switch, takes CUDA tensors only: not probed.)
 ATTENTION_CALLS = [
     (torch.bfloat16, 128, 256, 256, True, (-1, -1), 0.0),
     (torch.float16, 64, 200, 333, False, (-1, -1), 0.0),

@@ -49,19 +49,22 @@ def test_forward_and_backward_within_policy(shape, dtype, causal):
     assert_all_within_tolerance(compare_with_reference(q, k, v, causal=causal))
 
 
-# (B, Hq, Hkv, Nq, Nk, D): GQA, Nq no multiple of any dK/dV BLOCK_M (so the backward reads its row
-# statistics from the padded copy, backward.py's PADDED_STATS), and Nk < Nq, so that under the causal
-# rule's bottom-right alignment the first Nq - Nk rows see no key (their LSE is -inf).
+# (B, Hq, Hkv, Nq, Nk, D): GQA, and Nk < Nq, so that under the causal rule's bottom-right alignment the
+# first Nq - Nk rows see no key (their LSE is -inf, which the padded copy of the row statistics holds as
+# +inf: backward.py, PADDED_STATS); Nq no multiple of any dK/dV BLOCK_M (ragged query blocks: Q and dO
+# masked) and a multiple of every one (whole: unmasked, WHOLE_QUERY_BLOCKS).
 if ON_GPU:
-    RAGGED_SHAPES = [(2, 8, 2, 1000, 777, 64), (1, 8, 2, 1000, 777, 128)]
+    NO_KEY_SHAPES = [(2, 8, 2, 1000, 777, 64), (1, 8, 2, 1000, 777, 128)]
+    NO_KEY_SHAPES += [(2, 8, 2, 1024, 777, 64), (1, 8, 2, 1024, 777, 128)]
 else:
-    RAGGED_SHAPES = [(2, 4, 2, 37, 21, 64), (1, 4, 2, 37, 21, 128)]
+    NO_KEY_SHAPES = [(2, 4, 2, 37, 21, 64), (1, 4, 2, 37, 21, 128)]
+    NO_KEY_SHAPES += [(2, 4, 2, 48, 21, 64), (1, 4, 2, 64, 21, 128)]
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", RAGGED_SHAPES, ids=shape_id)
-def test_ragged_query_blocks_with_rows_that_see_no_key(shape, dtype, causal):
+@pytest.mark.parametrize("shape", NO_KEY_SHAPES, ids=shape_id)
+def test_query_blocks_with_rows_that_see_no_key(shape, dtype, causal):
     q, k, v = make_qkv(*shape, dtype, seed=sum(shape))
     assert_all_within_tolerance(compare_with_reference(q, k, v, causal=causal))
     _, lse = core.attention(q, k, v, causal=causal, return_lse=True)

@@ -1,10 +1,10 @@
-"""The dK/dV kernel's ways of loading the query rows' LSE and Delta change no bit of any gradient:
+"""The dK/dV kernel's ways of loading the query rows change no bit of any gradient:
 
-- prefetched one step ahead (the portable config's KernelConfig.prefetch_row_stats) or loaded in the
-  step that uses them;
-- for whole query blocks (Nq a multiple of BLOCK_M, the portable plans' whole_query_blocks), from the
-  saved statistics in place or from the padded copy every other length takes (backward.py,
-  PADDED_STATS), with Q and dO masked.
+- their LSE and Delta prefetched one step ahead (the portable config's KernelConfig.prefetch_row_stats)
+  or loaded in the step that uses them;
+- for whole query blocks (Nq a multiple of BLOCK_M, the portable plans' whole_query_blocks), Q and dO
+  loaded unmasked (backward.py, WHOLE_QUERY_BLOCKS) or masked, as every other length takes them; the
+  row statistics come from the padded copy either way (backward.py, PADDED_STATS).
 
 Each pair is the same numbers. Both of the kernel's loops are covered: the one for rows
 whose LSE low parts are all 0 (typical logits), and the one that subtracts them (|LSE| beyond 2^8 in
@@ -76,6 +76,14 @@ def _gradients(q, k, v, dout, causal, sm_scale, monkeypatch, prefetch: bool | No
     return lse, qq.grad, kk.grad, vv.grad
 
 
+def _has_whole_query_blocks(q) -> bool:
+    """Whether the dK/dV kernel runs q's query blocks whole (Nq a multiple of its BLOCK_M here)."""
+    dkdv_block_m = core.testing.portable.config.backward_configs(
+        core.testing.portable.config.padded_head_dim(q.shape[-1]), q.dtype, not ON_GPU
+    )[0].block_m
+    return core.testing.portable.plans.whole_query_blocks(q.shape[2], dkdv_block_m)
+
+
 def _ids(case):
     variant, shape = case
     return variant + "-B{}-H{}/{}-Nq{}-Nk{}-D{}-{}".format(*shape)
@@ -92,12 +100,7 @@ def test_row_statistics_loads_give_the_same_bits(case, dtype, sm_scale, monkeypa
         lse, *tested = _gradients(q, k, v, dout, causal, sm_scale, monkeypatch, prefetch=True, whole=None)
         _, *plain = _gradients(q, k, v, dout, causal, sm_scale, monkeypatch, prefetch=False, whole=None)
     else:
-        dkdv_block_m = core.testing.portable.config.backward_configs(
-            core.testing.portable.config.padded_head_dim(q.shape[-1]), dtype, not ON_GPU
-        )[0].block_m
-        assert core.testing.portable.plans.whole_query_blocks(q.shape[2], dkdv_block_m), (
-            "the shape must have whole blocks"
-        )
+        assert _has_whole_query_blocks(q), "the shape must have whole blocks"
         lse, *tested = _gradients(q, k, v, dout, causal, sm_scale, monkeypatch, prefetch=None, whole=None)
         _, *plain = _gradients(q, k, v, dout, causal, sm_scale, monkeypatch, prefetch=None, whole=False)
     if sm_scale is not None:  # the case is meant to take the subtracting loop: some |LSE2| >= 2^8
@@ -108,20 +111,30 @@ def test_row_statistics_loads_give_the_same_bits(case, dtype, sm_scale, monkeypa
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_rows_whose_scores_all_overflow_read_the_same_from_the_padded_copy(dtype, monkeypatch):
+def test_rows_whose_scores_all_overflow_add_nothing_in_whole_query_blocks(dtype, monkeypatch):
     """Rows that see every key but whose every score overflows to -inf have LSE -inf, and the dK/dV
     kernel visits them in its unmasked loop (unlike rows that see no key, which only masked blocks
-    reach): in place it reads their LSE as +inf, and from the padded copy the preprocess must have
-    copied it as +inf, for the same P = 0 (a -inf there would make P NaN)."""
+    reach), where it reads the LSE without mapping -inf: the preprocess must have copied it into the
+    padded statistics as +inf, for P = 0 (a -inf there would make P NaN). Nq is a multiple of BLOCK_M:
+    Q and dO load whole, or masked with the rule overridden, for the same bits; those rows' dQ is 0 and
+    their dO changes no bit of dK and dV."""
     q, k, v = make_qkv(1, 2, 1, 64, 40, 16, dtype, seed=43)
+    assert _has_whole_query_blocks(q)
     huge = 1e30 if dtype == torch.bfloat16 else 1e20  # q . k = -16 huge^2: beyond float32
+    overflowing = slice(0, 24)
     with torch.no_grad():
-        q[:, :, :24] = huge
+        q[:, :, overflowing] = huge
         k.fill_(-huge)  # equal keys: the other rows' finite scores tie, P = 1 / Nk
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(44)).to(DEVICE, dtype)
-    lse, *in_place = _gradients(q, k, v, dout, False, None, monkeypatch, prefetch=None, whole=None)
-    _, *padded = _gradients(q, k, v, dout, False, None, monkeypatch, prefetch=None, whole=False)
-    assert torch.all(lse[:, :, :24] == float("-inf")) and torch.all(lse[:, :, 24:].isfinite())
-    for name, a, b in zip(("dq", "dk", "dv"), in_place, padded):
+    other_dout = dout.clone()
+    other_dout[:, :, overflowing] = 1.0
+    lse, *whole = _gradients(q, k, v, dout, False, None, monkeypatch, prefetch=None, whole=None)
+    _, *masked = _gradients(q, k, v, dout, False, None, monkeypatch, prefetch=None, whole=False)
+    _, *other = _gradients(q, k, v, other_dout, False, None, monkeypatch, prefetch=None, whole=None)
+    assert torch.all(lse[:, :, overflowing] == float("-inf")) and torch.all(lse[:, :, 24:].isfinite())
+    for name, a, b in zip(("dq", "dk", "dv"), whole, masked):
         assert not torch.isnan(a).any(), f"{name} has NaN elements"
-        assert torch.equal(a, b), f"{name} differs between the statistics in place and the padded copy"
+        assert torch.equal(a, b), f"{name} differs between whole and masked query blocks"
+    assert torch.all(whole[0][:, :, overflowing] == 0)
+    for name, a, b in zip(("dk", "dv"), whole[1:], other[1:]):
+        assert torch.equal(a, b), f"{name} depends on the dO of rows whose P is 0"

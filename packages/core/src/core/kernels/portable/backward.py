@@ -30,16 +30,16 @@ window: each program visits only the blocks its window reaches, the edges masked
 (packed sequences, the per-row statistics laid out (Hq, total_q), programs past their sequence's end
 returning at once). Off, the kernels are the plain ones.
 
-PADDED_STATS (every VARLEN call, and every dense call whose Nq is no multiple of the dK/dV kernel's
-BLOCK_M): the preprocess copies the row statistics the dQ and dK/dV kernels read (the LSE, its low
-parts, Delta) into a padded buffer in which each sequence's (each (batch, head)'s) rows start at a
-multiple of STATS_ROW_PAD and its last query block is padded, and the other two kernels read them
-there (_padded_stat_rows lays the copy out). A packed sequence starts anywhere and a ragged Nq ends
-mid-block, so the dK/dV kernel could load those rows' statistics only with masks and per-element
-predicates, a third of its D=128 loop (docs/perf-notes.md); from the copy every query block is whole
-and aligned, as it is in place when Nq is a multiple of BLOCK_M. The padding reads as rows that see no
-key (LSE +inf, low parts and Delta 0, so their P is 0), and a -inf LSE is copied as +inf, so the dK/dV
-kernel's loads need neither masks nor the -inf map.
+The row statistics (PADDED_STATS, every call): the preprocess copies the ones the dQ and dK/dV kernels
+read (the LSE, its low parts, Delta) into a padded buffer in which each sequence's (each (batch,
+head)'s) rows start at a multiple of STATS_ROW_PAD and its last query block is padded, and the other
+two kernels read them there only (_padded_stat_rows lays the copy out). A packed sequence starts
+anywhere and a ragged Nq ends mid-block, so the dK/dV kernel could load those rows' statistics in place
+only with masks and per-element predicates, a third of its D=128 loop (docs/perf-notes.md); from the
+copy every query block is whole and aligned. The padding reads as rows that see no key (LSE +inf, low
+parts and Delta 0, so their P is 0), and a -inf LSE is copied as +inf once per row, so the dK/dV
+kernel's loads need neither masks nor the -inf map in its loop, whatever Nq is. Only Q and dO depend
+on Nq there: unmasked where every query block is whole (WHOLE_QUERY_BLOCKS), else masked.
 """
 
 import triton
@@ -137,11 +137,12 @@ def backward_preprocess_kernel(
     the forward (Out, dOut (total_q, Hq, HEAD_DIM), dLse and each Delta plane (Hq, total_q), n_queries
     the packed total).
 
-    PADDED_STATS: Delta goes to the padded copy of the row statistics instead (Delta: its planes), with
-    a copy of the forward's Lse and LseLow (laid out as dLse, LseLow with its planes) into PaddedLse and
-    PaddedLseLow, the last block of each sequence's rows padded (_write_padded_stats). Every dK/dV
-    BLOCK_M divides this BLOCK_M (plans.py asserts it), so each block the dK/dV kernel reads is written.
-    Otherwise Lse, LseLow and the padded planes are not read.
+    PADDED_STATS (the split backward's every call): Delta goes to the padded copy of the row statistics
+    instead (Delta: its planes), with a copy of the forward's Lse and LseLow (laid out as dLse, LseLow
+    with its planes) into PaddedLse and PaddedLseLow, the last block of each sequence's rows padded
+    (_write_padded_stats). Every dK/dV BLOCK_M divides this BLOCK_M (plans.py asserts it), so each
+    block the dK/dV kernel reads is written. Off (the fused backward, which reads the statistics in
+    place), Lse, LseLow and the padded planes are not read.
     """
     head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -190,7 +191,7 @@ def backward_preprocess_kernel(
             low_plane = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
         row_ok = rows < n_queries
         lse = tl.load(Lse + row_offsets, mask=row_ok, other=0.0)
-        # A -inf LSE (a row that saw no key) is copied as +inf, once, for the dK/dV kernel's loads.
+        # A -inf LSE (a row that saw no key) is copied as +inf, once, for the dQ and dK/dV kernels' loads.
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         lse_low = tl.load(LseLow + row_offsets, mask=row_ok, other=0.0)
         max_low = tl.zeros_like(lse_low)
@@ -221,7 +222,8 @@ def _load_row_stats(Lse, LseLow, Delta, row_offsets, row_ok, rows_in_all_heads, 
     """The saved LSE (+inf for rows past Nq or that saw no key, so their P is 0), its low part (0 unless
     LOAD_LOW), the max's low part (TWO_PART_MAX, float32; else 0) and Delta. Plane [1] of LseLow starts
     rows_in_all_heads in. WHOLE_BLOCK: every row is below Nq (or a padded copy's), row_ok is not read.
-    NO_MINUS_INF: no LSE is -inf (the padded copy's: PADDED_STATS), so none is mapped to +inf."""
+    NO_MINUS_INF: no LSE is -inf (the padded copy's, which the split backward's kernels read), so none
+    is mapped to +inf; the fused backward reads the forward's in place and maps them."""
     lse = _load_row_values(Lse + row_offsets, row_ok, float("inf"), WHOLE_BLOCK)
     if not NO_MINUS_INF:
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
@@ -241,9 +243,10 @@ def _load_row_stats(Lse, LseLow, Delta, row_offsets, row_ok, rows_in_all_heads, 
 def _whole_block_offsets(stat_offset, start, offs_m, BLOCK_M: tl.constexpr):
     """Offsets of rows [start, start + BLOCK_M) of a row statistic, stat_offset the head's (or padded
     sequence's) first, every row of the block inside its rows: stat_offset and start are multiples of
-    BLOCK_M (Nq is one, or the statistics are the padded copy), marked so the compiler loads the rows
-    as aligned vectors. (Written as stat_offset + (start + offs_m): the other association made ptxas
-    serialize the D=128 kernel's wgmmas, C7515.)"""
+    BLOCK_M (the statistics are the padded copy, or in place with Nq a multiple of BLOCK_M: the fused
+    backward), marked so the compiler loads the rows as aligned vectors. (Written as
+    stat_offset + (start + offs_m): the other association made ptxas serialize the D=128 kernel's
+    wgmmas, C7515.)"""
     return tl.max_contiguous(tl.multiple_of(stat_offset + (start + offs_m), BLOCK_M), BLOCK_M)
 
 
@@ -312,7 +315,7 @@ def _dkdv_from_query_blocks(
     stride_qm, stride_dom, row_start, row_end, keys, n_queries, diagonal, qk_scale, d_ok,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
     use_lse_low, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr, COMPENSATE: tl.constexpr,
-    DESCRIPTORS: tl.constexpr, PREFETCH_ROW_STATS: tl.constexpr, PADDED_STATS: tl.constexpr,
+    DESCRIPTORS: tl.constexpr, PREFETCH_ROW_STATS: tl.constexpr, WHOLE_QUERY_BLOCKS: tl.constexpr,
     window_left=0, window_right=0, softcap_in=0.0, softcap_out=0.0,
     WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):  # fmt: skip
@@ -325,40 +328,36 @@ def _dkdv_from_query_blocks(
     blocks are fully visible. SOFTCAP multiplies dS by the capped scores' slope.
     PREFETCH_ROW_STATS loads each block's LSE and Delta one step ahead, in registers: Triton's pipeliner
     leaves these one-float-per-row loads in the step that uses them (it pays at D=64 with three stages,
-    not at D=128: config.py). The statistics load whole and aligned, unmasked: from the padded copy
-    (PADDED_STATS, stat_offset a multiple of STATS_ROW_PAD), where Q and dO are masked at Nq, or in
-    place, where Nq is a multiple of BLOCK_M and Q and dO load unmasked too.
+    not at D=128: config.py). The statistics load whole and aligned, unmasked and without the -inf map,
+    from the padded copy (stat_offset a multiple of STATS_ROW_PAD); Q and dO load unmasked where
+    WHOLE_QUERY_BLOCKS (Nq a multiple of BLOCK_M), else masked at Nq.
     """
     offs_m = tl.arange(0, BLOCK_M)
-    WHOLE_BLOCKS: tl.constexpr = not PADDED_STATS
-    if PADDED_STATS:
-        last_start = _last_padded_block(n_queries, BLOCK_M)
-    else:
-        last_start = n_queries - BLOCK_M
+    last_start = _last_padded_block(n_queries, BLOCK_M)
     if PREFETCH_ROW_STATS:
         # From a start kept inside the rows (the copy's, padding included): the step after the last
         # reloads a block it never uses.
         first_start = tl.minimum(row_start, last_start)
         next_lse, next_lse_low, next_max_low, next_delta = _load_row_stats(
             Lse, LseLow, Delta, _whole_block_offsets(stat_offset, first_start, offs_m, BLOCK_M), None,
-            rows_in_all_heads, COMPENSATE, use_lse_low, True, PADDED_STATS,
+            rows_in_all_heads, COMPENSATE, use_lse_low, True, True,
         )  # fmt: skip
     for block_start in range(row_start, row_end, BLOCK_M):
         rows = block_start + offs_m
         row_ok = rows < n_queries
-        qT = _load_cols(q_src, block_start, d_ok, row_ok, EVEN_D, WHOLE_BLOCKS, DESCRIPTORS)
-        do = _load_rows(do_src, block_start, row_ok, d_ok, WHOLE_BLOCKS, EVEN_D, DESCRIPTORS)
+        qT = _load_cols(q_src, block_start, d_ok, row_ok, EVEN_D, WHOLE_QUERY_BLOCKS, DESCRIPTORS)
+        do = _load_rows(do_src, block_start, row_ok, d_ok, WHOLE_QUERY_BLOCKS, EVEN_D, DESCRIPTORS)
         if PREFETCH_ROW_STATS:
             lse, lse_low, max_low, delta = next_lse, next_lse_low, next_max_low, next_delta
             next_start = tl.minimum(block_start + BLOCK_M, last_start)
             next_lse, next_lse_low, next_max_low, next_delta = _load_row_stats(
                 Lse, LseLow, Delta, _whole_block_offsets(stat_offset, next_start, offs_m, BLOCK_M), None,
-                rows_in_all_heads, COMPENSATE, use_lse_low, True, PADDED_STATS,
+                rows_in_all_heads, COMPENSATE, use_lse_low, True, True,
             )  # fmt: skip
         else:
             lse, lse_low, max_low, delta = _load_row_stats(
                 Lse, LseLow, Delta, _whole_block_offsets(stat_offset, block_start, offs_m, BLOCK_M), None,
-                rows_in_all_heads, COMPENSATE, use_lse_low, True, PADDED_STATS,
+                rows_in_all_heads, COMPENSATE, use_lse_low, True, True,
             )  # fmt: skip
         if SOFTCAP:
             scores_t, scores_low_t, slope_t = _softcapped_scores(
@@ -403,8 +402,8 @@ def _dkdv_from_group(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
     COMPENSATE: tl.constexpr, USE_LSE_LOW: tl.constexpr, DESCRIPTORS: tl.constexpr,
-    PREFETCH_ROW_STATS: tl.constexpr, PADDED_STATS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    VARLEN: tl.constexpr,
+    PREFETCH_ROW_STATS: tl.constexpr, WHOLE_QUERY_BLOCKS: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """Add every query row of the kv_group query heads from first_head on that sees these keys: those
     straddling the causal diagonal, [row_start, unmasked_start), masked; those after it unmasked. With
@@ -427,16 +426,13 @@ def _dkdv_from_group(
                 do_base + row_start.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom
                 + offs_d[None, :] * stride_dod
             )  # fmt: skip
-        if PADDED_STATS:
-            stat_offset, _ = _padded_stat_rows(head, batch, q_start, n_q_heads, packed_queries, VARLEN)
-        else:
-            stat_offset = (batch.to(tl.int64) * n_q_heads + head) * n_queries
+        stat_offset, _ = _padded_stat_rows(head, batch, q_start, n_q_heads, packed_queries, VARLEN)
         if WINDOW:
             dk, dv, dk_comp, dv_comp = _dkdv_from_query_blocks(
                 dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
                 rows_in_all_heads, stride_qm, stride_dom, row_start, unmasked_start, keys, n_queries,
                 diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
-                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, PADDED_STATS, window_left,
+                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_QUERY_BLOCKS, window_left,
                 window_right, softcap_in, softcap_out, True, SOFTCAP,
             )  # fmt: skip
             q_whole = _rows_from(q_src, unmasked_start - row_start, stride_qm, DESCRIPTORS)
@@ -445,7 +441,7 @@ def _dkdv_from_group(
                 dk, dv, dk_comp, dv_comp, k, v, q_whole, do_whole, Lse, LseLow, Delta, stat_offset,
                 rows_in_all_heads, stride_qm, stride_dom, unmasked_start, unmasked_end, keys, n_queries,
                 diagonal, qk_scale, d_ok, False, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
-                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, PADDED_STATS, window_left,
+                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_QUERY_BLOCKS, window_left,
                 window_right, softcap_in, softcap_out, True, SOFTCAP,
             )  # fmt: skip
             q_edge = _rows_from(q_src, unmasked_end - row_start, stride_qm, DESCRIPTORS)
@@ -454,7 +450,7 @@ def _dkdv_from_group(
                 dk, dv, dk_comp, dv_comp, k, v, q_edge, do_edge, Lse, LseLow, Delta, stat_offset,
                 rows_in_all_heads, stride_qm, stride_dom, unmasked_end, row_end, keys, n_queries, diagonal,
                 qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2, PRECISE_EXP,
-                COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, PADDED_STATS, window_left, window_right,
+                COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_QUERY_BLOCKS, window_left, window_right,
                 softcap_in, softcap_out, True, SOFTCAP,
             )  # fmt: skip
         else:
@@ -463,7 +459,7 @@ def _dkdv_from_group(
                     dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
                     rows_in_all_heads, stride_qm, stride_dom, row_start, unmasked_start, keys, n_queries,
                     diagonal, qk_scale, d_ok, True, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
-                    PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, PADDED_STATS,
+                    PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_QUERY_BLOCKS,
                     softcap_in=softcap_in, softcap_out=softcap_out, SOFTCAP=SOFTCAP,
                 )  # fmt: skip
                 if not DESCRIPTORS:
@@ -473,7 +469,7 @@ def _dkdv_from_group(
                 dk, dv, dk_comp, dv_comp, k, v, q_src, do_src, Lse, LseLow, Delta, stat_offset,
                 rows_in_all_heads, stride_qm, stride_dom, unmasked_start, n_queries, keys, n_queries,
                 diagonal, qk_scale, d_ok, False, EVEN_D, BLOCK_M, DOT_PRECISION, USE_LSE_LOW, BASE_2,
-                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, PADDED_STATS,
+                PRECISE_EXP, COMPENSATE, DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_QUERY_BLOCKS,
                 softcap_in=softcap_in, softcap_out=softcap_out, SOFTCAP=SOFTCAP,
             )  # fmt: skip
 
@@ -505,27 +501,25 @@ def backward_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
     TENSOR_DESCRIPTORS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
-    PREFETCH_ROW_STATS: tl.constexpr, PADDED_STATS: tl.constexpr,
+    PREFETCH_ROW_STATS: tl.constexpr, WHOLE_QUERY_BLOCKS: tl.constexpr,
 ):  # fmt: skip
     """dK, dV for BLOCK_N keys of one key/value head.
 
     Q, dOut (B, Hq, Nq, HEAD_DIM); K, V, dK, dV (B, Hkv, Nk, HEAD_DIM); any strides, 64-bit offsets.
-    Lse (B, Hq, Nq), LseLow, the LSE's low parts ((1 or 2, B, Hq, Nq), forward.py), and Delta
-    ((1 or 2, B, Hq, Nq): float32's in two parts, see backward_dq_kernel), float32 contiguous. The
-    program sums
-    over the kv_group = Hq // Hkv query heads that share this key/value head itself, so GQA needs
-    neither atomics nor a reduction pass.
+    Lse, LseLow (the LSE's low parts, forward.py) and Delta (float32's in two parts, see
+    backward_dq_kernel): the padded copy of the row statistics (backward_preprocess_kernel,
+    _padded_stat_rows). The program sums over the kv_group = Hq // Hkv query heads that share this
+    key/value head itself, so GQA needs neither atomics nor a reduction pass.
     Grid: (cdiv(Nk, BLOCK_N), Hkv, B). TENSOR_DESCRIPTORS: Q and dO tiles come through the copy engine
     (core.kernels.shared._head_rows). PREFETCH_ROW_STATS: see _dkdv_from_query_blocks.
-    The query rows' LSE and Delta load unmasked, as aligned vectors: the masks and per-element
-    predicates of those one-float-per-row loads were a third of the D=128 loop's instructions
-    (docs/perf-notes.md). Without PADDED_STATS Nq is a multiple of BLOCK_M (plans.whole_query_blocks),
-    and they load in place, Q and dO unmasked too. PADDED_STATS (every VARLEN call, and every other
-    Nq): Lse, LseLow and Delta are the padded copy of the statistics (backward_preprocess_kernel), and
-    only Q and dO are masked at Nq.
+    The query rows' LSE and Delta load from the copy unmasked, as aligned vectors, -inf LSEs already
+    +inf: the masks and per-element predicates of those one-float-per-row loads were a third of the
+    D=128 loop's instructions (docs/perf-notes.md). WHOLE_QUERY_BLOCKS (dense calls whose Nq is a
+    multiple of BLOCK_M, plans.whole_query_blocks): Q and dO load unmasked too; otherwise they are
+    masked at Nq.
     WINDOW, SOFTCAP, VARLEN: as in the forward (packed K, V, dK, dV (total_k, Hkv, HEAD_DIM)).
     """
-    tl.static_assert(PADDED_STATS or not VARLEN)
+    tl.static_assert(not (VARLEN and WHOLE_QUERY_BLOCKS))  # a packed sequence ends anywhere
     tl.static_assert(STATS_ROW_PAD % BLOCK_M == 0)
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -589,12 +583,7 @@ def backward_dkdv_kernel(
         row_end = n_queries
 
     first_head = kv_head * kv_group
-    if PADDED_STATS:
-        _, rows_in_all_heads = _padded_stat_rows(
-            first_head, batch, q_start, n_q_heads, packed_queries, VARLEN
-        )
-    else:
-        rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
+    _, rows_in_all_heads = _padded_stat_rows(first_head, batch, q_start, n_q_heads, packed_queries, VARLEN)
     # fp16/bf16 save a zero low part for typical rows (forward.py). Scanning it first, one float
     # per row against 2 x HEAD_DIM inputs per row in the loop, lets such tiles take a loop without its
     # subtraction and without its load, both measurable (docs/perf-notes.md). Up to BLOCK_D 128 both
@@ -603,12 +592,9 @@ def backward_dkdv_kernel(
     if (not COMPENSATE) and BLOCK_D <= 128:
         nonzero_lows = 0
         for group_member in range(0, kv_group):
-            if PADDED_STATS:
-                stat_offset, _ = _padded_stat_rows(
-                    first_head + group_member, batch, q_start, n_q_heads, packed_queries, VARLEN
-                )
-            else:
-                stat_offset = (batch.to(tl.int64) * n_q_heads + first_head + group_member) * n_queries
+            stat_offset, _ = _padded_stat_rows(
+                first_head + group_member, batch, q_start, n_q_heads, packed_queries, VARLEN
+            )
             nonzero_lows += _nonzero_count(LseLow, stat_offset, row_start, row_end, LOW_PART_SCAN_BLOCK)
         use_lse_low = nonzero_lows > 0
     if use_lse_low:
@@ -618,7 +604,8 @@ def backward_dkdv_kernel(
             rows_in_all_heads, row_start, unmasked_start, keys, n_queries, diagonal, qk_scale, d_ok, offs_d,
             q_start, packed_queries, unmasked_end, row_end, window_left, window_right, softcap_in,
             softcap_out, HEAD_DIM, CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION, BASE_2, PRECISE_EXP,
-            COMPENSATE, True, TENSOR_DESCRIPTORS, PREFETCH_ROW_STATS, PADDED_STATS, WINDOW, SOFTCAP, VARLEN,
+            COMPENSATE, True, TENSOR_DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_QUERY_BLOCKS, WINDOW, SOFTCAP,
+            VARLEN,
         )  # fmt: skip
     else:
         dk, dv, dk_comp, dv_comp = _dkdv_from_group(
@@ -627,7 +614,8 @@ def backward_dkdv_kernel(
             rows_in_all_heads, row_start, unmasked_start, keys, n_queries, diagonal, qk_scale, d_ok, offs_d,
             q_start, packed_queries, unmasked_end, row_end, window_left, window_right, softcap_in,
             softcap_out, HEAD_DIM, CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION, BASE_2, PRECISE_EXP,
-            COMPENSATE, False, TENSOR_DESCRIPTORS, PREFETCH_ROW_STATS, PADDED_STATS, WINDOW, SOFTCAP, VARLEN,
+            COMPENSATE, False, TENSOR_DESCRIPTORS, PREFETCH_ROW_STATS, WHOLE_QUERY_BLOCKS, WINDOW, SOFTCAP,
+            VARLEN,
         )  # fmt: skip
 
     dk_ptrs = (
@@ -766,23 +754,19 @@ def backward_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
     TENSOR_DESCRIPTORS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
-    DELTA_IN_DQ: tl.constexpr, PADDED_STATS: tl.constexpr,
+    DELTA_IN_DQ: tl.constexpr,
 ):  # fmt: skip
     """dQ for BLOCK_M query rows of one query head.
 
     Q, dOut, dQ (B, Hq, Nq, HEAD_DIM); K, V (B, Hkv, Nk, HEAD_DIM); any strides, 64-bit offsets.
-    Lse (B, Hq, Nq), LseLow, the LSE's low parts ((1 or 2, B, Hq, Nq), forward.py), and Delta
-    ((1 or 2, B, Hq, Nq)), float32 contiguous. With DELTA_IN_DQ (float32 inputs, fp16/bf16 ones whose
-    LSE has a gradient, and all of them while plans.PreciseDelta is on) this kernel completes Delta
-    (both planes for float32) before its dQ loop.
+    Lse, LseLow (the LSE's low parts, forward.py) and Delta: the padded copy of the row statistics
+    (backward_preprocess_kernel, _padded_stat_rows), -inf LSEs already +inf. With DELTA_IN_DQ (float32
+    inputs, fp16/bf16 ones whose LSE has a gradient, and all of them while plans.PreciseDelta is on)
+    this kernel completes Delta (both planes for float32) there before its dQ loop.
     Grid: (cdiv(Nq, BLOCK_M), Hq, B), causal tiles that see the most keys launched first.
     TENSOR_DESCRIPTORS: K and V tiles come through the copy engine (core.kernels.shared._head_rows).
-    PADDED_STATS (every VARLEN call, and dense calls whose Nq is no multiple of the dK/dV kernel's
-    BLOCK_M): Lse, LseLow and Delta are the padded copy of the statistics (backward_preprocess_kernel),
-    where this kernel reads them and completes Delta.
     WINDOW, SOFTCAP, VARLEN: as in the forward.
     """
-    tl.static_assert(PADDED_STATS or not VARLEN)
     block_m_index = tl.program_id(0)
     if CAUSAL:
         block_m_index = tl.num_programs(0) - 1 - block_m_index
@@ -823,16 +807,12 @@ def backward_dq_kernel(
         row_ok, d_ok, False, EVEN_D,
     )  # fmt: skip
     COMPENSATE: tl.constexpr = Q.dtype.element_ty == tl.float32
-    if PADDED_STATS:
-        first_stat_row, rows_in_all_heads = _padded_stat_rows(
-            head, batch, q_start, n_q_heads, packed_queries, VARLEN
-        )
-        stat_rows = first_stat_row + rows
-    else:
-        rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
-        stat_rows = (batch.to(tl.int64) * n_q_heads + head) * n_queries + rows
+    first_stat_row, rows_in_all_heads = _padded_stat_rows(
+        head, batch, q_start, n_q_heads, packed_queries, VARLEN
+    )
+    stat_rows = first_stat_row + rows
     lse, lse_low, max_low, delta = _load_row_stats(
-        Lse, LseLow, Delta, stat_rows, row_ok, rows_in_all_heads, COMPENSATE
+        Lse, LseLow, Delta, stat_rows, row_ok, rows_in_all_heads, COMPENSATE, NO_MINUS_INF=True
     )
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq_comp = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

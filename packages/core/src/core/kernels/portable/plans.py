@@ -219,14 +219,6 @@ def delta_from_keys(dtype: torch.dtype, has_dlse: bool) -> bool:
     return dtype == torch.float32 or has_dlse or PreciseDelta.enabled
 
 
-def padded_stats(n_queries: int, block_m: int, varlen: bool) -> bool:
-    """The backward kernels' PADDED_STATS: whether the preprocess copies the row statistics into a
-    padded buffer that the dQ and dK/dV kernels read (backward.py), so that each query block of the
-    dK/dV kernel (BLOCK_M rows) loads them whole and aligned. Every packed call (sequences start
-    anywhere) and every dense one whose query blocks are not all whole; the others read them in place."""
-    return varlen or not whole_query_blocks(n_queries, block_m)
-
-
 def padded_stat_rows(total_queries: int, sequences: int) -> int:
     """Rows of each head in the padded copy of a packed call's row statistics: where
     backward.py's _padded_stat_rows places the last of `sequences` sequences of `total_queries` rows
@@ -235,9 +227,10 @@ def padded_stat_rows(total_queries: int, sequences: int) -> int:
 
 
 def whole_query_blocks(n_queries: int, block_m: int) -> bool:
-    """Whether the dK/dV kernel's query blocks are all whole (Nq a multiple of BLOCK_M): then it loads
-    the rows' LSE and Delta in place without masks, as aligned vectors (backward.py:
-    _whole_block_offsets), and Q and dO unmasked; other lengths take the padded copy (padded_stats)."""
+    """Whether a dense call's query blocks are all whole (Nq a multiple of BLOCK_M): then the dK/dV
+    kernel loads Q and dO without masks (backward.py: WHOLE_QUERY_BLOCKS; its rows' statistics come
+    whole and aligned from the padded copy at any Nq), and the fused backward its rows' LSE and Delta
+    in place too (fused_backward.py)."""
     return n_queries > 0 and n_queries % block_m == 0
 
 
@@ -369,22 +362,19 @@ class BackwardPlan(OnDevice):
         q_layout = _kernel_strides_of_new_buffer(q)  # the forward's output and dq are laid out like this
 
         # float32 saves Delta in two parts (backward.py: backward_dq_kernel), like the LSE's low parts.
-        # With padded statistics those go to the padded copy, which holds every plane the dQ and dK/dV
-        # kernels read: the LSE, its low parts, Delta's parts (in this order).
-        self.padded_stats = padded_stats(n_queries, dkdv_config.block_m, call.varlen)
+        # The preprocess writes them to the padded copy of the row statistics, which holds every plane
+        # the dQ and dK/dV kernels read: the LSE, its low parts, Delta's parts (in this order).
         # A dense call's copy: each (batch, head)'s rows rounded up (backward.py: _padded_stat_rows).
         self.padded_rows = ceil_div(n_queries, STATS_ROW_PAD.value) * STATS_ROW_PAD.value
         self.batch = call.batch
         self.low_planes = call.low_shape[0]
-        self.delta_shape = call.low_shape
-        padded = ("PADDED_STATS", self.padded_stats)
         # The dQ kernel sums Delta from P and dP for float32, for a gradient of the LSE in any dtype, and
         # for fp16/bf16 while PreciseDelta is on.
         delta_in_dq = ("DELTA_IN_DQ", delta_from_keys(q.dtype, dlse is not None))
         rows_per_program = _config.preprocess_block_m(interpreted)
         # The preprocess pads the padded copy's last block of each sequence to its own block: every block
         # the dK/dV kernel reads lies in one it writes.
-        assert not self.padded_stats or rows_per_program % dkdv_config.block_m == 0
+        assert rows_per_program % dkdv_config.block_m == 0
         self.blocks = (rows_per_program, dq_config.block_m, dkdv_config.block_n)
         self.heads = (q_heads, kv_heads)
         self.preprocess = BoundLaunch(
@@ -394,7 +384,7 @@ class BackwardPlan(OnDevice):
             (),
             (("HEAD_DIM", call.head_dim), ("HAS_DLSE", dlse is not None), base_2, dot_precision,
              ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d), delta_in_dq, ("VARLEN", call.varlen),
-             padded),
+             ("PADDED_STATS", True)),
             (),
             trailing_tensors=5,
         )  # fmt: skip
@@ -413,13 +403,15 @@ class BackwardPlan(OnDevice):
             call.grid(dq_config.block_m, q_heads, n_queries),
             (*input_strides, *q_layout, *sizes),
             scales,
-            (*dq_constexprs, delta_in_dq, padded),
+            (*dq_constexprs, delta_in_dq),
             dq_options,
             *call.trailing,
         )  # fmt: skip
         dkdv_constexprs, dkdv_options = call.meta(
             block_d, dkdv_config, q.dtype, interpreted, dkdv_descriptors
         )
+        # Q and dO load unmasked where every query block is whole (a packed sequence ends anywhere).
+        whole = not call.varlen and whole_query_blocks(n_queries, dkdv_config.block_m)
         self.dkdv = BoundLaunch(
             backward_dkdv_kernel,
             call.grid(dkdv_config.block_n, kv_heads, n_keys),
@@ -428,7 +420,7 @@ class BackwardPlan(OnDevice):
             (
                 *dkdv_constexprs,
                 ("PREFETCH_ROW_STATS", dkdv_config.prefetch_row_stats),
-                padded,
+                ("WHOLE_QUERY_BLOCKS", whole),
             ),
             dkdv_options,
             *call.trailing,
@@ -440,25 +432,9 @@ class BackwardPlan(OnDevice):
     def _run(self, dout, dlse, q, k, v, out, lse, lse_low, packed):
         if self.needs_scratch:
             install_scratch_allocator()
-        (preprocess_rows, dq_rows, dkdv_keys), (q_heads, kv_heads) = self.blocks, self.heads
-        if self.padded_stats:
-            # The preprocess copies lse and lse_low here and writes Delta here; the dQ and dK/dV kernels
-            # read the copy only.
-            if packed is None:
-                rows = (self.batch, q_heads, self.padded_rows)
-            else:
-                rows = (q_heads, padded_stat_rows(q.shape[0], packed.cu_seqlens_q.shape[0] - 1))
-            stats = new_buffer(q, (1 + 2 * self.low_planes, *rows))
-            low_end = 1 + self.low_planes
-            row_lse, row_lse_low, delta = stats[0], stats[1:low_end], stats[low_end:]
-        else:
-            row_lse, row_lse_low, delta = lse, lse_low, new_buffer(q, self.delta_shape)
+        (_, dq_rows, dkdv_keys), (q_heads, kv_heads) = self.blocks, self.heads
+        row_lse, row_lse_low, delta = self.row_statistics(dout, dlse, q, out, lse, lse_low, packed)
         cu_q, cu_k = (delta, delta) if packed is None else packed[:2]
-        dlse_or_unused = _or_unused(dlse, lse)
-        _launch(
-            self.preprocess, self.index, packed, preprocess_rows, q_heads, out, dout, dlse_or_unused, delta,
-            cu_q, lse, lse_low, row_lse, row_lse_low,
-        )  # fmt: skip
         dq, dk, dv = new_buffer(q), new_buffer(k), new_buffer(v)
         # dQ first: it may complete Delta, which the dK/dV kernel reads (backward.py, DELTA_IN_DQ).
         _launch(
@@ -470,3 +446,22 @@ class BackwardPlan(OnDevice):
             dk, dv, cu_q, cu_k, longest_queries=False,
         )  # fmt: skip
         return dq, dk, dv
+
+    def row_statistics(self, dout, dlse, q, out, lse, lse_low, packed: Packed | None = None):
+        """The preprocess: (lse, lse_low, delta) of a new padded copy of the row statistics, the only ones
+        the dQ and dK/dV kernels read (backward.py, PADDED_STATS), with Delta as far as the preprocess
+        computes it (the dQ kernel may complete it: DELTA_IN_DQ)."""
+        preprocess_rows, q_heads = self.blocks[0], self.heads[0]
+        if packed is None:
+            rows = (self.batch, q_heads, self.padded_rows)
+        else:
+            rows = (q_heads, padded_stat_rows(q.shape[0], packed.cu_seqlens_q.shape[0] - 1))
+        stats = new_buffer(q, (1 + 2 * self.low_planes, *rows))
+        low_end = 1 + self.low_planes
+        row_lse, row_lse_low, delta = stats[0], stats[1:low_end], stats[low_end:]
+        cu_q = delta if packed is None else packed.cu_seqlens_q
+        _launch(
+            self.preprocess, self.index, packed, preprocess_rows, q_heads, out, dout, _or_unused(dlse, lse),
+            delta, cu_q, lse, lse_low, row_lse, row_lse_low,
+        )  # fmt: skip
+        return row_lse, row_lse_low, delta
