@@ -8,8 +8,8 @@ Code outside the package imports `core`, `core.testing`, `core.ops`, `core.refer
   and bound launches), `use_family(name)` (force a kernel family), `fused_backward(enabled)` (the
   portable family's fused backward, off by default), `precise_delta(enabled)` (its Delta pass for
   fp16/bf16 backwards, on by default), `hopper_persistent(enabled)` (the Hopper family's persistent
-  forward, off by default), `launches_forbidden()` (any kernel output allocation or launch fails:
-  invalid input must be refused before);
+  forward forced on or off; by default a rule picks it), `launches_forbidden()` (any kernel output
+  allocation or launch fails: invalid input must be refused before);
 - `plan_like(plan)`: every call inside planned as `plan` was (its family; its decode splits, row tile);
 - introspection: `plan_for(q, k, v, ...)`, `cached_plans()`, `clear_plans()`, `families()`, `family(name)`,
   `kernel_fingerprint()`;
@@ -150,10 +150,10 @@ def precise_delta(enabled: bool):
 
 
 @contextlib.contextmanager
-def hopper_persistent(enabled: bool):
-    """Switch the Hopper family's persistent forward (one program per SM walking a list of tiles; off by
-    default) on or off inside the block, for the plans made in it. Its results are bitwise the one-tile
-    kernel's."""
+def hopper_persistent(enabled: bool | None):
+    """Force the Hopper family's persistent forward (one program per SM walking a list of tiles) on or
+    off inside the block, for the plans made in it; None leaves the choice to its rule
+    (hopper.persistent_pays), as by default. Its results are bitwise the one-tile kernel's."""
     with _switched(kernels.hopper, enabled, "PERSISTENT"):
         yield
 

@@ -27,8 +27,8 @@ from core.kernels import decode, hopper, portable
 from core.kernels.host import PLAIN, Features
 
 FAMILIES: dict[str, ModuleType] = {decode.NAME: decode, hopper.NAME: hopper, portable.NAME: portable}
-# decode takes only the decode-shaped calls it supports, hopper the long fp16/bf16 D 128 ones it wins on
-# sm_90; portable takes every other.
+# decode takes only the decode-shaped calls it supports, hopper the fp16/bf16 ones it wins on sm_90 (D 128;
+# D 64 non-causal with short keys: hopper.faster_than_portable); portable takes every other.
 PRIORITY: tuple[str, ...] = (decode.NAME, hopper.NAME, portable.NAME)
 
 

@@ -5,14 +5,18 @@ conventions, core.kernels.host).
 
 It takes fp16/bf16 calls on an sm_90 GPU whose layouts the copy engine can read, at the head dims and
 lengths where it measures faster than the portable forward (docs/perf-notes.md): D 128 with at least one
-full tile of queries. `supports` never imports Gluon, so this package imports on any machine and under
-the interpreter (where `supports` is False); a plan compiles the kernel on first use. CORE_HOPPER=0 in
-the environment turns the family off.
+full tile of queries, and D 64 where the persistent kernel runs (below). `supports` never imports Gluon,
+so this package imports on any machine and under the interpreter (where `supports` is False); a plan
+compiles the kernel on first use. CORE_HOPPER=0 in the environment turns the family off.
 
 Two kernels compute the same results, bit for bit: one program per tile of 2 x BLOCK_M query rows
-(forward.py), or, with PERSISTENT, one program per SM walking a heaviest-first list of tiles
-(persistent.py). PERSISTENT (CORE_HOPPER_PERSISTENT=1 in the environment; core.testing.hopper_persistent
-in tests) is read when a plan is made; it stays off until a GPU timing says the persistent kernel pays.
+(forward.py), or one program per SM walking a heaviest-first list of tiles (persistent.py). A plan takes
+the persistent one where it pays (`persistent_pays`: non-causal calls with at most PERSISTENT_MAX_KEYS
+keys, where a tile's key loop is short enough that overlapping one tile's prologue and epilogue with
+its neighbours' work shows, and every tile weighs the same); elsewhere the one-tile kernel.
+PERSISTENT forces one of them (CORE_HOPPER_PERSISTENT=1 or 0 in the environment;
+core.testing.hopper_persistent in tests); None, the default, leaves the choice to that rule. Both are
+read when a plan is made.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from core.kernels.host import PLAIN, Features, OnDevice, new_buffer, score_scale
 NAME = "hopper"
 
 ENABLED = os.environ.get("CORE_HOPPER", "1") != "0"
-PERSISTENT = os.environ.get("CORE_HOPPER_PERSISTENT", "0") == "1"
+PERSISTENT: bool | None = {"1": True, "0": False}.get(os.environ.get("CORE_HOPPER_PERSISTENT", ""))
+PERSISTENT_MAX_KEYS = 4096
 _DTYPES = (torch.float16, torch.bfloat16)
-HEAD_DIMS = (128,)  # D 64 runs, but measured no faster than the portable forward: left to it
+KERNEL_HEAD_DIMS = (64, 128)  # what the kernels compile for; `faster_than_portable` says where they are used
 _TMA_DIM_LIMIT = 2**32  # the copy engine's largest extent per dimension
 _GRID_LIMIT = 2**31 - 1
 
@@ -85,6 +90,19 @@ def _fits_copy_engine(t: torch.Tensor) -> bool:
     return t.shape[2] <= 1 or t.stride(2) >= t.shape[-1]
 
 
+def persistent_pays(causal: bool, n_keys: int) -> bool:
+    """Whether a plan takes the persistent kernel when PERSISTENT leaves the choice to it: non-causal
+    calls with at most PERSISTENT_MAX_KEYS keys. Causal tiles differ in weight, and the persistent
+    kernel's fixed assignment of the heaviest-first list measured slower there than one program a tile."""
+    return not causal and n_keys <= PERSISTENT_MAX_KEYS
+
+
+def faster_than_portable(head_dim: int, causal: bool, n_keys: int) -> bool:
+    """Where this family's forward measures faster than the portable one: D 128 always; D 64 only
+    where the persistent kernel runs (the one-tile kernel at D 64 measured no faster)."""
+    return head_dim == 128 or (head_dim == 64 and persistent_pays(causal, n_keys))
+
+
 def available() -> bool:
     """Whether this machine can run the family at all: compiled kernels (not the interpreter) and an
     sm_90 GPU."""
@@ -93,16 +111,22 @@ def available() -> bool:
     return ENABLED and not is_interpreted() and torch.cuda.is_available() and _is_sm90(torch.device("cuda"))
 
 
-def supports(q, k, v, causal: bool, features: Features = PLAIN, head_dims=HEAD_DIMS) -> bool:
+def supports(q, k, v, causal: bool, features: Features = PLAIN, head_dims=None) -> bool:
     """Whether this family takes a validated call: plain attention (no window, softcap or packing)
-    in fp16/bf16 on an sm_90 GPU, D in `head_dims`, at least
-    one full tile of queries (shorter calls are launch-bound and the portable kernels' smaller tiles
-    waste less), and layouts the copy engine can read. `causal` does not restrict."""
+    in fp16/bf16 on an sm_90 GPU, where it is faster than the portable forward (`faster_than_portable`;
+    or, given `head_dims`, any call at those of KERNEL_HEAD_DIMS: the checks run both kernels
+    everywhere), at least one full tile of queries (shorter calls are launch-bound and the portable
+    kernels' smaller tiles waste less), and layouts the copy engine can read."""
     if not ENABLED or features != PLAIN or q.device.type != "cuda" or q.dtype not in _DTYPES:
         return False
     batch, q_heads, n_queries, head_dim = q.shape
     n_keys = k.shape[2]
-    if head_dim not in head_dims or n_queries < 2 * tile_config(head_dim).block_m:
+    if head_dims is None:
+        if not faster_than_portable(head_dim, causal, n_keys):
+            return False
+    elif head_dim not in head_dims or head_dim not in KERNEL_HEAD_DIMS:
+        return False
+    if n_queries < 2 * tile_config(head_dim).block_m:
         return False
     if max(batch, q_heads, n_queries, n_keys) >= _TMA_DIM_LIMIT:
         return False
@@ -128,7 +152,8 @@ class ForwardPlan(OnDevice):
     lse_low) with the portable forward's conventions: out like q; lse (B, Hq, Nq) float32 in base 2,
     -inf for rows that see no key; lse_low (1, B, Hq, Nq), its TwoSum rounding error, 0 where
     |lse| < 256 and for rows that see no key. The backward is the portable family's. The kernel, one
-    program per tile or persistent, is PERSISTENT's when the plan is made."""
+    program per tile or persistent, is PERSISTENT's when the plan is made, or `persistent_pays`' when
+    PERSISTENT is None."""
 
     def __init__(self, q, k, v, causal: bool, sm_scale: float, features: Features = PLAIN):
         super().__init__(q)
@@ -142,7 +167,7 @@ class ForwardPlan(OnDevice):
         self.q_layout = gl.NVMMASharedLayout.get_default_for([1, 1, config.block_m, head_dim], element)
         self.kv_layout = gl.NVMMASharedLayout.get_default_for([1, 1, config.block_n, head_dim], element)
         tiles = -(-n_queries // (2 * config.block_m)) * q_heads * batch
-        self.persistent = PERSISTENT
+        self.persistent = persistent_pays(causal, k.shape[2]) if PERSISTENT is None else PERSISTENT
         self.kernel = kernel(self.persistent)
         if self.persistent:
             self.grid = (min(tiles, _multiprocessors(q.device) or tiles),)
@@ -188,7 +213,8 @@ class ForwardPlan(OnDevice):
 
 
 __all__ = [
-    "NAME", "PERSISTENT", "ForwardPlan", "TileConfig", "available", "kernel", "supports", "tile_config",
+    "KERNEL_HEAD_DIMS", "NAME", "PERSISTENT", "PERSISTENT_MAX_KEYS", "ForwardPlan", "TileConfig", "available",
+    "faster_than_portable", "kernel", "persistent_pays", "supports", "tile_config",
 ]  # fmt: skip
 
 
