@@ -16,7 +16,8 @@
 #   pass's loop alone with each way of summing its products, timed, and each one's error),
 #   hopper (the Hopper forwards, one program per tile and persistent: correctness, whether their results
 #   are the same bits, and their timing beside the portable forward, FA2 and cuDNN; table last in
-#   hopper.log), cp (the simulated ring), numerics,
+#   hopper.log), hopper-tests (the Hopper kernels bitwise against each other, test_hopper.py), cp (the
+#   simulated ring), numerics,
 #   pinned (every fuzz failure pinned so far, inf/NaN ones included), sanitize (the compute-sanitizer
 #   sweep: an H100, the H200 machines' runtime refuses the tool), control (racecheck's control kernel)
 set -uo pipefail
@@ -55,6 +56,7 @@ for name in $what; do
     host-ab) step host-ab 90 python3 $run host --baseline .ab/packages/core/src/core ;;
     cp) step cp 90 python3 $run cp --tokens 8192,32768 --out "$out/cp.json" ;;
     hopper) step hopper 480 python3 $run hopper --quick --out "$out/hopper" ;;
+    hopper-tests) step hopper-tests 200 python3 -m pytest packages/core/tests/test_hopper.py -n 16 -q -rfE -p no:cacheprovider ;;
     # numerics lab experiments on the GPU (NUMERICS=e10 by default); copy $OUT/numerics into numerics/results/gpu
     numerics) step numerics 200 python3 -m numerics --mode gpu --only "${NUMERICS:-e10}" --out "$out/numerics" ;;
     kernels) step kernels 200 python3 $run kernels --quick --out "$out" --docs "$out/docs" ;;
