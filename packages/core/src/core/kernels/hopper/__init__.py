@@ -92,8 +92,9 @@ def _fits_copy_engine(t: torch.Tensor) -> bool:
 
 def persistent_pays(causal: bool, n_keys: int) -> bool:
     """Whether a plan takes the persistent kernel when PERSISTENT leaves the choice to it: non-causal
-    calls with at most PERSISTENT_MAX_KEYS keys. Causal tiles differ in weight, and the persistent
-    kernel's fixed assignment of the heaviest-first list measured slower there than one program a tile."""
+    calls with at most PERSISTENT_MAX_KEYS keys, where it measured faster than one program a tile;
+    causal calls measured slower (its heaviest-first list runs many heads' tiles at once:
+    docs/perf-notes.md)."""
     return not causal and n_keys <= PERSISTENT_MAX_KEYS
 
 
