@@ -124,14 +124,15 @@ def draw_problem(index: int, route: str, dtype, causal: bool, seed: int) -> Prob
     from fuzz import strategies
 
     family = strategies.problems(dtypes=st.just(dtype), causal=st.just(causal))
-    with _drawing_within(_route_limits(route, _limits(), dtype)):
+    with _drawing_within(_route_limits(route, _limits(), dtype, causal)):
         case = _draw(_route_strategy(route, family, dtype, causal), seed * 1000 + index)
     return Problem(index, case, route)
 
 
-def _route_limits(route: str, limits, dtype):
+def _route_limits(route: str, limits, dtype, causal: bool):
     """What a route draws within: tensor descriptors and the Hopper family need layouts and head dims
-    the copy engine can read (16-byte rows; the family's own head dims)."""
+    the copy engine can read (16-byte rows; for the Hopper family, the head dims it takes at this
+    causality and these lengths)."""
     import core.testing
     from fuzz.cases import Layout
 
@@ -139,7 +140,10 @@ def _route_limits(route: str, limits, dtype):
     if route == "descriptors":
         head_dims = tuple(range(8, 257, 8))
     elif route == "hopper":
-        head_dims = core.testing.family("hopper").HEAD_DIMS
+        hopper = core.testing.family("hopper")
+        head_dims = tuple(
+            d for d in hopper.KERNEL_HEAD_DIMS if hopper.faster_than_portable(d, causal, limits.max_seq)
+        )
     else:
         return limits
     return replace(limits, head_dims={dtype: head_dims}, layouts=copyable)

@@ -45,13 +45,14 @@ def test_the_problems_cover_every_route_family_and_kind_of_layout():
 
 
 def test_hopper_problems_are_ones_the_family_takes():
-    """Drawn here too, though only an sm_90 GPU runs them: the family's head dims, two query tiles or
-    more, layouts the copy engine reads."""
+    """Drawn here too, though only an sm_90 GPU runs them: head dims the family takes at that
+    causality and length, two query tiles or more, layouts the copy engine reads."""
     hopper = core.testing.family("hopper")
-    for index in range(4):
+    for index in range(8):
         case = sanitize.draw_problem(index, "hopper", torch.bfloat16, bool(index % 2), seed=0).case
         problem = case.problem
-        assert problem.dtype == torch.bfloat16 and problem.head_dim in hopper.HEAD_DIMS
+        assert problem.dtype == torch.bfloat16 and problem.head_dim in hopper.KERNEL_HEAD_DIMS
+        assert hopper.faster_than_portable(problem.head_dim, problem.causal, problem.n_keys)
         assert problem.n_queries >= 2 * hopper.tile_config(problem.head_dim).block_m
         assert set(case.layouts) <= {Layout(), Layout(order=(0, 2, 1, 3))}
 
