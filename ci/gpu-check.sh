@@ -4,7 +4,8 @@
 # WHAT is a space-separated list of steps or groups (default "all"), run in the order given:
 #   tests = "suite host": the core suite on the GPU (every kernel family), then host time per call route
 #   bench = "kernels decode features e2e": each benchmark's --quick profile
-#   also: host-ab (host time beside the baseline in .ab/), decode-ab (the decode benchmark's core column
+#   also: decode-full (the decode benchmark's whole grid: B 1-32, caches 1k-128k, Nq 1 and 4, dense and
+#   paged; one call), host-ab (host time beside the baseline in .ab/), decode-ab (the decode benchmark's core column
 #   for a baseline copy of core in .base/, e.g. `git archive BASE packages/core/src/core | tar -x -C .base`;
 #   the call carries ".base"), features-ab (the features benchmark on that baseline), kvcache (the
 #   KV-cache tests alone), varlen (the packed-sequence tests alone), decode-sweep (core's decode tiles
@@ -61,6 +62,8 @@ for name in $what; do
     numerics) step numerics 200 python3 -m numerics --mode gpu --only "${NUMERICS:-e10}" --out "$out/numerics" ;;
     kernels) step kernels 200 python3 $run kernels --quick --out "$out" --docs "$out/docs" ;;
     decode) step decode 90 python3 $run decode --quick ;;
+    # issue 23's whole grid (128 rows); each row is logged and written to decode-full.json as it ends
+    decode-full) step decode-full 560 python3 $run decode --warmup-ms 10 --rep-ms 40 --out "$out/decode-full.json" ;;
     decode-ab) step decode-ab 60 env PYTHONPATH="$PWD/.base/packages/core/src:$PYTHONPATH" \
                  python3 $run decode --quick --providers core ;;
     features-ab) step features-ab 90 env PYTHONPATH="$PWD/.base/packages/core/src:$PYTHONPATH" \
