@@ -5,8 +5,8 @@
 #   tests = "suite host": the core suite on the GPU (every kernel family), then host time per call route
 #   bench = "kernels decode features e2e": each benchmark's --quick profile
 #   also: decode-full (the decode benchmark's whole grid: B 1-32, caches 1k-128k, Nq 1 and 4, dense and
-#   paged; one call), host-ab (host time beside the baseline in .ab/), decode-ab (the decode benchmark's core column
-#   for a baseline copy of core in .base/, e.g. `git archive BASE packages/core/src/core | tar -x -C .base`;
+#   paged; one call), host-ab (host time beside the baseline in .ab/), decode-ab (the decode benchmark's
+#   core column for a baseline copy of core in .base/, e.g. `git archive BASE packages/core/src/core | tar -x -C .base`;
 #   the call carries ".base"), features-ab (the features benchmark on that baseline), kvcache (the
 #   KV-cache tests alone), varlen (the packed-sequence tests alone), decode-sweep (core's decode tiles
 #   and split rules side by side), decode-balance (the split rule with and without config.BALANCE_TILES, cuDNN beside them), decode-pdl (the merge
