@@ -17,7 +17,9 @@
 #   pass's loop alone with each way of summing its products, timed, and each one's error),
 #   hopper (the Hopper forwards, one program per tile and persistent: correctness, whether their results
 #   are the same bits, and their timing beside the portable forward, FA2 and cuDNN; table last in
-#   hopper.log), hopper-tests (the Hopper kernels bitwise against each other, test_hopper.py), cp (the
+#   hopper.log), hopper-tests (the Hopper kernels bitwise against each other, test_hopper.py),
+#   hopper-bwd-tests (the Hopper backward against the truth and the split backward, test_hopper_backward.py),
+#   hopper-bwd (it timed beside the split backward, FA2 and cuDNN: fused_bwd_check --kernel hopper), cp (the
 #   simulated ring), numerics,
 #   pinned (every fuzz failure pinned so far, inf/NaN ones included), sanitize (the compute-sanitizer
 #   sweep: an H100, the H200 machines' runtime refuses the tool), control (racecheck's control kernel)
@@ -58,6 +60,9 @@ for name in $what; do
     cp) step cp 90 python3 $run cp --tokens 8192,32768 --out "$out/cp.json" ;;
     hopper) step hopper 480 python3 $run hopper --quick --out "$out/hopper" ;;
     hopper-tests) step hopper-tests 200 python3 -m pytest packages/core/tests/test_hopper.py -n 16 -q -rfE -p no:cacheprovider ;;
+    hopper-bwd-tests) step hopper-bwd-tests 330 python3 -m pytest packages/core/tests/test_hopper_backward.py -n 8 -q -rfE -p no:cacheprovider ;;
+    hopper-bwd) step hopper-bwd 240 python3 packages/core/benchmarks/fused_bwd_check.py --kernel hopper --quick --dtypes bf16 \
+                  --row-timeout 90 --out "$out/hopper-bwd" ;;
     # numerics lab experiments on the GPU (NUMERICS=e10 by default); copy $OUT/numerics into numerics/results/gpu
     numerics) step numerics 200 python3 -m numerics --mode gpu --only "${NUMERICS:-e10}" --out "$out/numerics" ;;
     kernels) step kernels 200 python3 $run kernels --quick --out "$out" --docs "$out/docs" ;;

@@ -1,7 +1,16 @@
-"""The fused backward (core.kernels.fused_bwd) on the GPU: checked against today's split backward, then
-timed against it and against SDPA's FLASH and CUDNN backward passes, in one process.
+"""A fused backward on the GPU: the portable family's (`tl`, core.kernels.portable.fused_backward) or,
+with --kernel hopper, the Hopper family's (Gluon, core.kernels.hopper.backward); checked against
+today's split backward, then timed against it and against SDPA's FLASH and CUDNN backward passes, in
+one process.
 
     PYTHONPATH=packages/core/src python3 packages/core/benchmarks/fused_bwd_check.py [--quick] [--out DIR]
+        [--kernel portable|hopper]
+
+Without a GPU, --report compiles the Hopper kernel for sm_90a on the CPU (triton 3.6, whose ptxas ships
+in its wheel) and prints what the compiler made of it: shared memory, registers per partition
+(setmaxnreg), spills, the wgmma instructions, the dQ adds, and ptxas's warnings.
+
+    PYTHONPATH=packages/core/src $TRITON36_PYTHON packages/core/benchmarks/fused_bwd_check.py --report
 
 Rows: causal and not, bf16 and fp16, D 64 and 128, N 1k/4k/16k at 16k tokens (B = 16384 / N) and
 H * D = 2048, the benchmark's target shapes. Backward only: every implementation's forward runs once,
@@ -10,7 +19,7 @@ backward as 2.5x the forward's flops, causal ones halved (attnbench.flops).
 
 Before timing, each row checks the fused gradients against the split backward's (at most a few ulps of
 the largest gradient apart: both sum dQ in float32, in another order) and the deterministic mode
-against itself (bitwise). `--sweep` also times other tile shapes of the deterministic kernel.
+against itself (bitwise). `--sweep` also times other tile shapes of the portable deterministic kernel.
 `--jobs N` compiles every row's kernels in N processes first (Triton's on-disk cache is shared), so the
 timing process finds them compiled. Results go to DIR/fused_bwd.json; a short table is printed last.
 """
@@ -18,10 +27,12 @@ timing process finds them compiled. Results go to DIR/fused_bwd.json; a short ta
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import multiprocessing
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -38,6 +49,9 @@ import core.testing
 
 _config, _launch = core.testing.portable.config, core.testing.portable.plans
 FusedBackwardPlan = core.testing.portable.fused_plans.FusedBackwardPlan
+# Whose fused backward: the portable family's, or the Hopper family's with its own Delta pass or with
+# the portable pass (the same sums; to time the two passes apart).
+KERNELS = ("portable", "hopper", "hopper-portable-delta")
 
 TOKENS, WIDTH = 16384, 2048
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -85,7 +99,13 @@ class Problem:
     def split_plan(self):
         return _launch.BackwardPlan(self.dout, None, self.q, self.k, self.v, self.causal, self.scale)
 
-    def fused_plan(self, deterministic: bool, config=None):
+    def fused_plan(self, deterministic: bool, config=None, kernel: str = "portable"):
+        if kernel.startswith("hopper"):
+            BackwardPlan = core.testing.family("hopper").BackwardPlan
+            gluon_delta = kernel == "hopper"
+            return BackwardPlan(
+                self.dout, None, self.q, self.k, self.v, self.causal, self.scale, deterministic, gluon_delta
+            )
         return FusedBackwardPlan(
             self.dout, None, self.q, self.k, self.v, self.causal, self.scale, deterministic, config
         )
@@ -99,9 +119,10 @@ def compile_row(row: dict) -> str:
     """Run every core kernel of a row once (the --jobs warm-up)."""
     torch.cuda.set_device(0)
     problem = Problem(row)
-    plans = [problem.fused_plan(True, config_of(row))]
+    kernel = row.get("kernel", "portable")
+    plans = [problem.fused_plan(True, config_of(row), kernel)]
     if "config" not in row:
-        plans += [problem.split_plan(), problem.fused_plan(False)]
+        plans += [problem.split_plan(), problem.fused_plan(False, kernel=kernel)]
     for plan in plans:
         plan(*problem.args)
     torch.cuda.synchronize()
@@ -130,7 +151,8 @@ def measure(row: dict, quick: bool) -> dict:
     tflops = lambda ms: problem.flops / ms / 1e9  # noqa: E731
     split = problem.split_plan()
     expected = split(*problem.args)
-    ordered = problem.fused_plan(True, config_of(row))
+    kernel = row.get("kernel", "portable")
+    ordered = problem.fused_plan(True, config_of(row), kernel)
     first = ordered(*problem.args)
     result["ulps_vs_split"] = max(ulps_apart(g, e) for g, e in zip(first, expected))
     result["bitwise_repeat"] = all(
@@ -140,7 +162,7 @@ def measure(row: dict, quick: bool) -> dict:
     if "config" in row:
         return result
     result["split"] = tflops(time_ms(lambda: split(*problem.args), quick))
-    unordered = problem.fused_plan(False)
+    unordered = problem.fused_plan(False, kernel=kernel)
     got = unordered(*problem.args)
     result["ulps_vs_split"] = max(result["ulps_vs_split"], *(ulps_apart(g, e) for g, e in zip(got, expected)))
     result["atomic"] = tflops(time_ms(lambda: unordered(*problem.args), quick))
@@ -184,6 +206,74 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+POINTER_TYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
+
+
+def report() -> None:
+    """The Hopper backward's two Gluon kernels (its Delta pass and the backward itself) compiled for
+    sm_90a as its plans launch them (both modes, causal and not, D 64 and 128, bf16), without a GPU:
+    the plans are built on CPU tensors and their arguments specialised as Triton's launcher would."""
+    import triton
+    from kernel_report import HOPPER, ptxas_report
+
+    try:
+        from triton.experimental.gluon import GluonASTSource
+    except ImportError:  # Triton 3.6 keeps it in its runtime module
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+    BackwardPlan = core.testing.family("hopper").BackwardPlan
+    print(f"triton {triton.__version__}, sm_90a, bf16")
+    for head_dim, causal, deterministic in itertools.product((64, 128), (False, True), (True, False)):
+        q, dout = (torch.randn(2, 4, 1000, head_dim).to(torch.bfloat16) for _ in range(2))
+        k, v = (torch.randn(2, 2, 1000, head_dim).to(torch.bfloat16) for _ in range(2))
+        plan = BackwardPlan(dout, None, q, k, v, causal, head_dim**-0.5, deterministic)
+        lse = torch.empty(2, 4, 1000)
+        delta, accumulator = torch.empty(plan.delta.shape), torch.empty(plan.accumulator_shape)
+        turns = torch.empty(plan.turns_shape, dtype=torch.int32)
+        kernels = {
+            "backward": (plan.kernel, plan.arguments(
+                q, k, v, dout, torch.empty_like(k), torch.empty_like(v), lse, lse[None], delta, accumulator,
+                turns,
+            )),
+            "delta pass": (plan.delta_kernel, plan.delta_arguments(q, k, v, dout, lse, lse[None], delta)),
+        }  # fmt: skip
+        if not deterministic:
+            del kernels["delta pass"]  # the same kernel as the deterministic row's
+        for name, (kernel, arguments) in kernels.items():
+            arguments = {
+                key: core.testing.Pointer(POINTER_TYPES[value.dtype])
+                if isinstance(value, torch.Tensor)
+                else value
+                for key, value in arguments.items()
+            }
+            signature, constants, attributes = core.testing.compile_signature(kernel, arguments)
+            compiled = triton.compile(
+                GluonASTSource(kernel, signature, constants, attributes), target=HOPPER,
+                options=plan.options,
+            )  # fmt: skip
+            ptx = compiled.asm["ptx"]
+            resources, warnings = ptxas_report(ptx)
+            spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", resources)
+            wgmma = [line for line in ptx.splitlines() if "wgmma.mma_async" in line]
+            facts = {
+                "shared bytes": compiled.metadata.shared,
+                "setmaxnreg": sorted(
+                    {int(n) for n in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)}
+                ),
+                "spill stores/loads": "/".join(spills.groups()) if spills else "?",
+                "wgmma shapes": sorted({re.search(r"aligned\.(\w+)\.", line).group(1) for line in wgmma}),
+                "wgmma": len(wgmma),
+                "dQ adds": ptx.count("red.global.gpu.relaxed.add.f32"),
+                "float64 conversions": ptx.count("cvt.f64.f32"),
+                "ptxas warnings": warnings,
+            }
+            print(
+                f"{name} D={head_dim} causal={causal} deterministic={deterministic}: "
+                + ", ".join(f"{k} {v}" for k, v in facts.items()),
+                flush=True,
+            )
+
+
 def give_up(row: dict, results: list[dict]) -> None:
     print(f"row {json.dumps(row)} did not finish; results so far:", flush=True)
     print(table(results), flush=True)
@@ -202,8 +292,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=math.inf, help="stop timing after SECONDS")
     parser.add_argument("--row-timeout", type=float, default=60.0, help="give up (print, exit) after")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--kernel", choices=KERNELS, default="portable", help="whose fused backward")
+    parser.add_argument(
+        "--report", action="store_true", help="the Hopper kernel's sm_90a compile, on the CPU"
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        report()
+        return
     work = rows(args.quick, args.dtypes.split(",")) + (sweep_rows() if args.sweep else [])
+    work = [row | {"kernel": args.kernel} for row in work]
     started = time.time()
     if args.jobs:
         # The kernels' specialisation does not depend on N here (lengths and batch are not

@@ -10,7 +10,9 @@ family) builds core's plans on CPU tensors; every launch they make is recorded i
 launcher would (core.testing.compile_signature). The Hopper family's Gluon forwards are compiled from
 their plans' own arguments (ForwardPlan.arguments: copy-engine descriptors over CPU tensors) for each
 call of HOPPER_CALLS, one program per tile or persistent (core.testing.hopper_persistent); the fused
-backward's plans (core.testing.fused_backward's switch) for each of FUSED_CALLS.
+backward's plans (core.testing.fused_backward's switch) for each of FUSED_CALLS; the Hopper backward's
+(core.testing.hopper_backward's switch: its preprocess, its Gluon Delta pass and kernel, dQ's
+conversion) for each of HOPPER_BACKWARD_CALLS.
 Prints one JSON line per compile: kernel, constexprs, error.
 
     python packages/core/tests/compile_probe.py
@@ -94,6 +96,32 @@ HOPPER_CALLS = [
 ]
 
 
+# (dtype, head dim, causal, q heads, kv heads, with a dLSE, deterministic, Gluon Delta pass): the Hopper
+# family's Gluon backward (behind core.testing.hopper_backward) at both head dims it compiles for, both
+# modes, GQA, its own Delta pass and the portable one with its low plane.
+HOPPER_BACKWARD_CALLS = [
+    (torch.bfloat16, 128, True, 4, 2, False, True, True),
+    (torch.float16, 128, False, 4, 4, True, False, True),
+    (torch.bfloat16, 64, False, 4, 1, False, True, True),
+    (torch.float16, 64, True, 2, 2, False, False, True),
+    (torch.bfloat16, 128, True, 2, 1, False, True, False),
+]
+
+
+def hopper_backward_plans():
+    """[(plan, call arguments)] of the Hopper backward for each of HOPPER_BACKWARD_CALLS, on CPU tensors."""
+    BackwardPlan = core.testing.family("hopper").BackwardPlan
+    plans = []
+    for dtype, head_dim, causal, q_heads, kv_heads, has_dlse, deterministic, gluon in HOPPER_BACKWARD_CALLS:
+        q, dout = (torch.randn(2, q_heads, 300, head_dim).to(dtype) for _ in range(2))
+        k, v = (torch.randn(2, kv_heads, 333, head_dim).to(dtype) for _ in range(2))
+        lse = torch.randn(2, q_heads, 300)
+        dlse = torch.randn_like(lse) if has_dlse else None
+        plan = BackwardPlan(dout, dlse, q, k, v, causal, head_dim**-0.5, deterministic, gluon)
+        plans.append((plan, (dout, dlse, q, k, v, torch.randn_like(q), lse, lse[None])))
+    return plans
+
+
 def hopper_launches() -> list[tuple]:
     """[(kernel, arguments by name, launch options)] of the Hopper forwards, from their plans on CPU
     tensors (the descriptors need only an aligned address)."""
@@ -111,6 +139,26 @@ def hopper_launches() -> list[tuple]:
             for name, value in arguments.items()
         }
         launches.append((plan.kernel, arguments, plan.options))
+    for plan, (dout, _, q, k, v, _, lse, lse_low) in hopper_backward_plans():
+        accumulator = torch.empty(plan.accumulator_shape)
+        turns = torch.empty(plan.turns_shape, dtype=torch.int32)
+        delta = torch.empty(plan.delta.shape)
+        arguments = plan.arguments(
+            q, k, v, dout, torch.empty_like(k), torch.empty_like(v), lse, lse_low, delta, accumulator, turns
+        )
+        pointer = core.testing.Pointer
+        arguments = {
+            name: pointer(POINTER_TYPES[value.dtype]) if isinstance(value, torch.Tensor) else value
+            for name, value in arguments.items()
+        }
+        launches.append((plan.kernel, arguments, plan.options))
+        if plan.gluon_delta:
+            arguments = plan.delta_arguments(q, k, v, dout, lse, lse_low, delta)
+            arguments = {
+                name: pointer(POINTER_TYPES[value.dtype]) if isinstance(value, torch.Tensor) else value
+                for name, value in arguments.items()
+            }
+            launches.append((plan.delta_kernel, arguments, plan.options))
     return launches
 
 
@@ -158,6 +206,9 @@ def record_launches() -> list[tuple]:
             dout, dlse, q, k, v, causal, head_dim**-0.5, deterministic=deterministic
         )
         plan(dout, dlse, q, k, v, torch.randn_like(q), lse, lse[None])
+    for plan, (dout, dlse, q, k, v, out, lse, lse_low) in hopper_backward_plans():
+        plan.delta(None, dout, dlse, q, k, v, out, lse, lse_low)
+        plan.dq_from_accumulator(None, torch.empty(plan.accumulator_shape), torch.empty_like(q))
     for dtype, head_dim, n_queries, n_keys, causal, window, softcap in ATTENTION_CALLS:
         q = torch.randn(1, 4, n_queries, head_dim).to(dtype)
         k, v = (torch.randn(1, 2, n_keys, head_dim).to(dtype) for _ in range(2))

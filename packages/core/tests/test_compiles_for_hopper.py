@@ -6,7 +6,8 @@ compile on the GPU. compile_probe.py builds the decode and portable families' pl
 KV-cache and attention calls on CPU tensors, records their launches instead of running them, and
 compiles each distinct kernel variant for sm_90 with Triton's own compiler, in a process without
 TRITON_INTERPRET; the portable family's fused backward (behind its switch); and the Hopper family's
-Gluon forwards (one program per tile, and persistent behind its switch) as its plans launch them
+Gluon forwards (one program per tile, and persistent behind its switch) and its Gluon backward (behind
+its switch) as its plans launch them
 (Gluon's API moves between Triton releases: this is where CI's Triton meets it).
 """
 
@@ -62,5 +63,12 @@ def test_every_probed_kernel_variant_compiles_for_sm90():
         ("hopper_attention_forward_persistent_kernel", "CAUSAL", False),
         ("hopper_attention_forward_persistent_kernel", "HEAD_DIM", 64),
         ("hopper_attention_forward_persistent_kernel", "HEAD_DIM", 128),
+        ("hopper_attention_backward_kernel", "DETERMINISTIC", True),
+        ("hopper_attention_backward_kernel", "DETERMINISTIC", False),
+        ("hopper_attention_backward_kernel", "HEAD_DIM", 64),
+        ("hopper_attention_backward_kernel", "HEAD_DIM", 128),
+        ("delta_from_p_and_dp_kernel", "LOW_PLANE", True), ("delta_from_p_and_dp_kernel", "LOW_PLANE", False),
+        ("hopper_delta_kernel", "HEAD_DIM", 64), ("hopper_delta_kernel", "HEAD_DIM", 128),
+        ("hopper_delta_kernel", "CAUSAL", True), ("hopper_delta_kernel", "CAUSAL", False),
     ]:  # fmt: skip
         assert (kernel, name, value) in switches, f"no {kernel} with {name}={value} in the probe's calls"

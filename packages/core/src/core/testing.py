@@ -159,6 +159,15 @@ def hopper_persistent(enabled: bool | None):
 
 
 @contextlib.contextmanager
+def hopper_backward(enabled: bool):
+    """Switch the Hopper family's Gluon backward (dK, dV and dQ in one kernel) on or off inside the block,
+    for the calls whose forward that family runs and whose backward it takes (hopper.backward_supports);
+    off by default."""
+    with _switched(kernels.hopper, enabled, "BACKWARD"):
+        yield
+
+
+@contextlib.contextmanager
 def _switched(switch, enabled: bool, attribute: str = "enabled"):
     """A switch's `attribute` (a switch class's `enabled`, a module's flag) set inside the block; call
     plans made before or inside it dropped (unless the setting is unchanged: those plans hold)."""

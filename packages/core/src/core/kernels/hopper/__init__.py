@@ -17,6 +17,11 @@ its neighbours' work shows, and every tile weighs the same); elsewhere the one-t
 PERSISTENT forces one of them (CORE_HOPPER_PERSISTENT=1 or 0 in the environment;
 core.testing.hopper_persistent in tests); None, the default, leaves the choice to that rule. Both are
 read when a plan is made.
+
+The backward is the portable family's unless BACKWARD is on (CORE_HOPPER_BACKWARD=1;
+core.testing.hopper_backward in tests): then the calls `backward_supports` takes run the Gluon backward
+(backward.py: dK, dV and dQ in one kernel, dQ summed in key block order), behind its switch until it
+measures faster.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from core.kernels import portable
+from core.kernels.hopper.backward_plan import BackwardPlan
 from core.kernels.host import PLAIN, Features, OnDevice, new_buffer, score_scale
 
 NAME = "hopper"
@@ -35,6 +41,7 @@ NAME = "hopper"
 ENABLED = os.environ.get("CORE_HOPPER", "1") != "0"
 PERSISTENT: bool | None = {"1": True, "0": False}.get(os.environ.get("CORE_HOPPER_PERSISTENT", ""))
 PERSISTENT_MAX_KEYS = 4096
+BACKWARD: bool = os.environ.get("CORE_HOPPER_BACKWARD", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (64, 128)  # what the kernels compile for; `faster_than_portable` says where they are used
 _TMA_DIM_LIMIT = 2**32  # the copy engine's largest extent per dimension
@@ -136,6 +143,18 @@ def supports(q, k, v, causal: bool, features: Features = PLAIN, head_dims=None) 
     return all(_fits_copy_engine(t) for t in (q, k, v)) and _is_sm90(q.device)
 
 
+def backward_supports(q, k, v, dout) -> bool:
+    """Whether the Hopper backward takes a call this family's forward ran (BACKWARD on): a dO of q's
+    dtype that the copy engine can read, at a head dim the kernel compiles for, key blocks within one
+    grid axis."""
+    if not BACKWARD or dout.dtype != q.dtype or q.shape[-1] not in KERNEL_HEAD_DIMS:
+        return False
+    batch, kv_heads, n_keys = k.shape[0], k.shape[1], k.shape[2]
+    if -(-n_keys // 128) * batch * kv_heads > _GRID_LIMIT:
+        return False
+    return _fits_copy_engine(dout)
+
+
 def _descriptor(t: torch.Tensor, rows: int, layout):
     """A 4-D (B, H, N, D) copy-engine descriptor in (1, 1, rows, D) blocks. Dimensions of extent 1 get a
     stride that the copy engine accepts (it never steps along them)."""
@@ -185,6 +204,7 @@ class ForwardPlan(OnDevice):
         )  # fmt: skip
         self.options = dict(num_warps=4, maxnreg=config.max_registers)
         self._portable = portable.ForwardPlan(q, k, v, causal, sm_scale)
+        self._backward_plans = {}
 
     def __call__(self, q, k, v, keep_statistics: bool = True):
         return self.on_device(self._run, q, k, v)
@@ -210,12 +230,23 @@ class ForwardPlan(OnDevice):
         )  # fmt: skip
 
     def backward_plan(self, dout, dlse, q, k, v):
-        return self._portable.backward_plan(dout, dlse, q, k, v)
+        """The Hopper backward where BACKWARD is on and it takes the call (backward_supports), else the
+        portable family's; one plan per dO layout (and dLSE or none)."""
+        if not backward_supports(q, k, v, dout):
+            return self._portable.backward_plan(dout, dlse, q, k, v)
+        key = (dout.stride(), dlse is None)
+        plan = self._backward_plans.get(key)
+        if plan is None:
+            if len(self._backward_plans) >= 64:
+                self._backward_plans.clear()
+            plan = self._backward_plans[key] = BackwardPlan(dout, dlse, q, k, v, self.causal, self.sm_scale)
+        return plan
 
 
 __all__ = [
-    "KERNEL_HEAD_DIMS", "NAME", "PERSISTENT", "PERSISTENT_MAX_KEYS", "ForwardPlan", "TileConfig", "available",
-    "faster_than_portable", "kernel", "persistent_pays", "supports", "tile_config",
+    "BACKWARD", "KERNEL_HEAD_DIMS", "NAME", "PERSISTENT", "PERSISTENT_MAX_KEYS", "BackwardPlan", "ForwardPlan",
+    "TileConfig", "available", "backward_supports", "faster_than_portable", "kernel", "persistent_pays",
+    "supports", "tile_config",
 ]  # fmt: skip
 
 

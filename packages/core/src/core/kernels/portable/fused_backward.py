@@ -463,14 +463,16 @@ def delta_from_p_and_dp_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
-    TENSOR_DESCRIPTORS: tl.constexpr,
+    TENSOR_DESCRIPTORS: tl.constexpr, LOW_PLANE: tl.constexpr,
 ):  # fmt: skip
     """Delta = sum_j P_ij dP_ij / sum_j P_ij + (the preprocess's -dLSE term already in Delta), for
     fp16/bf16 inputs whose LSE has a gradient or while plans.PreciseDelta is on: the same pass, and the
     same sums in the same order, as
     backward.py's backward_dq_kernel with DELTA_IN_DQ (its comment says why dO . O is not enough
     there). The fused kernel needs every row's Delta before it starts, so the pass runs on its own:
-    two matmuls per tile pair. Arguments and grid as backward_dq_kernel's."""
+    two matmuls per tile pair. Arguments and grid as backward_dq_kernel's. LOW_PLANE: Delta is
+    (2, B, Hq, Nq) and its plane [1] gets the low part, the float64 sum's rounding error to float32 (the
+    split dQ kernel's delta_low)."""
     block_m_index = tl.program_id(0)
     if CAUSAL:
         block_m_index = tl.num_programs(0) - 1 - block_m_index
@@ -532,4 +534,10 @@ def delta_from_p_and_dp_kernel(
     )  # fmt: skip
     # A row that sees no key has no P at all: its Delta is the preprocess's -dLSE term alone.
     row_sums = tl.where(p_sum > 0.0, p_dp_sum / tl.where(p_sum > 0.0, p_sum, 1.0), 0.0)
-    tl.store(Delta + stat_rows, (row_sums + delta.to(tl.float64)).to(tl.float32), mask=row_ok)
+    row_sums += delta.to(tl.float64)  # the preprocess's -dLSE term
+    delta = row_sums.to(tl.float32)
+    tl.store(Delta + stat_rows, delta, mask=row_ok)
+    if LOW_PLANE:
+        rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
+        delta_low = (row_sums - delta.to(tl.float64)).to(tl.float32)
+        tl.store(Delta + rows_in_all_heads + stat_rows, delta_low, mask=row_ok)

@@ -84,52 +84,18 @@ class FusedBackwardPlan(OnDevice):
         kv_heads, n_keys = k.shape[1], k.shape[2]
         interpreted, block_d = _prepare_launch(q)
         config = config or fused_config(block_d, interpreted)
-        dot_precision, base_2, _ = _precision_flags(q.dtype, interpreted)
         q_layout = layout_of_new_buffer(q)  # dq's, and the forward's output's
         self.deterministic = deterministic
-        self.delta_shape = (1, batch, q_heads, n_queries)
         n_query_blocks = ceil_div(n_queries, config.block_m)
         self.accumulator_shape = (batch, q_heads, n_query_blocks * config.block_m, block_d)
         self.turns_shape = (batch, q_heads, n_query_blocks)
 
-        # Delta = rowsum(dO * O) - dLSE; where the split backward's dQ kernel would sum Delta from P and
-        # dP (plans.delta_from_keys), only the dLSE term, which the Delta pass completes.
-        has_dlse = dlse is not None
-        delta_pass = delta_from_keys(q.dtype, has_dlse)
-        rows_per_program = _config.preprocess_block_m(interpreted)
-        self.preprocess = BoundLaunch(
-            backward_preprocess_kernel,
-            (ceil_div(n_queries, rows_per_program), q_heads, batch),
-            (*q_layout, *dout.stride(), q_heads, n_queries),
-            (),
-            (("HEAD_DIM", head_dim), ("HAS_DLSE", has_dlse), base_2, dot_precision,
-             ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d), ("DELTA_IN_DQ", delta_pass),
-             ("VARLEN", False), ("PADDED_STATS", False)),
-            (),
-            trailing_tensors=5,
-        )  # fmt: skip
+        self.delta = DeltaPlan(dout, dlse, q, k, v, causal, sm_scale)
         input_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
         scales = (sm_scale, score_scale(q.dtype, sm_scale))
-        self.delta_pass = None
-        delta_descriptors = False
-        if delta_pass:
-            # The split backward's dQ tiles, so that Delta comes out as the split backward's.
-            delta_config = _config.backward_configs(block_d, q.dtype, interpreted)[1]
-            delta_descriptors = _use_descriptors(
-                delta_config, descriptors_pay_off(n_queries, delta_config.block_m), k, v
-            )
-            self.delta_pass = BoundLaunch(
-                delta_from_p_and_dp_kernel,
-                (ceil_div(n_queries, delta_config.block_m), q_heads, batch),
-                (*input_strides, q_heads, q_heads // kv_heads, n_queries, n_keys),
-                scales[1:],
-                *_plain(_attention_meta(
-                    head_dim, causal, block_d, delta_config, q.dtype, interpreted, delta_descriptors
-                )),
-            )  # fmt: skip
 
         descriptors = _use_descriptors(config, descriptors_pay_off(n_keys, config.block_n), q, dout)
-        self.needs_scratch = (descriptors or delta_descriptors) and not interpreted
+        self.needs_scratch = descriptors and not interpreted
         constexprs, options = _plain(
             _attention_meta(head_dim, causal, block_d, config, q.dtype, interpreted, descriptors)
         )
@@ -161,11 +127,7 @@ class FusedBackwardPlan(OnDevice):
     def _run(self, dout, dlse, q, k, v, out, lse, lse_low):
         if self.needs_scratch:
             install_scratch_allocator()
-        delta = new_buffer(q, self.delta_shape)
-        # delta stands in for cu_seqlens and the padded statistics' sources and planes (none here)
-        self.preprocess(self.index, out, dout, _or_unused(dlse, lse), delta, *[delta] * 5)
-        if self.delta_pass is not None:
-            self.delta_pass(self.index, q, k, v, dout, lse, lse_low, delta)
+        delta = self.delta(self.index, dout, dlse, q, k, v, out, lse, lse_low)
         dq, dk, dv = new_buffer(q), new_buffer(k), new_buffer(v)
         if self.deterministic:
             # Key block 0 stores into the accumulator before anyone adds: no zero fill.
@@ -178,6 +140,71 @@ class FusedBackwardPlan(OnDevice):
         if self.dq_from_accumulator is not None:
             self.dq_from_accumulator(self.index, accumulator, dq)
         return dq, dk, dv
+
+
+class DeltaPlan:
+    """Every row's Delta before a fused backward starts: the preprocess (dO . O - dLSE; where
+    plans.delta_from_keys, the -dLSE term alone) and then the pass that completes it from P and dP
+    (delta_from_p_and_dp_kernel), two matmuls per tile pair, the split dQ kernel's sums. `two_parts`:
+    Delta is (2, B, Hq, Nq), plane [1] its low part (the float64 sum's rounding error; 0 without the
+    pass), for kernels that take dP - Delta as the split dQ kernel does (backward.py, LOW_DELTA);
+    else (1, B, Hq, Nq). Without `with_pass` the preprocess's part only: a caller with a pass of its own
+    (the Hopper family's) completes it; `from_keys` says whether it must.
+    `plan(index, dout, dlse, q, k, v, out, lse, lse_low)` returns it."""
+
+    def __init__(self, dout, dlse, q, k, v, causal: bool, sm_scale: float, two_parts: bool = False,
+                 with_pass: bool = True):  # fmt: skip
+        batch, q_heads, n_queries, head_dim = q.shape
+        kv_heads, n_keys = k.shape[1], k.shape[2]
+        interpreted, block_d = _prepare_launch(q)
+        dot_precision, base_2, _ = _precision_flags(q.dtype, interpreted)
+        self.shape = (2 if two_parts else 1, batch, q_heads, n_queries)
+        has_dlse = dlse is not None
+        self.from_keys = delta_from_keys(q.dtype, has_dlse)
+        rows_per_program = _config.preprocess_block_m(interpreted)
+        self.preprocess = BoundLaunch(
+            backward_preprocess_kernel,
+            (ceil_div(n_queries, rows_per_program), q_heads, batch),
+            (*layout_of_new_buffer(q), *dout.stride(), q_heads, n_queries),
+            (),
+            (("HEAD_DIM", head_dim), ("HAS_DLSE", has_dlse), base_2, dot_precision,
+             ("BLOCK_M", rows_per_program), ("BLOCK_D", block_d), ("DELTA_IN_DQ", self.from_keys),
+             ("VARLEN", False), ("PADDED_STATS", False)),
+            (),
+            trailing_tensors=5,
+        )  # fmt: skip
+        self.delta_pass = None
+        self.needs_scratch = False
+        if self.from_keys and with_pass:
+            # The split backward's dQ tiles, so that Delta comes out as the split backward's.
+            config = _config.backward_configs(block_d, q.dtype, interpreted)[1]
+            descriptors = _use_descriptors(config, descriptors_pay_off(n_queries, config.block_m), k, v)
+            self.needs_scratch = descriptors and not interpreted
+            constexprs, options = _plain(
+                _attention_meta(head_dim, causal, block_d, config, q.dtype, interpreted, descriptors)
+            )
+            self.delta_pass = BoundLaunch(
+                delta_from_p_and_dp_kernel,
+                (ceil_div(n_queries, config.block_m), q_heads, batch),
+                (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), q_heads, q_heads // kv_heads,
+                 n_queries, n_keys),
+                (score_scale(q.dtype, sm_scale),),
+                (*constexprs, ("LOW_PLANE", two_parts)),
+                options,
+            )  # fmt: skip
+
+    def __call__(self, index, dout, dlse, q, k, v, out, lse, lse_low):
+        if self.needs_scratch:
+            install_scratch_allocator()
+        if self.shape[0] == 2 and not self.from_keys:
+            delta = torch.zeros(self.shape, dtype=torch.float32, device=q.device)  # no low parts
+        else:
+            delta = new_buffer(q, self.shape)
+        # delta stands in for cu_seqlens and the padded statistics' sources and planes (none here)
+        self.preprocess(index, out, dout, _or_unused(dlse, lse), delta, *[delta] * 5)
+        if self.delta_pass is not None:
+            self.delta_pass(index, q, k, v, dout, lse, lse_low, delta)
+        return delta
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, causal: bool) -> bool:
