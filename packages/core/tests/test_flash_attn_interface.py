@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import core
+import core.flash_attn_interface as interface
 from core.flash_attn_interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 from .conftest import DEVICE
@@ -44,6 +45,23 @@ def test_flash_attn_func_is_core_attention_in_bnhd_bitwise(options):
     grads = torch.autograd.grad(out, (q, k, v), dout)
     expected_grads = torch.autograd.grad(heads_first(expected), (q, k, v), dout)
     assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
+
+
+def test_deterministic_is_passed_on_with_flashattentions_default(monkeypatch):
+    """FlashAttention's deterministic=False default permits an unordered backward; True asks for none."""
+    asked = []
+    for name in ("attention", "attention_varlen"):
+        entry = getattr(interface, name)
+        monkeypatch.setattr(
+            interface, name, lambda *a, _entry=entry, **o: asked.append(o["deterministic"]) or _entry(*a, **o)
+        )
+    q, k, v = randn(1, 16, 2, 32, seed=1), randn(1, 16, 2, 32, seed=2), randn(1, 16, 2, 32, seed=3)
+    cu_seqlens = torch.tensor([0, 16], dtype=torch.int32, device=DEVICE)
+    flash_attn_func(q, k, v)
+    flash_attn_func(q, k, v, deterministic=True)
+    flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens, cu_seqlens, 16, 16)
+    flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens, cu_seqlens, 16, 16, deterministic=True)
+    assert asked == [False, True, False, True]
 
 
 def test_flash_attn_varlen_func_is_core_attention_varlen_bitwise():

@@ -201,15 +201,22 @@ def test_ragged_keys_of_rows_with_very_negative_lse(causal):
 @on_gpu
 def test_the_switch_routes_core_attention_through_it(monkeypatch):
     """With the switch on, core.attention's backward of a call the Hopper forward runs takes the Gluon
-    backward, within the policy; off, it does not."""
+    backward in the mode its `deterministic` argument asks, within the policy; off, it does not."""
     q, k, v = make_qkv(1, 4, 2, 1000, 1000, 128, torch.bfloat16, seed=5)
     problem = Problem(q, k, v, causal=True)
-    calls = []
+    modes = []
     run = hopper.BackwardPlan.__call__
-    monkeypatch.setattr(hopper.BackwardPlan, "__call__", lambda *a: calls.append(1) or run(*a))
-    for enabled in (True, False):
+    monkeypatch.setattr(
+        hopper.BackwardPlan, "__call__", lambda *a: modes.append(a[0].deterministic) or run(*a)
+    )
+    for enabled, deterministic, expected in (
+        (True, True, [True]),
+        (True, False, [False]),
+        (False, False, []),
+    ):
+        modes.clear()
         with core.testing.hopper_backward(enabled), core.testing.use_family("hopper"):
             leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-            core.attention(*leaves, causal=True).backward(problem.dout)
-        assert len(calls) == 1, "the Hopper backward ran while off, or not while on"
+            core.attention(*leaves, causal=True, deterministic=deterministic).backward(problem.dout)
+        assert modes == expected, "the Hopper backward ran while off, or not while on, or in the wrong mode"
         assert_all_ok(problem.verdicts([t.grad for t in leaves]))

@@ -13,6 +13,7 @@ import torch
 import torch._dynamo.testing
 
 import core
+import core.testing
 
 from .conftest import DEVICE, ON_GPU
 from .helpers import make_qkv
@@ -105,6 +106,57 @@ def test_opcheck_varlen_backward():
     torch.library.opcheck(
         torch.ops.core.attention_varlen_backward.default, (dout, q, k, v, out, lse, lse_low, dlse, *options)
     )
+
+
+def test_opcheck_with_deterministic_off():
+    q, k, v = (t.detach() for t in _inputs(gqa=True))
+    options = (True, 0.25, -1, -1, 0.0, False)
+    torch.library.opcheck(torch.ops.core.attention_forward.default, (q, k, v, *options))
+    out, lse, lse_low = torch.ops.core.attention_forward(q, k, v, *options)
+    torch.library.opcheck(
+        torch.ops.core.attention_backward.default,
+        (torch.randn_like(out), q, k, v, out, lse, lse_low, None, *options),
+    )
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "varlen"])
+def test_deterministic_reaches_the_backward_plan(packed, compiled, monkeypatch):
+    """`deterministic` is what the family's backward_plan is asked for, on the eager route and through
+    the traced ops alike; where that backward has no unordered sum, False changes no bit."""
+    asked = []
+    for name in core.testing.families():
+        plan_type = core.testing.family(name).ForwardPlan
+        original = plan_type.backward_plan
+
+        def spy(self, *args, deterministic=True, _original=original):
+            asked.append(deterministic)
+            return _original(self, *args, deterministic=deterministic)
+
+        monkeypatch.setattr(plan_type, "backward_plan", spy)
+    if packed:
+        q, k, v, *sequences = _packed()
+        inputs = (q, k, v)
+
+        def attend(q, k, v, deterministic):
+            return core.attention_varlen(q, k, v, *sequences, causal=True, deterministic=deterministic)
+    else:
+        inputs = _inputs(gqa=True)
+
+        def attend(q, k, v, deterministic):
+            return core.attention(q, k, v, causal=True, deterministic=deterministic)
+
+    results = {}
+    for deterministic in (True, False):
+        asked.clear()
+        run = torch.compile(attend, backend=BACKEND, fullgraph=True) if compiled else attend
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = run(*leaves, deterministic)
+        out.float().square().sum().backward()
+        assert asked == [deterministic]
+        results[deterministic] = [out.detach(), *(t.grad for t in leaves)]
+    for a, b in zip(results[True], results[False]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize(

@@ -486,6 +486,20 @@ def test_unknown_keyword_arguments_are_a_type_error_and_unset_ones_are_ignored()
     integration.core_attention_forward(module, q, k, v, None, head_mask=None, output_attentions=False)
 
 
+def test_deterministic_is_passed_on_and_none_keeps_the_default(monkeypatch):
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    k = v = torch.randn(1, 1, 8, 16, device=DEVICE)
+    asked, attend = [], core.attention
+    monkeypatch.setattr(
+        core, "attention", lambda *a, **options: asked.append(options) or attend(*a, **options)
+    )
+    for deterministic in (False, True, None):
+        integration.core_attention_forward(torch.nn.Module(), q, k, v, None, deterministic=deterministic)
+    assert [options.get("deterministic", "default") for options in asked] == [False, True, "default"]
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        integration.core_attention_forward(torch.nn.Module(), q, k, v, None, deterministic=1)
+
+
 def test_register_is_idempotent_and_names_transformers_when_it_is_missing(monkeypatch):
     integration.register()
     assert transformers.AttentionInterface._global_mapping["core"] is integration.core_attention_forward

@@ -96,6 +96,7 @@ def test_empty_dimension(field):
     [
         ({"causal": 1}, TypeError, "causal must be a bool"),
         ({"return_lse": "yes"}, TypeError, "return_lse must be a bool"),
+        ({"deterministic": None}, TypeError, "deterministic must be a bool"),
         ({"sm_scale": float("nan")}, ValueError, "finite"),
         ({"sm_scale": 10**400}, ValueError, "finite"),
         ({"sm_scale": -3e38}, ValueError, "at most"),

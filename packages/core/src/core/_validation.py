@@ -68,6 +68,12 @@ def _validate_tensors(q, k, v, rank: int, dims: str) -> None:
             raise ValueError(f"{name} must have {rank} dims {dims}, got shape {tuple(t.shape)}")
 
 
+def validate_deterministic(deterministic) -> None:
+    """The backward's `deterministic` switch; checked on every call, as the plan cache does not key it."""
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+
+
 def _validate_options(causal, sm_scale, return_lse, window_size, softcap) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")

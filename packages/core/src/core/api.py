@@ -16,7 +16,12 @@ import torch
 
 from core import _plans, ops
 from core._runtime import is_interpreted
-from core._validation import validate_attention_inputs, validate_kvcache_inputs, validate_varlen_inputs
+from core._validation import (
+    validate_attention_inputs,
+    validate_deterministic,
+    validate_kvcache_inputs,
+    validate_varlen_inputs,
+)
 from core.kernels.host import Packed, uses_base_2
 
 # Read once here: the interpreter decision is made when the kernels are imported, and a traced call
@@ -50,6 +55,7 @@ def attention(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0,  # 0, not 0.0: torch.compile(dynamic=True) would trace a float default symbolically
     return_lse: bool = False,
+    deterministic: bool = True,
 ):
     """Scaled dot-product attention, fused: softmax(cap(q k^T * sm_scale) + mask) v.
 
@@ -70,23 +76,28 @@ def attention(
         softcap: > 0 replaces each scaled score s by softcap * tanh(s / softcap) before the softmax
             (Gemma 2's logit softcapping; the LSE is over the capped scores). 0 turns it off.
         return_lse: also return the log-sum-exp of each row's scaled, capped, masked scores.
+        deterministic: True (the default) sums every gradient element in one fixed order, so a repeated
+            backward gives the same bits. False lets a backward that has a faster unordered sum use it
+            (the Hopper backward's dQ, added atomically); every other backward is deterministic anyway.
 
     Returns:
         out with q's shape and dtype (q's strides when q is dense, else contiguous), or (out, lse) with
-        lse (B, Hq, Nq) float32 in natural log. Both are differentiable; the backward pass is
-        deterministic (no atomics) and uses O(N) memory. Traceable by torch.compile (fullgraph, static
+        lse (B, Hq, Nq) float32 in natural log. Both are differentiable; the backward pass uses O(N)
+        memory. Traceable by torch.compile (fullgraph, static
         or dynamic shapes) and capturable in CUDA graphs.
     """
+    validate_deterministic(deterministic)
     if torch.compiler.is_compiling():
         validate_attention_inputs(q, k, v, causal, sm_scale, return_lse, _INTERPRETED, window_size, softcap)
         out, lse, _ = ops.attention_forward(
-            q, k, v, causal, _plans.default_scale(q, sm_scale), *_feature_options(window_size, softcap)
-        )
+            q, k, v, causal, _plans.default_scale(q, sm_scale), *_feature_options(window_size, softcap),
+            deterministic,
+        )  # fmt: skip
     else:
         # validates a new signature
         plan = _plans.forward_plan(q, k, v, causal, sm_scale, return_lse, window_size, softcap)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            out, lse, _ = ops.EagerAttention.apply(q, k, v, plan, None)
+            out, lse, _ = ops.EagerAttention.apply(q, k, v, plan, None, deterministic)
         else:
             out, lse, _ = plan(q, k, v, keep_statistics=return_lse)
     return _result(out, lse, return_lse, q.dtype)
@@ -106,6 +117,7 @@ def attention_varlen(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0,  # as core.attention's
     return_lse: bool = False,
+    deterministic: bool = True,
 ):
     """core.attention over a batch of variable-length sequences packed end to end (FlashAttention's
     flash_attn_varlen_func): each sequence attends only within itself.
@@ -120,7 +132,7 @@ def attention_varlen(
             and rows that see no key output 0 with LSE -inf.
         max_seqlen_q, max_seqlen_k: Python ints >= 1, upper bounds of the longest query and key
             sequence; they size the grid (a larger bound costs only idle programs).
-        causal, sm_scale, window_size, softcap, return_lse: as core.attention.
+        causal, sm_scale, window_size, softcap, return_lse, deterministic: as core.attention.
 
     Returns:
         out (total_q, Hq, D), laid out like q when q is dense, else contiguous; with return_lse also the
@@ -132,6 +144,7 @@ def attention_varlen(
     cu_seqlens_q[-1] (and their LSE) are left unwritten. Checked before any launch: dtypes, devices,
     ranks and shapes (k and v alike, one length B + 1 for both cu_seqlens), and the options.
     """
+    validate_deterministic(deterministic)
     if torch.compiler.is_compiling():
         validate_varlen_inputs(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, sm_scale, return_lse,
@@ -139,7 +152,7 @@ def attention_varlen(
         )  # fmt: skip
         out, lse, _ = ops.attention_varlen_forward(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-            _plans.default_scale(q, sm_scale), *_feature_options(window_size, softcap),
+            _plans.default_scale(q, sm_scale), *_feature_options(window_size, softcap), deterministic,
         )  # fmt: skip
     else:
         plan = _plans.varlen_forward_plan(
@@ -148,7 +161,7 @@ def attention_varlen(
         )  # fmt: skip
         packed = Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            out, lse, _ = ops.EagerAttention.apply(q, k, v, plan, packed)
+            out, lse, _ = ops.EagerAttention.apply(q, k, v, plan, packed, deterministic)
         else:
             out, lse, _ = plan(q, k, v, keep_statistics=return_lse, packed=packed)
     return _result(out, lse, return_lse, q.dtype)

@@ -11,7 +11,8 @@ block_table, and new keys are appended in place.
 
 What core does not have is refused with a ValueError before anything runs, never ignored: dropout_p > 0,
 alibi_slopes, and in flash_attn_with_kvcache rotary embeddings (rotary_cos/sin) and cache_leftpad.
-deterministic is accepted either way: core's backward always is. return_attn_probs=True returns
+deterministic is core.attention's, with FlashAttention's default (False: where a backward has a faster
+unordered sum, it may use it). return_attn_probs=True returns
 (out, softmax_lse, None): core never forms the attention probabilities (FlashAttention documents its
 own as for testing only).
 """
@@ -58,7 +59,7 @@ def flash_attn_func(
     _refuse(dropout_p, alibi_slopes)
     result = attention(
         _heads_first(q), _heads_first(k), _heads_first(v), causal=causal, sm_scale=softmax_scale,
-        window_size=window_size, softcap=softcap, return_lse=return_attn_probs,
+        window_size=window_size, softcap=softcap, return_lse=return_attn_probs, deterministic=deterministic,
     )  # fmt: skip
     if not return_attn_probs:
         return _heads_first(result)
@@ -90,6 +91,7 @@ def flash_attn_varlen_func(
     result = attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
         sm_scale=softmax_scale, window_size=window_size, softcap=softcap, return_lse=return_attn_probs,
+        deterministic=deterministic,
     )  # fmt: skip
     return (*result, None) if return_attn_probs else result
 

@@ -82,14 +82,16 @@ def attention_forward(
     window_left: int = -1,
     window_right: int = -1,
     softcap: float = 0.0,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, lse, lse_low) of softmax(cap(q k^T * sm_scale) + mask) v; inputs validated by the caller."""
+    """(out, lse, lse_low) of softmax(cap(q k^T * sm_scale) + mask) v; inputs validated by the caller.
+    `deterministic` is the backward's (its autograd passes it on to attention_backward)."""
     window = (window_left, window_right)
     return _plans.forward_plan(q, k, v, causal, sm_scale, True, window, softcap)(q, k, v)
 
 
 @attention_forward.register_fake
-def _(q, k, v, causal, sm_scale, window_left=-1, window_right=-1, softcap=0.0):
+def _(q, k, v, causal, sm_scale, window_left=-1, window_right=-1, softcap=0.0, deterministic=True):
     batch, q_heads, n_queries, _ = q.shape
     # core.kernels.host.new_buffer's layout rule for out
     return (torch.empty_like(q), *_statistics_like(q, (batch, q_heads, n_queries)))
@@ -110,26 +112,29 @@ def attention_backward(
     window_left: int = -1,
     window_right: int = -1,
     softcap: float = 0.0,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), each laid out like its input when that input is dense, else contiguous.
-    Deterministic: every gradient element is summed in one fixed order."""
+    Deterministic (every gradient element summed in one fixed order) unless `deterministic` is False
+    and the backward that runs has an unordered sum (core.attention's argument)."""
     window = (window_left, window_right)
     forward = _plans.forward_plan(q, k, v, causal, sm_scale, True, window, softcap)
-    return _gradients(forward, dout, dlse, q, k, v, out, lse, lse_low)
+    return _gradients(forward, dout, dlse, q, k, v, out, lse, lse_low, deterministic)
 
 
-def _gradients(forward, dout, dlse, q, k, v, out, lse, lse_low, **on_packed):
+def _gradients(forward, dout, dlse, q, k, v, out, lse, lse_low, deterministic: bool, **on_packed):
     """The backward of a call whose forward plan is `forward` (every route's: the ops and EagerAttention).
     The kernels read dLSE as a contiguous float32 vector ((B, Hq, Nq), or (Hq, total_q) packed); autograd
     may hand it over in any layout (e.g. from lse.transpose(1, 2)). It is one float per row: copied."""
     if dlse is not None:
         dlse = dlse.contiguous()
-    plan = forward.backward_plan(dout, dlse, q, k, v)
+    plan = forward.backward_plan(dout, dlse, q, k, v, deterministic=deterministic)
     return plan(dout, dlse, q, k, v, out, lse, lse_low, **on_packed)
 
 
 @attention_backward.register_fake
-def _(dout, q, k, v, out, lse, lse_low, dlse, causal, sm_scale, window_left=-1, window_right=-1, softcap=0.0):
+def _(dout, q, k, v, out, lse, lse_low, dlse, causal, sm_scale, window_left=-1, window_right=-1, softcap=0.0,
+      deterministic=True):  # fmt: skip
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -147,8 +152,10 @@ def attention_varlen_forward(
     window_left: int = -1,
     window_right: int = -1,
     softcap: float = 0.0,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, lse, lse_low) of packed sequences: out (total_q, Hq, D), lse (Hq, total_q)."""
+    """(out, lse, lse_low) of packed sequences: out (total_q, Hq, D), lse (Hq, total_q); `deterministic`
+    as attention_forward's."""
     plan = _plans.varlen_forward_plan(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, sm_scale, True,
         (window_left, window_right), softcap,
@@ -158,7 +165,7 @@ def attention_varlen_forward(
 
 @attention_varlen_forward.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, sm_scale, window_left=-1,
-      window_right=-1, softcap=0.0):  # fmt: skip
+      window_right=-1, softcap=0.0, deterministic=True):  # fmt: skip
     n_queries, q_heads, _ = q.shape
     return (torch.empty_like(q), *_statistics_like(q, (q_heads, n_queries)))
 
@@ -182,6 +189,7 @@ def attention_varlen_backward(
     window_left: int = -1,
     window_right: int = -1,
     softcap: float = 0.0,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of packed sequences, each laid out like its input when dense, else contiguous."""
     forward = _plans.varlen_forward_plan(
@@ -189,12 +197,12 @@ def attention_varlen_backward(
         (window_left, window_right), softcap,
     )  # fmt: skip
     packed = Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return _gradients(forward, dout, dlse, q, k, v, out, lse, lse_low, packed=packed)
+    return _gradients(forward, dout, dlse, q, k, v, out, lse, lse_low, deterministic, packed=packed)
 
 
 @attention_varlen_backward.register_fake
 def _(dout, q, k, v, out, lse, lse_low, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-      sm_scale, window_left=-1, window_right=-1, softcap=0.0):  # fmt: skip
+      sm_scale, window_left=-1, window_right=-1, softcap=0.0, deterministic=True):  # fmt: skip
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -262,11 +270,11 @@ class EagerAttention(torch.autograd.Function):
     the ops instead."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, packed: Packed | None):
+    def forward(ctx, q, k, v, plan, packed: Packed | None, deterministic: bool):
         on_packed = {} if packed is None else {"packed": packed}  # only the portable family packs
         out, lse, lse_low = plan(q, k, v, **on_packed)
         ctx.save_for_backward(q, k, v, out, lse, lse_low)
-        ctx.plan, ctx.on_packed = plan, on_packed
+        ctx.plan, ctx.on_packed, ctx.deterministic = plan, on_packed, deterministic
         ctx.mark_non_differentiable(lse_low)
         ctx.set_materialize_grads(False)  # as _setup_context
         return out, lse, lse_low
@@ -276,10 +284,12 @@ class EagerAttention(torch.autograd.Function):
         q, k, v, out, lse, lse_low = ctx.saved_tensors
         if dout is None:  # as _backward
             dout = torch.zeros_like(out)
-        gradients = _gradients(ctx.plan, dout, dlse, q, k, v, out, lse, lse_low, **ctx.on_packed)
+        gradients = _gradients(
+            ctx.plan, dout, dlse, q, k, v, out, lse, lse_low, ctx.deterministic, **ctx.on_packed
+        )
         if torch.is_grad_enabled():  # create_graph=True: a later backward through these must fail clearly
             gradients = _RefuseDoubleBackward.apply(q, k, v, dout, *gradients)
-        return (*gradients, None, None)
+        return (*gradients, None, None, None)
 
 
 class _RefuseDoubleBackward(torch.autograd.Function):

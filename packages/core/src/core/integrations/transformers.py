@@ -39,8 +39,9 @@ output_attentions=True (core never forms the attention weights).
 Keyword arguments accepted and ignored, because they do not change the attention: position_ids (they
 feed the rotary embedding; their packing meaning reaches core through the mask function), cache_position,
 use_cache, output_hidden_states, output_router_logits, return_dict, num_items_in_batch (loss
-normalisation), deterministic (core's backward always is) and seq_idx next to cu_seq_lens (the same
-boundaries). Any other keyword argument that is set (not None or False) is a TypeError.
+normalisation) and seq_idx next to cu_seq_lens (the same boundaries). deterministic, as FlashAttention's
+integration takes it, is core.attention's: a bool is passed on, None keeps core's default (True). Any
+other keyword argument that is set (not None or False) is a TypeError.
 
 Reading a mask or position_ids costs a device sync, and under torch.compile a graph break, in the mask
 function; a padded batch costs two or three more per layer (the gathers' sizes and the grid's bounds).
@@ -90,7 +91,6 @@ _IGNORED_KWARGS = frozenset(
         "output_router_logits",
         "return_dict",
         "num_items_in_batch",
-        "deterministic",
     }
 )
 # FlashAttention's packed-sequence keyword arguments: all four, or none.
@@ -156,9 +156,12 @@ def core_attention_forward(
             "to 0.0 (transformers passes the dropout only in training mode)"
         )
     packed_kwargs = _packed_keyword_arguments(kwargs)
+    deterministic = kwargs.pop("deterministic", None)
     _check_keyword_arguments(kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     options = dict(causal=causal, sm_scale=scaling, **_window_and_softcap(sliding_window, softcap, causal))
+    if deterministic is not None:
+        options["deterministic"] = deterministic
     queries = query.transpose(1, 2)  # (B, N, Hq, D), as the model reads the output
     keys, values = key.transpose(1, 2), value.transpose(1, 2)
     if packed_kwargs is not None:

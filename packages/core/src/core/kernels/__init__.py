@@ -11,8 +11,9 @@ A family is a package here with one small contract:
   calling it with tensors of that signature (and, for varlen, `packed=` the call's
   core.kernels.host.Packed) returns (out, lse, lse_low) with the conventions of core.kernels.host (out
   laid out by new_buffer, lse (B, Hq, Nq) float32 in the base uses_base_2 names, or (Hq, total_q) for
-  varlen, lse_low its low parts), and its `backward_plan(dout, dlse, q, k, v)` returns a callable
-  giving (dq, dk, dv) (taking `packed=` too).
+  varlen, lse_low its low parts), and its `backward_plan(dout, dlse, q, k, v, deterministic=True)`
+  returns a callable giving (dq, dk, dv) (taking `packed=` too); deterministic=False permits, and
+  never requires, an unordered sum.
 
 Every family's forward output is consumable by every family's backward: that is what the LSE
 conventions are for. `choose` takes the first family in `PRIORITY` that supports a call, unless a test

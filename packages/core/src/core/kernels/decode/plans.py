@@ -263,8 +263,9 @@ class ForwardPlan:
     def __call__(self, q, k, v, keep_statistics: bool = True):
         return self.attend(q, k, v, self.n_keys, keep_statistics=keep_statistics)
 
-    def backward_plan(self, dout, dlse, q, k, v) -> BackwardPlan:
-        """The portable backward for these inputs and a dO of dout's layout (and a dLSE or none)."""
+    def backward_plan(self, dout, dlse, q, k, v, deterministic: bool = True) -> BackwardPlan:
+        """The portable backward for these inputs and a dO of dout's layout (and a dLSE or none); it is
+        deterministic whatever `deterministic` says."""
         key = (dout.stride(), dout.dtype, dout.data_ptr() & 15, dlse is None)
         plan = self.backward_plans.get(key)
         if plan is None:

@@ -229,17 +229,20 @@ class ForwardPlan(OnDevice):
             Lse=lse, LseLow=lse_low, **self.scalars,
         )  # fmt: skip
 
-    def backward_plan(self, dout, dlse, q, k, v):
+    def backward_plan(self, dout, dlse, q, k, v, deterministic: bool = True):
         """The Hopper backward where BACKWARD is on and it takes the call (backward_supports), else the
-        portable family's; one plan per dO layout (and dLSE or none)."""
+        portable family's; one plan per dO layout, dLSE or none, and `deterministic` (False: dQ's
+        parts added in whatever order they come)."""
         if not backward_supports(q, k, v, dout):
-            return self._portable.backward_plan(dout, dlse, q, k, v)
-        key = (dout.stride(), dlse is None)
+            return self._portable.backward_plan(dout, dlse, q, k, v, deterministic=deterministic)
+        key = (dout.stride(), dlse is None, deterministic)
         plan = self._backward_plans.get(key)
         if plan is None:
             if len(self._backward_plans) >= 64:
                 self._backward_plans.clear()
-            plan = self._backward_plans[key] = BackwardPlan(dout, dlse, q, k, v, self.causal, self.sm_scale)
+            plan = self._backward_plans[key] = BackwardPlan(
+                dout, dlse, q, k, v, self.causal, self.sm_scale, deterministic
+            )
         return plan
 
 

@@ -323,9 +323,10 @@ class ForwardPlan(OnDevice):
         )  # fmt: skip
         return out, lse, lse_low
 
-    def backward_plan(self, dout, dlse, q, k, v):
+    def backward_plan(self, dout, dlse, q, k, v, deterministic: bool = True):
         """The backward for this forward's inputs and a dO of dout's layout (and a dLSE or none): the
-        split backward, or the fused one where its switch is on (fused_plans.py)."""
+        split backward, or the fused one where its switch is on (fused_plans.py). Both are deterministic
+        whatever `deterministic` says: neither has an unordered sum."""
         from core.kernels.portable import fused_plans  # it builds on this module
 
         fused = (
