@@ -45,9 +45,9 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit, keeps 
 nvidia-smi -L > "$out/card.log" 2>&1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$out/card.log" 2>&1
 run=packages/core/benchmarks/run.py
-what=${what//all/tests bench}
-what=${what//tests/suite host}
-what=${what//bench/kernels decode features e2e}
+# Groups expand as whole words only ("hopper-bwd-tests" is a step, not "hopper-bwd-" and "tests").
+what=$(echo " $what " | sed -e 's/ all / tests bench /g' -e 's/ tests / suite host /g' \
+         -e 's/ bench / kernels decode features e2e /g')
 for name in $what; do
   case $name in
     # -v: each outcome is logged as it comes (a run cut short still names its failures); SIGINT at the
@@ -61,7 +61,7 @@ for name in $what; do
     hopper) step hopper 480 python3 $run hopper --quick --out "$out/hopper" ;;
     hopper-tests) step hopper-tests 200 python3 -m pytest packages/core/tests/test_hopper.py -n 16 -q -rfE -p no:cacheprovider ;;
     hopper-bwd-tests) step hopper-bwd-tests 330 python3 -m pytest packages/core/tests/test_hopper_backward.py -n 8 -q -rfE -p no:cacheprovider ;;
-    hopper-bwd) step hopper-bwd 240 python3 packages/core/benchmarks/fused_bwd_check.py --kernel hopper --quick --dtypes bf16 \
+    hopper-bwd) step hopper-bwd 240 python3 packages/core/benchmarks/fused_bwd_check.py --kernel hopper --quick --dtypes bf16 --dims "${BWD_DIMS:-64,128}" \
                   --row-timeout 90 --out "$out/hopper-bwd" ;;
     # numerics lab experiments on the GPU (NUMERICS=e10 by default); copy $OUT/numerics into numerics/results/gpu
     numerics) step numerics 200 python3 -m numerics --mode gpu --only "${NUMERICS:-e10}" --out "$out/numerics" ;;

@@ -61,13 +61,13 @@ SWEEP = [(64, 64, 64, 4, 2), (64, 64, 128, 8, 3), (128, 64, 64, 8, 2), (128, 32,
 AGREE_ULPS = 4  # fused vs split: dQ is summed in another order, then rounded once to the dtype
 
 
-def rows(quick: bool, dtypes: list[str]) -> list[dict]:
+def rows(quick: bool, dtypes: list[str], head_dims: list[int]) -> list[dict]:
     lens = (1024, 16384) if quick else SEQ_LENS
     return [
         {"causal": causal, "dtype": dtype, "d": d, "n": n}
         for causal in (True, False)
         for dtype in dtypes
-        for d in (64, 128)
+        for d in head_dims
         for n in lens
     ]
 
@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="N 1k and 16k only, shorter timings")
     parser.add_argument("--sweep", action="store_true", help="also time other tiles of the ordered mode")
     parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated, of " + ",".join(DTYPES))
+    parser.add_argument("--dims", default="64,128", help="comma-separated head dims")
     parser.add_argument("--jobs", type=int, default=0, help="compile in this many processes first")
     parser.add_argument("--compile-only", action="store_true", help="compile (with --jobs) and stop")
     parser.add_argument("--budget", type=float, default=math.inf, help="stop timing after SECONDS")
@@ -300,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         report()
         return
-    work = rows(args.quick, args.dtypes.split(",")) + (sweep_rows() if args.sweep else [])
+    head_dims = [int(d) for d in args.dims.split(",")]
+    work = rows(args.quick, args.dtypes.split(","), head_dims) + (sweep_rows() if args.sweep else [])
     work = [row | {"kernel": args.kernel} for row in work]
     started = time.time()
     if args.jobs:

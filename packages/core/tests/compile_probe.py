@@ -113,9 +113,11 @@ def hopper_backward_plans():
     BackwardPlan = core.testing.family("hopper").BackwardPlan
     plans = []
     for dtype, head_dim, causal, q_heads, kv_heads, has_dlse, deterministic, gluon in HOPPER_BACKWARD_CALLS:
-        q, dout = (torch.randn(2, q_heads, 300, head_dim).to(dtype) for _ in range(2))
-        k, v = (torch.randn(2, kv_heads, 333, head_dim).to(dtype) for _ in range(2))
-        lse = torch.randn(2, q_heads, 300)
+        # Batch 1 with MQA: Triton makes an int argument equal to 1 a constant, which has no .to().
+        batch = 1 if kv_heads == 1 else 2
+        q, dout = (torch.randn(batch, q_heads, 300, head_dim).to(dtype) for _ in range(2))
+        k, v = (torch.randn(batch, kv_heads, 333, head_dim).to(dtype) for _ in range(2))
+        lse = torch.randn(batch, q_heads, 300)
         dlse = torch.randn_like(lse) if has_dlse else None
         plan = BackwardPlan(dout, dlse, q, k, v, causal, head_dim**-0.5, deterministic, gluon)
         plans.append((plan, (dout, dlse, q, k, v, torch.randn_like(q), lse, lse[None])))

@@ -287,7 +287,8 @@ def _produce(
             )  # fmt: skip
 
 
-@gluon.jit(do_not_specialize=["n_queries", "n_keys"])
+# n_batch too: an int argument equal to 1 would become a constant, with no .to()
+@gluon.jit(do_not_specialize=["n_batch", "n_queries", "n_keys"])
 def hopper_attention_backward_kernel(
     q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, Lse, LseLow, Delta, DqAccumulator, Turns,
     n_batch, n_kv_heads, kv_group, n_queries, n_keys, qk_scale, sm_scale,

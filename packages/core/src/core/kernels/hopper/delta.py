@@ -148,7 +148,8 @@ def _produce(
     )  # fmt: skip
 
 
-@gluon.jit(do_not_specialize=["n_queries", "n_keys"])
+# n_batch too: an int argument equal to 1 would become a constant, with no .to()
+@gluon.jit(do_not_specialize=["n_batch", "n_queries", "n_keys"])
 def hopper_delta_kernel(
     q_desc, do_desc, k_desc, v_desc, Lse, LseLow, Delta,
     n_batch, n_q_heads, kv_group, n_queries, n_keys, qk_scale,
