@@ -247,9 +247,9 @@ class ForwardPlan(OnDevice):
 
 
 __all__ = [
-    "BACKWARD", "KERNEL_HEAD_DIMS", "NAME", "PERSISTENT", "PERSISTENT_MAX_KEYS", "BackwardPlan", "ForwardPlan",
-    "TileConfig", "available", "backward_supports", "faster_than_portable", "kernel", "persistent_pays",
-    "supports", "tile_config",
+    "BACKWARD", "KERNEL_HEAD_DIMS", "NAME", "PERSISTENT", "PERSISTENT_MAX_KEYS", "BackwardPlan",
+    "ForwardPlan", "TileConfig", "available", "backward_supports", "faster_than_portable", "kernel",
+    "persistent_pays", "supports", "tile_config",
 ]  # fmt: skip
 
 
