@@ -17,6 +17,9 @@ H * D = 2048, the benchmark's target shapes. Backward only: every implementation
 outside the timing (SDPA's backward through autograd.grad with retain_graph). TFLOP/s count the
 backward as 2.5x the forward's flops, causal ones halved (attnbench.flops).
 
+`--profile` times each kernel the plans launch instead (torch.profiler, CUDA time per call): the fused
+backward in both modes and the split one, kernel by kernel, so a slow row shows which kernel holds it.
+
 Before timing, each row checks the fused gradients against the split backward's (at most a few ulps of
 the largest gradient apart: both sum dQ in float32, in another order) and the deterministic mode
 against itself (bitwise). `--sweep` also times other tile shapes of the portable deterministic kernel.
@@ -174,6 +177,45 @@ def measure(row: dict, quick: bool) -> dict:
     return result
 
 
+def profile(row: dict, calls: int = 5) -> dict:
+    """CUDA time per call of each kernel that the fused plans (both modes) and the split plan launch, in
+    ms, from torch.profiler over `calls` calls after three warm-up calls."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    problem = Problem(row)
+    kernel = row.get("kernel", "portable")
+    plans = {
+        "ordered": problem.fused_plan(True, kernel=kernel),
+        "atomic": problem.fused_plan(False, kernel=kernel),
+        "split": problem.split_plan(),
+    }
+    result = dict(row)
+    for name, plan in plans.items():
+        for _ in range(3):
+            plan(*problem.args)
+        torch.cuda.synchronize()
+        with profiler(activities=[ProfilerActivity.CUDA]) as recorded:
+            for _ in range(calls):
+                plan(*problem.args)
+            torch.cuda.synchronize()
+        events = [e for e in recorded.key_averages() if e.device_time_total > 0 and e.count >= calls]
+        result[name] = {e.key[:60]: round(e.device_time_total / calls / 1000, 4) for e in events}
+    return result
+
+
+def profile_table(results: list[dict]) -> str:
+    lines = ["ms per call, by kernel (the row's fused plan in both modes, then the split plan)"]
+    for r in results:
+        lines.append(f"causal {r['causal']}, {r['dtype']}, D {r['d']}, N {r['n']}, {r['kernel']}:")
+        for plan in ("ordered", "atomic", "split"):
+            kernels = sorted(r[plan].items(), key=lambda item: -item[1])
+            total = sum(ms for _, ms in kernels)
+            parts = " + ".join(f"{name} {ms:.3f}" for name, ms in kernels)
+            lines.append(f"  {plan:8} {total:8.3f} = {parts}")
+    return "\n".join(lines)
+
+
 def number(value) -> str:
     return f"{value:6.0f}" if isinstance(value, float) else "   n/a"
 
@@ -293,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=math.inf, help="stop timing after SECONDS")
     parser.add_argument("--row-timeout", type=float, default=60.0, help="give up (print, exit) after")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="each kernel's time per call, not TFLOP/s")
     parser.add_argument("--kernel", choices=KERNELS, default="portable", help="whose fused backward")
     parser.add_argument(
         "--report", action="store_true", help="the Hopper kernel's sm_90a compile, on the CPU"
@@ -323,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         # A row that hangs (a turn never passed on would) ends the run with what was measured so far.
         watchdog = threading.Timer(args.row_timeout, give_up, (row, results))
         watchdog.start()
-        result = measure(row, args.quick)
+        result = profile(row) if args.profile else measure(row, args.quick)
         watchdog.cancel()
         results.append(result)
         print(json.dumps(result), flush=True)
@@ -331,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "fused_bwd.json").write_text(json.dumps(results, indent=1))
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(table(results))
+    print(profile_table(results) if args.profile else table(results))
 
 
 if __name__ == "__main__":
