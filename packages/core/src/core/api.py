@@ -83,8 +83,8 @@ def attention(
     Returns:
         out with q's shape and dtype (q's strides when q is dense, else contiguous), or (out, lse) with
         lse (B, Hq, Nq) float32 in natural log. Both are differentiable; the backward pass uses O(N)
-        memory. Traceable by torch.compile (fullgraph, static
-        or dynamic shapes) and capturable in CUDA graphs.
+        memory. Traceable by torch.compile (fullgraph, static or dynamic shapes) and capturable in
+        CUDA graphs.
     """
     validate_deterministic(deterministic)
     if torch.compiler.is_compiling():
