@@ -20,8 +20,9 @@
 #   hopper.log), hopper-tests (the Hopper kernels bitwise against each other, test_hopper.py),
 #   hopper-bwd-tests (the Hopper backward against the truth and the split backward, test_hopper_backward.py),
 #   hopper-bwd (it timed beside the split backward, FA2 and cuDNN: fused_bwd_check --kernel hopper;
-#   BWD_DIMS=128 for one head dim), hopper-bwd-profile (each of its kernels' time per call), cp (the
-#   simulated ring), numerics,
+#   BWD_DIMS=128 for one head dim), hopper-bwd-profile (each of its kernels' time per call),
+#   portable-persistent (the portable forward's persistent kernel beside its one-tile kernel, same bits
+#   checked first, then test_portable_persistent.py), cp (the simulated ring), numerics,
 #   pinned (every fuzz failure pinned so far, inf/NaN ones included), sanitize (the compute-sanitizer
 #   sweep: an H100, the H200 machines' runtime refuses the tool), control (racecheck's control kernel)
 set -uo pipefail
@@ -65,6 +66,9 @@ for name in $what; do
     hopper-bwd) step hopper-bwd 240 python3 packages/core/benchmarks/fused_bwd_check.py --kernel hopper --quick --dtypes bf16 --dims "${BWD_DIMS:-64,128}" \
                   --row-timeout 90 --out "$out/hopper-bwd" ;;
     # each kernel's time per call, the fused backward's (both modes) beside the split one's
+    portable-persistent) step portable-persistent 240 python3 packages/core/benchmarks/portable_persistent_check.py --quick \
+                           --out "$out/portable-persistent"; \
+                         step portable-persistent-tests 120 python3 -m pytest packages/core/tests/test_portable_persistent.py -q -rfE -p no:cacheprovider ;;
     hopper-bwd-profile) step hopper-bwd-profile 150 python3 packages/core/benchmarks/fused_bwd_check.py --kernel hopper --quick \
                           --dtypes bf16 --dims "${BWD_DIMS:-128}" --profile --row-timeout 60 --out "$out/hopper-bwd-profile" ;;
     # numerics lab experiments on the GPU (NUMERICS=e10 by default); copy $OUT/numerics into numerics/results/gpu

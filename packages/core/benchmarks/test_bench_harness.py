@@ -362,3 +362,20 @@ def test_bitwise_finds_the_working_tree_equal_to_its_own_copy_and_reports_a_diff
     lines = capsys.readouterr().out.rstrip().splitlines()
     assert lines[-1].startswith(f"0/{len(bitwise.cases(True))} cases bitwise equal")
     assert all(line.startswith("differs: ") and "out by" in line for line in lines[:-1])
+
+
+def test_portable_persistent_check_rows_and_table():
+    """Its rows are the portable family's shapes (the Hopper family takes plain fp16/bf16 D 64 and
+    128), and its table flags a row whose two kernels disagree."""
+    import portable_persistent_check as check
+
+    quick = check.rows(quick=True)
+    assert {(r["dtype"], r["d"]) for r in quick} == {("bf16", 128), ("bf16", 96), ("bf16", 256), ("fp32", 64)}
+    assert {r["n"] for r in quick} == {512, 2048} and {r["causal"] for r in quick} == {True, False}
+    assert any("window" in r for r in quick) and any("softcap" in r for r in quick)
+    assert len(check.rows(quick=False)) > len(quick)
+    measured = {"one_tile_tflops": 100.0, "persistent_tflops": 125.0, "ratio": 1.25}
+    text = check.table(
+        [quick[0] | measured | {"same_bits": True}, quick[1] | measured | {"same_bits": False}], "H100"
+    )
+    assert "H100" in text and text.count("1.25") == 2 and text.splitlines()[-1].endswith("NO")

@@ -4,7 +4,8 @@ them: run by test_compiles_for_hopper.py in a process of its own, without TRITON
 The interpreter runs a kernel's Python and accepts what Triton's compiler refuses (a loop that rebinds a
 name to another type, say), so a kernel can pass every CPU test and fail to build on the GPU. Here each
 KV-cache call of CALLS and each attention call of ATTENTION_CALLS (forward and backward, the portable
-family) builds core's plans on CPU tensors; every launch they make is recorded instead of run
+family; the forward also with its persistent kernel, core.testing.portable_persistent) builds core's
+plans on CPU tensors; every launch they make is recorded instead of run
 (core.testing.portable.launch.BoundLaunch, the one way core launches), and each distinct
 (kernel, signature, constexprs) is compiled with triton.compile for sm_90, specialised as Triton's
 launcher would (core.testing.compile_signature). The Hopper family's Gluon forwards are compiled from
@@ -218,6 +219,8 @@ def record_launches() -> list[tuple]:
         with core.testing.use_family("portable"):
             out, lse, lse_low = core.testing.forward(q, k, v, **options)
             core.testing.backward(torch.randn_like(q), None, q, k, v, out, lse, lse_low, **options)
+            with core.testing.portable_persistent(True):
+                core.testing.forward(q, k, v, **options)
     return recorded
 
 

@@ -150,6 +150,15 @@ def precise_delta(enabled: bool):
 
 
 @contextlib.contextmanager
+def portable_persistent(enabled: bool):
+    """Switch the portable family's persistent forward (a few programs per SM walking the tiles; dense
+    calls) on or off inside the block, for the plans made in it; off by default. Its results are
+    bitwise the one-tile kernel's."""
+    with _switched(_portable_plans.PersistentForward, enabled):
+        yield
+
+
+@contextlib.contextmanager
 def hopper_persistent(enabled: bool | None):
     """Force the Hopper family's persistent forward (one program per SM walking a list of tiles) on or
     off inside the block, for the plans made in it; None leaves the choice to its rule

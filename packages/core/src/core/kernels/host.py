@@ -1,9 +1,10 @@
 """Host-side conventions every kernel family follows: what a call asks beyond plain attention (Features,
 Packed), how outputs are allocated, the base of the LSE the forward saves for the backward, grid
-arithmetic, and launching on the inputs' device."""
+arithmetic, the GPU's size, and launching on the inputs' device."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -97,6 +98,15 @@ def ceil_div(a: int, b: int) -> int:
     """Grid sizes. Plain Python: triton.cdiv is a constexpr_function in triton >= 3.9, whose wrapper
     costs host time on every call."""
     return -(-a // b)
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int | None:
+    """The GPU's SM count, for grids sized to the card (cached: the query costs host time); None off a
+    GPU (the interpreter, or the compile probe's plans over CPU tensors, which launch nothing)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class OnDevice:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from core.kernels import host
+
 # The query rows of one KV head (its GQA group times the queries) that one program holds at most: more
 # rows are spread over several row blocks, each streaming the same keys.
 MAX_BLOCK_M = 64
@@ -78,11 +80,9 @@ def decode_config(
     return DecodeConfig(block_m, 64 if block_d <= 128 else 32, num_warps=4, num_stages=3 + extra_stages)
 
 
-@functools.cache
 def multiprocessors(device: torch.device, interpreted: bool) -> int:
-    if interpreted or device.type != "cuda":
-        return INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """The SMs the split rule fills: the GPU's, or INTERPRETER_SMS under the interpreter or off a GPU."""
+    return (None if interpreted else host.multiprocessors(device)) or INTERPRETER_SMS
 
 
 def overlaps_merge(splits: int, device: torch.device, interpreted: bool) -> bool:

@@ -102,6 +102,13 @@ def backward_configs(
     return KernelConfig(64, 64, 8, 2, descriptors=True), KernelConfig(128, 32, 8, 3, descriptors=True)
 
 
+# The persistent forward's programs per SM (plans.PersistentForward): as many as the one-tile kernel's
+# tiles fit at once at D <= 128 (its K/V stages take under half the shared memory); a guess to tune on
+# the GPU. The interpreter runs 3 programs in all, so that its small tests still give each several tiles.
+PERSISTENT_PROGRAMS_PER_SM = 2
+INTERPRETER_PERSISTENT_PROGRAMS = 3
+
+
 def preprocess_block_m(interpreted: bool) -> int:
     """Query rows per program of the Delta = rowsum(dO * O) pass (memory-bound; wide rows are fine)."""
     return INTERPRETER.block_m if interpreted else 64

@@ -190,8 +190,79 @@ def attention_forward_kernel(
     block_m_index = tl.program_id(0)
     if CAUSAL:
         block_m_index = tl.num_programs(0) - 1 - block_m_index
-    head = tl.program_id(1)
-    batch = tl.program_id(2)
+    _forward_tile(
+        block_m_index, tl.program_id(1), tl.program_id(2), tl.num_programs(2),
+        Q, K, V, Out, Lse, LseLow,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_om, stride_od,
+        n_q_heads, kv_group, n_queries, n_keys, qk_scale,
+        CuSeqlensQ, CuSeqlensK, window_left, window_right, softcap_in, softcap_out,
+        HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, BASE_2, PRECISE_EXP,
+        TENSOR_DESCRIPTORS, WINDOW, SOFTCAP, VARLEN,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["n_queries", "n_keys", "window_left", "window_right", "n_batch"])
+def attention_forward_persistent_kernel(
+    Q, K, V, Out, Lse, LseLow,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    n_q_heads, kv_group, n_queries, n_keys, qk_scale,
+    CuSeqlensQ, CuSeqlensK, window_left, window_right, softcap_in, softcap_out, n_batch,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
+    TENSOR_DESCRIPTORS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
+):  # fmt: skip
+    """attention_forward_kernel's tiles, many per program: the same arguments, and n_batch (B), for
+    dense inputs (not VARLEN). Grid: (programs,), fewer than the tiles (a few per SM), so a program's
+    next tile starts while others still run, instead of short programs paying their start and end one
+    wave at a time. Program p takes tiles p, p + programs, ...; tiles go out one query block at a time,
+    every (batch, head) of it together, causal from the last block (the heaviest) down. Each tile's
+    arithmetic is the one-tile kernel's: results bitwise the same."""
+    tl.static_assert(not VARLEN, "packed sequences take the one-tile kernel")
+    n_blocks = tl.cdiv(n_queries, BLOCK_M)
+    heads = n_q_heads * n_batch
+    for tile in range(tl.program_id(0), n_blocks * heads, tl.num_programs(0)):
+        block_m_index = tile // heads
+        if CAUSAL:
+            block_m_index = n_blocks - 1 - block_m_index
+        _forward_tile(
+            block_m_index, tile % n_q_heads, (tile // n_q_heads) % n_batch, n_batch,
+            Q, K, V, Out, Lse, LseLow,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_om, stride_od,
+        n_q_heads, kv_group, n_queries, n_keys, qk_scale,
+        CuSeqlensQ, CuSeqlensK, window_left, window_right, softcap_in, softcap_out,
+        HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, BASE_2, PRECISE_EXP,
+        TENSOR_DESCRIPTORS, WINDOW, SOFTCAP, VARLEN,
+        )  # fmt: skip
+
+
+@triton.jit
+def _forward_tile(
+    block_m_index, head, batch, n_batch,
+    Q, K, V, Out, Lse, LseLow,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    n_q_heads, kv_group, n_queries, n_keys, qk_scale,
+    CuSeqlensQ, CuSeqlensK, window_left, window_right, softcap_in, softcap_out,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BASE_2: tl.constexpr, PRECISE_EXP: tl.constexpr,
+    TENSOR_DESCRIPTORS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
+):  # fmt: skip
+    """One tile of attention_forward_kernel: query block `block_m_index` of query head `head` of sequence
+    `batch`, of `n_batch` (the arguments as the kernels take them). The one-tile kernel runs one per
+    program, the persistent kernel many."""
     kv_head = head // kv_group
     start_m = block_m_index * BLOCK_M
     packed_queries = n_queries
@@ -338,5 +409,5 @@ def attention_forward_kernel(
         if VARLEN:
             rows_in_all_heads = packed_queries.to(tl.int64) * n_q_heads
         else:
-            rows_in_all_heads = tl.num_programs(2).to(tl.int64) * n_q_heads * n_queries
+            rows_in_all_heads = n_batch.to(tl.int64) * n_q_heads * n_queries
         tl.store(LseLow + rows_in_all_heads + row_offsets, m_low, mask=row_ok)

@@ -33,6 +33,7 @@ from core.kernels.host import (
     Packed,
     ceil_div,
     layout_of_new_buffer,
+    multiprocessors,
     new_buffer,
     score_scale,
     uses_base_2,
@@ -45,7 +46,7 @@ from core.kernels.portable.backward import (
     backward_dq_kernel,
     backward_preprocess_kernel,
 )
-from core.kernels.portable.forward import attention_forward_kernel
+from core.kernels.portable.forward import attention_forward_kernel, attention_forward_persistent_kernel
 
 FP32_MAX = torch.finfo(torch.float32).max
 
@@ -212,6 +213,24 @@ class PreciseDelta:
     enabled: bool = os.environ.get("CORE_PRECISE_DELTA", "1") == "1"
 
 
+class PersistentForward:
+    """The switch: whether dense (not packed) forwards run attention_forward_persistent_kernel, a few
+    programs per SM walking the tiles (config.PERSISTENT_PROGRAMS_PER_SM), instead of one program per
+    tile (CORE_PORTABLE_PERSISTENT=1). The same bits either way; off until it measures faster
+    (docs/perf-notes.md)."""
+
+    enabled: bool = os.environ.get("CORE_PORTABLE_PERSISTENT", "0") == "1"
+
+
+def persistent_programs(device: torch.device, interpreted: bool) -> int:
+    """The persistent forward's grid, before capping at the call's tiles: PERSISTENT_PROGRAMS_PER_SM on
+    each SM; INTERPRETER_PERSISTENT_PROGRAMS under the interpreter (and off a GPU, where nothing runs)."""
+    sms = None if interpreted else multiprocessors(device)
+    if sms is None:
+        return _config.INTERPRETER_PERSISTENT_PROGRAMS
+    return sms * _config.PERSISTENT_PROGRAMS_PER_SM
+
+
 def delta_from_keys(dtype: torch.dtype, has_dlse: bool) -> bool:
     """Whether the backward sums Delta from the call's own keys (sum_j P dP / sum_j P, the dQ kernel's
     pass) rather than dO . O: then a call over some of a row's keys (a context-parallel block) gets
@@ -286,14 +305,24 @@ class ForwardPlan(OnDevice):
         self.q_heads, self.block_m = call.q_heads, config.block_m
         self.descriptors = _use_descriptors(config, descriptors_pay_off(call.n_queries, config.block_m), k, v)
         self.needs_scratch = self.descriptors and not interpreted
+        kernel, grid = attention_forward_kernel, call.grid(config.block_m, call.q_heads, call.n_queries)
+        trailing_tensors, extra = call.trailing
+        self.persistent = PersistentForward.enabled and not call.varlen
+        if self.persistent:
+            tiles = ceil_div(call.n_queries, config.block_m) * call.q_heads * call.batch
+            programs = min(tiles, persistent_programs(q.device, interpreted))
+            kernel, grid, extra = (
+                attention_forward_persistent_kernel,
+                (max(programs, 1),),
+                (*extra, call.batch),
+            )
         self.launch = BoundLaunch(
-            attention_forward_kernel,
-            call.grid(config.block_m, call.q_heads, call.n_queries),
+            kernel, grid,
             (*kernel_strides(q), *kernel_strides(k), *kernel_strides(v), *_kernel_strides_of_new_buffer(q),
              call.q_heads, call.q_heads // call.kv_heads, call.n_queries, call.n_keys),
             (score_scale(q.dtype, sm_scale),),
             *call.meta(block_d, config, q.dtype, interpreted, self.descriptors),
-            *call.trailing,
+            trailing_tensors, extra,
         )  # fmt: skip
         self.backward_plans: dict[tuple, BackwardPlan] = {}
 
