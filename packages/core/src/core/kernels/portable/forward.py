@@ -234,14 +234,14 @@ def attention_forward_persistent_kernel(
         _forward_tile(
             block_m_index, tile % n_q_heads, (tile // n_q_heads) % n_batch, n_batch,
             Q, K, V, Out, Lse, LseLow,
-        stride_qb, stride_qh, stride_qm, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd,
-        stride_ob, stride_oh, stride_om, stride_od,
-        n_q_heads, kv_group, n_queries, n_keys, qk_scale,
-        CuSeqlensQ, CuSeqlensK, window_left, window_right, softcap_in, softcap_out,
-        HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, BASE_2, PRECISE_EXP,
-        TENSOR_DESCRIPTORS, WINDOW, SOFTCAP, VARLEN,
+            stride_qb, stride_qh, stride_qm, stride_qd,
+            stride_kb, stride_kh, stride_kn, stride_kd,
+            stride_vb, stride_vh, stride_vn, stride_vd,
+            stride_ob, stride_oh, stride_om, stride_od,
+            n_q_heads, kv_group, n_queries, n_keys, qk_scale,
+            CuSeqlensQ, CuSeqlensK, window_left, window_right, softcap_in, softcap_out,
+            HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, BASE_2, PRECISE_EXP,
+            TENSOR_DESCRIPTORS, WINDOW, SOFTCAP, VARLEN,
         )  # fmt: skip
 
 
